@@ -1,0 +1,30 @@
+"""The exceptions liquid-mesh raises: one root, one subclass per concern."""
+
+from __future__ import annotations
+
+
+class MeshError(Exception):
+    """Root of every error liquid-mesh raises on purpose. The message is one line, for people."""
+
+
+class WireError(MeshError, ValueError):
+    """Bytes from a peer (CBOR or JSON) that do not decode into a valid wire object."""
+
+
+class ModuleError(MeshError, ValueError):
+    """A WebAssembly module that is invalid, breaks the app ABI, or whose state cannot be captured."""
+
+
+class AppError(MeshError):
+    """A running app failed: it trapped, ran out of time or memory, or broke the ABI at run time.
+
+    `trap` holds the runtime's own description when there is one.
+    """
+
+    def __init__(self, message: str, *, trap: str | None = None) -> None:
+        super().__init__(message)
+        self.trap = trap
+
+
+class SnapshotError(MeshError, ValueError):
+    """A snapshot that is corrupt, truncated, or taken from another module."""

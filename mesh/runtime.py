@@ -1,0 +1,541 @@
+"""The app host: load, run, snapshot and restore WebAssembly apps on wasmtime.
+
+A `Runtime` owns one engine, the compiled-module cache and an epoch ticker that bounds the time of
+every call. `Runtime.load` checks a module against the app ABI (see DESIGN.md), rewrites it so
+that every mutable global is reachable, and compiles it. `App` is one running instance: messages
+and ticks go in, publications and logs come out through an `AppIO`, and `snapshot`/`restore`
+carry its complete state between processes.
+
+wasmtime-py calls are synchronous and a store is not thread-safe: call one `App` from one thread
+at a time (the node gives each app its own worker thread). Nothing here touches an event loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.metadata
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import wasmtime
+
+from mesh import snapshot as memimage
+from mesh import wasmbin
+from mesh.cache import ModuleCache
+from mesh.errors import AppError, ModuleError, SnapshotError
+from mesh.wire import GlobalValue, HostState, Snapshot
+
+log = logging.getLogger(__name__)
+
+# Return codes of the `mesh` imports (also in examples/include/mesh.h).
+E_INVALID = -1
+E_TOO_LARGE = -2
+E_UNKNOWN = -3
+E_FAULT = -4
+E_FAILED = -5
+
+EPOCH_TICK_S = 0.005
+MAX_TOPIC_BYTES = 256
+
+_ENGINE_SETTINGS: dict[str, Any] = {
+    "epoch_interruption": True,
+    "cranelift_opt_level": "speed",
+    "wasm_simd": True,
+    "wasm_relaxed_simd": True,
+    "wasm_relaxed_simd_deterministic": True,
+    "wasm_bulk_memory": True,
+    "wasm_reference_types": True,
+    "wasm_multi_value": True,
+    "wasm_tail_call": True,
+    # Off: state these bring (threads, several memories, exceptions, GC heaps) cannot be captured.
+    "wasm_threads": False,
+    "shared_memory": False,
+    "wasm_multi_memory": False,
+    "wasm_memory64": False,
+    "wasm_exceptions": False,
+    "wasm_gc": False,
+    "wasm_function_references": False,
+    "wasm_wide_arithmetic": False,
+    "wasm_custom_page_sizes": False,
+    "wasm_stack_switching": False,
+    "wasm_component_model": False,
+}
+_INSTRUMENT_VERSION = 1
+
+_I32, _I64 = "i32", "i64"
+_EXPORTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "mesh_alloc": ((_I32,), (_I32,)),
+    "mesh_free": ((_I32,), ()),
+    "_initialize": ((), ()),
+    "mesh_init": ((), ()),
+    "mesh_on_message": ((_I32, _I32, _I32, _I32), ()),
+    "mesh_on_tick": ((_I64,), ()),
+}
+_IMPORTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "publish": ((_I32, _I32, _I32, _I32), (_I32,)),
+    "log": ((_I32, _I32, _I32), ()),
+    "now_ms": ((), (_I64,)),
+    "read": ((_I32, _I32, _I32, _I32), (_I32,)),
+}
+_WASI = "wasi_snapshot_preview1"
+
+_current = threading.local()
+
+
+def engine_fingerprint() -> str:
+    """What compiled code depends on: wasmtime's version, engine settings, our rewriting."""
+    text = repr((importlib.metadata.version("wasmtime"), sorted(_ENGINE_SETTINGS.items()),
+                 _INSTRUMENT_VERSION))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def make_engine() -> wasmtime.Engine:
+    config = wasmtime.Config()
+    for name, value in _ENGINE_SETTINGS.items():
+        setattr(config, name, value)
+    return wasmtime.Engine(config)
+
+
+class AppIO(Protocol):
+    """Where an app's effects go. Called on the app's thread, during a call into the app."""
+
+    def publish(self, topic: str, payload: bytes) -> None: ...
+    def log(self, level: int, message: str) -> None: ...
+    def read(self, name: str) -> bytes | None: ...
+    def now_ms(self) -> int: ...
+
+
+@dataclass
+class LocalIO:
+    """An `AppIO` that keeps publications in a list and logs through `logging`."""
+
+    app: str = "app"
+    sensors: dict[str, Callable[[], bytes]] = field(default_factory=dict)
+    published: list[tuple[str, bytes]] = field(default_factory=list)
+    clock: Callable[[], int] = field(default=lambda: int(time.time() * 1000))
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.published.append((topic, payload))
+
+    def log(self, level: int, message: str) -> None:
+        levels = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
+        log.log(levels[max(0, min(level, 3))], "[%s] %s", self.app, message)
+
+    def read(self, name: str) -> bytes | None:
+        source = self.sensors.get(name)
+        return None if source is None else source()
+
+    def now_ms(self) -> int:
+        return self.clock()
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one app may use. Every call is bounded in time; memory is capped per store."""
+
+    memory_bytes: int = 64 * 1024 * 1024
+    timeout_s: float = 1.0
+    max_publish_bytes: int = 256 * 1024
+    max_publishes_per_call: int = 1000
+    max_log_bytes: int = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class AppModule:
+    """A loaded module: checked against the ABI, rewritten, compiled, imports resolved."""
+
+    sha256: str
+    size: int
+    pre: wasmtime.InstancePre
+    exports: frozenset[str]
+    globals: tuple[tuple[str, str], ...]
+
+
+def _signature(ty: wasmtime.FuncType) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return tuple(str(t) for t in ty.params), tuple(str(t) for t in ty.results)
+
+
+def _describe(sig: tuple[tuple[str, ...], tuple[str, ...]]) -> str:
+    params, results = sig
+    return f"({', '.join(params)}) -> ({', '.join(results)})"
+
+
+def _check_abi(module: wasmtime.Module) -> tuple[frozenset[str], tuple[tuple[str, str], ...]]:
+    """Exports and mutable globals of a module that keeps the app ABI; else ModuleError."""
+    for imp in module.imports:
+        where = f"{imp.module}.{imp.name}"
+        if imp.module == _WASI:
+            continue
+        expected = _IMPORTS.get(imp.name or "") if imp.module == "mesh" else None
+        if expected is None or not isinstance(imp.type, wasmtime.FuncType):
+            raise ModuleError(f"imports {where}, which the host does not provide")
+        if _signature(imp.type) != expected:
+            raise ModuleError(f"imports {where} as {_describe(_signature(imp.type))}, "
+                              f"expected {_describe(expected)}")
+    exports: dict[str, Any] = {exp.name: exp.type for exp in module.exports}
+    if not isinstance(exports.get("memory"), wasmtime.MemoryType):
+        raise ModuleError("does not export its memory as 'memory'")
+    for name, expected in _EXPORTS.items():
+        ty = exports.get(name)
+        if ty is None:
+            continue
+        if not isinstance(ty, wasmtime.FuncType) or _signature(ty) != expected:
+            raise ModuleError(f"exports {name} with the wrong type; expected a function "
+                              f"{_describe(expected)}")
+    if "mesh_on_message" in exports and "mesh_alloc" not in exports:
+        raise ModuleError("exports mesh_on_message but not mesh_alloc, which the host needs "
+                          "to pass messages in")
+    mutable = tuple((name, str(ty.content)) for name, ty in exports.items()
+                    if isinstance(ty, wasmtime.GlobalType) and ty.mutable)
+    return frozenset(exports), mutable
+
+
+class Runtime:
+    """One wasmtime engine with its module cache and epoch ticker. Use as a context manager."""
+
+    def __init__(self, cache_dir: Path | None = None) -> None:
+        self.engine = make_engine()
+        self.fingerprint = engine_fingerprint()
+        self._cache = ModuleCache(cache_dir, self.fingerprint) if cache_dir else None
+        self._linker = self._make_linker()
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="mesh-epoch", daemon=True)
+        self._ticker.start()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the epoch ticker. Idempotent."""
+        self._stop.set()
+        if self._ticker.is_alive() and self._ticker is not threading.current_thread():
+            self._ticker.join()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(EPOCH_TICK_S):
+            self.engine.increment_epoch()
+
+    def _make_linker(self) -> wasmtime.Linker:
+        linker = wasmtime.Linker(self.engine)
+        linker.define_wasi()
+        i32, i64 = wasmtime.ValType.i32(), wasmtime.ValType.i64()
+        kinds = {_I32: i32, _I64: i64}
+        handlers: dict[str, Callable[..., Any]] = {
+            "publish": lambda caller, *args: _app()._host_publish(caller, *args),
+            "log": lambda caller, *args: _app()._host_log(caller, *args),
+            "now_ms": lambda: _app().io.now_ms(),
+            "read": lambda caller, *args: _app()._host_read(caller, *args),
+        }
+        for name, (params, results) in _IMPORTS.items():
+            ty = wasmtime.FuncType([kinds[p] for p in params], [kinds[r] for r in results])
+            linker.define_func("mesh", name, ty, handlers[name], access_caller=name != "now_ms")
+        return linker
+
+    def load(self, wasm: bytes) -> AppModule:
+        """Check, rewrite and compile a module (or take it from the cache)."""
+        sha256 = hashlib.sha256(wasm).hexdigest()
+        module = self._cache.get(self.engine, sha256) if self._cache else None
+        if module is None:
+            module = self._compile(wasm)
+            if self._cache:
+                self._cache.put(sha256, module)
+        exports, mutable = _check_abi(module)
+        try:
+            pre = self._linker.instantiate_pre(module)
+        except wasmtime.WasmtimeError as exc:
+            raise ModuleError(f"cannot link: {_first_line(str(exc))}") from None
+        return AppModule(sha256, len(wasm), pre, exports, mutable)
+
+    def _compile(self, wasm: bytes) -> wasmtime.Module:
+        try:
+            wasmtime.Module.validate(self.engine, wasm)
+        except wasmtime.WasmtimeError as exc:
+            raise ModuleError(f"invalid WebAssembly: {_first_line(str(exc))}") from None
+        rewritten = wasmbin.instrument(wasm).wasm
+        try:
+            return wasmtime.Module(self.engine, rewritten)
+        except wasmtime.WasmtimeError as exc:  # pragma: no cover - rewriting keeps validity
+            raise ModuleError(f"cannot compile: {_first_line(str(exc))}") from None
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else "unknown error"
+
+
+def _app() -> App:
+    app: App | None = getattr(_current, "app", None)
+    if app is None:  # pragma: no cover - the linker is only used by App
+        raise AppError("host function called outside an app call")
+    return app
+
+
+class App:
+    """One instance of an app module. Call it from one thread at a time."""
+
+    def __init__(self, runtime: Runtime, module: AppModule, *, name: str, io: AppIO,
+                 limits: Limits | None = None) -> None:
+        self.name = name
+        self.module = module
+        self.io = io
+        self.limits = limits or Limits()
+        self.initialized = False
+        self.delivered = self.published = self.ticks = 0
+        self.next_tick_ms: int | None = None
+        self.failure: str | None = None
+        self._deadline = max(1, round(self.limits.timeout_s / EPOCH_TICK_S))
+        self._quiet = False
+        self._publishes = 0
+        self._out = {1: bytearray(), 2: bytearray()}
+        self._store = wasmtime.Store(runtime.engine)
+        self._store.set_limits(memory_size=self.limits.memory_bytes, instances=1, memories=1,
+                               table_elements=1 << 20)
+        wasi = wasmtime.WasiConfig()
+        wasi.stdout_custom = lambda data: self._stdio(1, data)
+        wasi.stderr_custom = lambda data: self._stdio(2, data)
+        self._store.set_wasi(wasi)
+        self._memory: wasmtime.Memory | None = None
+        with self._calling("instantiation"):
+            instance = module.pre.instantiate(self._store)
+        exports = instance.exports(self._store)
+        memory = exports["memory"]
+        assert isinstance(memory, wasmtime.Memory)
+        self._memory = memory
+        self._funcs: dict[str, wasmtime.Func] = {}
+        for export in _EXPORTS:
+            func = exports.get(export) if export in module.exports else None
+            if isinstance(func, wasmtime.Func):
+                self._funcs[export] = func
+        self._globals: list[tuple[str, str, wasmtime.Global]] = []
+        for gname, gtype in module.globals:
+            handle = exports[gname]
+            assert isinstance(handle, wasmtime.Global)
+            self._globals.append((gname, gtype, handle))
+
+    # --- running ---------------------------------------------------------------------------
+
+    @property
+    def accepts_messages(self) -> bool:
+        return "mesh_on_message" in self._funcs
+
+    @property
+    def has_tick(self) -> bool:
+        return "mesh_on_tick" in self._funcs
+
+    @property
+    def host(self) -> HostState:
+        """The host-side state that goes into a snapshot."""
+        return HostState(self.initialized, self.delivered, self.published, self.ticks,
+                         self.next_tick_ms)
+
+    def start(self) -> None:
+        """First start: `_initialize` (WASI reactors), then `mesh_init`. Never after a restore."""
+        if self.initialized:
+            raise AppError(f"app {self.name} is already started")
+        for export in ("_initialize", "mesh_init"):
+            if export in self._funcs:
+                self._call(export)
+        self.initialized = True
+
+    def deliver(self, topic: str, payload: bytes) -> None:
+        """One input message: topic and payload are written into memory from `mesh_alloc`."""
+        if not self.accepts_messages:
+            raise AppError(f"app {self.name} does not take messages (no mesh_on_message)")
+        raw_topic = topic.encode()
+        size = len(raw_topic) + len(payload)
+        with self._calling("mesh_on_message"):
+            ptr = self._funcs["mesh_alloc"](self._store, max(size, 1))
+            if ptr <= 0 or ptr + size > self._memory.data_len(self._store):
+                raise AppError(f"app {self.name}: mesh_alloc({size}) returned an invalid "
+                               f"pointer {ptr}")
+            base = ctypes.addressof(self._memory.data_ptr(self._store).contents)
+            ctypes.memmove(base + ptr, raw_topic, len(raw_topic))
+            ctypes.memmove(base + ptr + len(raw_topic), payload, len(payload))
+            self._funcs["mesh_on_message"](self._store, ptr, len(raw_topic),
+                                           ptr + len(raw_topic), len(payload))
+            if "mesh_free" in self._funcs:
+                self._funcs["mesh_free"](self._store, ptr)
+        self.delivered += 1
+
+    def tick(self, now_ms: int, next_tick_ms: int | None = None) -> None:
+        """One tick; `next_tick_ms` is when the next is due (kept in the snapshot)."""
+        if self.has_tick:
+            self._call("mesh_on_tick", now_ms)
+        self.ticks += 1
+        self.next_tick_ms = next_tick_ms
+
+    def _call(self, export: str, *args: Any) -> Any:
+        with self._calling(export):
+            return self._funcs[export](self._store, *args)
+
+    @contextmanager
+    def _calling(self, what: str) -> Iterator[None]:
+        """Bound one call into wasm in time, route host calls here, and turn traps into AppError.
+
+        After a trap the instance may be half-way through an update, so it is marked failed and
+        refuses further calls; restore it from a snapshot.
+        """
+        if self.failure:
+            raise AppError(f"app {self.name} has failed ({self.failure}); restore it from a "
+                           "snapshot")
+        self._store.set_epoch_deadline(self._deadline)
+        self._publishes = 0
+        _current.app = self
+        try:
+            yield
+        except wasmtime.ExitTrap as exc:
+            self._fail(f"exited with status {exc.code} during {what}")
+        except wasmtime.Trap as exc:
+            if exc.trap_code == wasmtime.TrapCode.INTERRUPT:
+                reason = f"ran longer than {self.limits.timeout_s:g}s in {what} and was stopped"
+            else:
+                reason = f"trapped in {what}: {_first_line(exc.message)}"
+            self._fail(reason, str(exc))
+        except wasmtime.WasmtimeError as exc:
+            self._fail(f"failed in {what}: {_first_line(str(exc))}", str(exc))
+        except AppError as exc:
+            self._fail(str(exc).removeprefix(f"app {self.name}: "))
+        finally:
+            _current.app = None
+
+    def _fail(self, reason: str, trap: str | None = None) -> None:
+        self.failure = reason
+        raise AppError(f"app {self.name} {reason}", trap=trap)
+
+    # --- host functions (called from wasm, on this app's thread) ----------------------------
+
+    def _memory_of(self, caller: wasmtime.Caller) -> wasmtime.Memory:
+        if self._memory is not None:
+            return self._memory
+        memory = caller.get("memory")  # during instantiation, from a start function
+        assert isinstance(memory, wasmtime.Memory)
+        return memory
+
+    def _view(self, caller: wasmtime.Caller, ptr: int, length: int) -> bytes | None:
+        memory = self._memory_of(caller)
+        if ptr < 0 or length < 0 or ptr + length > memory.data_len(caller):
+            return None
+        return bytes(memory.read(caller, ptr, ptr + length))
+
+    def _host_publish(self, caller: wasmtime.Caller, tp: int, tl: int, pp: int, pl: int) -> int:
+        if tl > MAX_TOPIC_BYTES or pl > self.limits.max_publish_bytes:
+            return E_TOO_LARGE
+        if self._publishes >= self.limits.max_publishes_per_call:
+            return E_TOO_LARGE
+        raw_topic, payload = self._view(caller, tp, tl), self._view(caller, pp, pl)
+        if raw_topic is None or payload is None:
+            return E_FAULT
+        try:
+            topic = raw_topic.decode()
+        except UnicodeDecodeError:
+            return E_INVALID
+        if any(c in topic for c in "+#\0") or topic.startswith("/") or "//" in topic:
+            return E_INVALID
+        self._publishes += 1
+        if self._quiet:
+            return 0
+        try:
+            self.io.publish(topic, payload)
+        except Exception:
+            log.exception("app %s: publish failed", self.name)
+            return E_FAILED
+        self.published += 1
+        return 0
+
+    def _host_log(self, caller: wasmtime.Caller, level: int, ptr: int, length: int) -> None:
+        raw = self._view(caller, ptr, min(length, self.limits.max_log_bytes))
+        if raw is not None and not self._quiet:
+            self.io.log(level, raw.decode("utf-8", "replace"))
+
+    def _host_read(self, caller: wasmtime.Caller, np: int, nl: int, out: int, cap: int) -> int:
+        raw_name = self._view(caller, np, min(nl, MAX_TOPIC_BYTES))
+        memory = self._memory_of(caller)
+        if raw_name is None or out < 0 or cap < 0 or out + cap > memory.data_len(caller):
+            return E_FAULT
+        try:
+            value = self.io.read(raw_name.decode("utf-8", "replace"))
+        except Exception as exc:
+            log.warning("app %s: reading %r failed: %s", self.name, raw_name, exc)
+            return E_FAILED
+        if value is None:
+            return E_UNKNOWN
+        if len(value) > cap:
+            return E_TOO_LARGE
+        memory.write(caller, value, out)
+        return len(value)
+
+    def _stdio(self, stream: int, data: bytes) -> None:
+        buffer = self._out[stream]
+        buffer += data
+        *lines, rest = bytes(buffer).split(b"\n")
+        if len(rest) > self.limits.max_log_bytes:
+            lines.append(rest)
+            rest = b""
+        self._out[stream] = bytearray(rest)
+        if not self._quiet:
+            for line in lines:
+                self.io.log(1 if stream == 1 else 2, line.decode("utf-8", "replace"))
+
+    # --- state ------------------------------------------------------------------------------
+
+    def snapshot(self, *, epoch: int = 0, seq: int = 0,
+                 applied: tuple[int, ...] = ()) -> Snapshot:
+        """The app's complete state. Take it between calls, on the app's thread."""
+        if self.failure:
+            raise AppError(f"app {self.name} has failed ({self.failure}): its state is not "
+                           "consistent and cannot be snapshotted")
+        size = self._memory.data_len(self._store)
+        memory = ctypes.string_at(self._memory.data_ptr(self._store), size)
+        values = tuple(GlobalValue(gname, gtype, handle.value(self._store))
+                       for gname, gtype, handle in self._globals)
+        return Snapshot(app=self.name, module=self.module.sha256,
+                        memory=memimage.capture(memory), globals=values, host=self.host,
+                        epoch=epoch, seq=seq, taken_ms=int(time.time() * 1000), applied=applied)
+
+    def restore(self, snap: Snapshot) -> None:
+        """Continue from `snap` in this fresh instance (instead of `start`)."""
+        if snap.module != self.module.sha256:
+            raise SnapshotError(f"snapshot is of module {snap.module[:12]}, not "
+                                f"{self.module.sha256[:12]}; refusing to restore it")
+        if self.initialized or self.delivered:
+            raise SnapshotError(f"app {self.name} has already run; restore into a new instance")
+        expected = {(gname, gtype) for gname, gtype, _ in self._globals}
+        got = {(g.name, g.type) for g in snap.globals}
+        if expected != got:
+            raise SnapshotError("snapshot globals do not match the module's")
+        pieces = memimage.expand(snap.memory, self.limits.memory_bytes)
+        self._set_memory_size(snap.memory.size)
+        base = ctypes.addressof(self._memory.data_ptr(self._store).contents)
+        ctypes.memset(base, 0, snap.memory.size)
+        for offset, data in pieces:
+            ctypes.memmove(base + offset, (ctypes.c_char * len(data)).from_buffer(data), len(data))
+        handles = {gname: handle for gname, _, handle in self._globals}
+        for value in snap.globals:
+            handles[value.name].set_value(self._store, value.value)
+        host = snap.host
+        self.initialized, self.delivered, self.published = (host.initialized, host.delivered,
+                                                            host.published)
+        self.ticks, self.next_tick_ms = host.ticks, host.next_tick_ms
+
+    def _set_memory_size(self, size: int) -> None:
+        page = 65536
+        current = self._memory.data_len(self._store)
+        if size % page or size < current:
+            raise SnapshotError(f"snapshot memory of {size} bytes cannot replace this module's "
+                                f"{current} bytes")
+        if size > current:
+            try:
+                self._memory.grow(self._store, (size - current) // page)
+            except wasmtime.WasmtimeError as exc:
+                raise SnapshotError(f"cannot grow memory to {size} bytes: "
+                                    f"{_first_line(str(exc))}") from None

@@ -1,0 +1,508 @@
+"""The wire format: frozen value types for everything nodes exchange, and their strict codec.
+
+Every top-level object travels as a CBOR map with a version field `v` and a `kind`. Decoding is
+strict: a payload-length cap per kind, a nesting cap, no indefinite lengths or duplicate keys,
+only plain CBOR types, and each field checked against its declared type and size. Every failure
+is one `WireError` whose message says what is wrong and where. Commands are also accepted as JSON,
+so that `mosquitto_pub -m '{"op": ...}'` works.
+
+Pure code: no I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, ClassVar, TypeVar
+
+import cbor2
+
+from mesh.errors import WireError
+
+WIRE_VERSION = 1
+MAX_DEPTH = 16
+MAX_STR = 4096
+MAX_ITEMS = 1 << 20
+MAX_INT = (1 << 64) - 1
+MIN_INT = -(1 << 63)
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+OPS = frozenset({"deploy", "stop", "migrate", "send", "apps", "nodes", "ping"})
+
+T = TypeVar("T")
+
+
+def _check_name(what: str, value: str | None) -> None:
+    if value is not None and not NAME_RE.fullmatch(value):
+        raise WireError(f"{what} {value!r} is not a valid name "
+                        "(1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit)")
+
+
+def _check_sha256(what: str, value: str) -> None:
+    if not SHA256_RE.fullmatch(value):
+        raise WireError(f"{what} must be 64 lowercase hex digits (a sha256), got {value!r}")
+
+
+def _check_nonnegative(**values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 0:
+            raise WireError(f"{name} must not be negative, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """A node's retained membership record: who it is, what it offers, what it hosts."""
+
+    KIND: ClassVar[str] = "node"
+    MAX_BYTES: ClassVar[int] = 64 * 1024
+    id: str
+    caps: tuple[str, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+    apps: tuple[str, ...] = ()
+    broker: str | None = None
+    load: float = 0.0
+    started_ms: int = 0
+
+    def __post_init__(self) -> None:
+        _check_name("node id", self.id)
+        for app in self.apps:
+            _check_name("app", app)
+
+
+@dataclass(frozen=True, slots=True)
+class AppSpec:
+    """The desired state of one app, retained at `mesh/apps/<app>/spec`."""
+
+    KIND: ClassVar[str] = "spec"
+    MAX_BYTES: ClassVar[int] = 64 * 1024
+    app: str
+    module: str
+    requires: tuple[str, ...] = ()
+    prefers: dict[str, str] = field(default_factory=dict)
+    pin: str | None = None
+    tick_ms: int = 0
+    checkpoint_ms: int = 0
+    checkpoint_every: int = 0
+    memory_limit: int = 64 * 1024 * 1024
+    timeout_ms: int = 1000
+    subscriptions: tuple[str, ...] = ()
+    signature: bytes | None = None
+
+    def __post_init__(self) -> None:
+        _check_name("app", self.app)
+        _check_sha256("module", self.module)
+        _check_name("pin", self.pin)
+        _check_nonnegative(tick_ms=self.tick_ms, checkpoint_ms=self.checkpoint_ms,
+                           checkpoint_every=self.checkpoint_every)
+        if self.memory_limit < 65536:
+            raise WireError(f"memory_limit must be at least one page (65536), "
+                            f"got {self.memory_limit}")
+        if self.timeout_ms <= 0:
+            raise WireError(f"timeout_ms must be positive, got {self.timeout_ms}")
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerRecord:
+    """Who runs an app. A new owner bumps the epoch; a lower epoch is stale."""
+
+    KIND: ClassVar[str] = "owner"
+    MAX_BYTES: ClassVar[int] = 4096
+    node: str
+    epoch: int
+
+    def __post_init__(self) -> None:
+        _check_name("node", self.node)
+        _check_nonnegative(epoch=self.epoch)
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryImage:
+    """Linear memory, sparse: only runs of non-zero blocks are kept, zstd-compressed together."""
+
+    size: int
+    block_size: int
+    runs: tuple[tuple[int, int], ...]
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalValue:
+    """The value of one mutable global, by the export name the host reaches it under."""
+
+    name: str
+    type: str
+    value: int | float
+
+    def __post_init__(self) -> None:
+        if self.type not in ("i32", "i64", "f32", "f64"):
+            raise WireError(f"global {self.name!r} has unsupported type {self.type!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class HostState:
+    """What the host keeps for an app between calls."""
+
+    initialized: bool = False
+    delivered: int = 0
+    published: int = 0
+    ticks: int = 0
+    next_tick_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """An app's complete state between two calls, plus where it came from."""
+
+    KIND: ClassVar[str] = "snapshot"
+    MAX_BYTES: ClassVar[int] = 1 << 30
+    app: str
+    module: str
+    memory: MemoryImage
+    globals: tuple[GlobalValue, ...] = ()
+    host: HostState = field(default_factory=HostState)
+    epoch: int = 0
+    seq: int = 0
+    taken_ms: int = 0
+    applied: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_name("app", self.app)
+        _check_sha256("module", self.module)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """Describes a large blob (module or snapshot) sent as numbered chunks."""
+
+    KIND: ClassVar[str] = "manifest"
+    MAX_BYTES: ClassVar[int] = 4096
+    sha256: str
+    size: int
+    chunk_size: int
+    count: int
+
+    def __post_init__(self) -> None:
+        _check_sha256("sha256", self.sha256)
+        if self.chunk_size <= 0 or self.size < 0:
+            raise WireError("manifest sizes must be positive")
+        if self.count != -(-self.size // self.chunk_size):
+            raise WireError(f"manifest count {self.count} does not match size {self.size} "
+                            f"in chunks of {self.chunk_size}")
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One numbered piece of a blob described by a `Manifest`."""
+
+    KIND: ClassVar[str] = "chunk"
+    MAX_BYTES: ClassVar[int] = 2_000_000
+    sha256: str
+    index: int
+    data: bytes
+
+    def __post_init__(self) -> None:
+        _check_sha256("sha256", self.sha256)
+        _check_nonnegative(index=self.index)
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A control request on `mesh/cmd` or `mesh/nodes/<node>/cmd`."""
+
+    KIND: ClassVar[str] = "cmd"
+    MAX_BYTES: ClassVar[int] = 1 << 20
+    op: str
+    id: str | None = None
+    app: str | None = None
+    to: str | None = None
+    spec: AppSpec | None = None
+    payload: bytes | None = None
+    topic: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise WireError(f"unknown op {self.op!r} (known: {', '.join(sorted(OPS))})")
+        _check_name("id", self.id)
+        _check_name("app", self.app)
+        _check_name("to", self.to)
+        needs_app = self.op in ("deploy", "stop", "migrate", "send")
+        if needs_app and self.app is None and self.spec is None:
+            raise WireError(f"op {self.op!r} needs an app")
+        if self.op == "migrate" and self.to is None:
+            raise WireError("op 'migrate' needs 'to', the target node")
+        if self.op == "deploy" and self.spec is None:
+            raise WireError("op 'deploy' needs a spec")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The answer to a command, on `mesh/replies/<id>`."""
+
+    KIND: ClassVar[str] = "reply"
+    MAX_BYTES: ClassVar[int] = 4 << 20
+    id: str
+    ok: bool
+    error: str | None = None
+    result: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something that happened, on `mesh/events`."""
+
+    KIND: ClassVar[str] = "event"
+    MAX_BYTES: ClassVar[int] = 64 * 1024
+    event: str
+    ts_ms: int
+    node: str | None = None
+    app: str | None = None
+    reason: str | None = None
+    detail: dict[str, str | int | float | bool | None] = field(default_factory=dict)
+
+
+WireObject = NodeRecord | AppSpec | OwnerRecord | Snapshot | Manifest | Chunk | Command | Reply \
+    | Event
+_TOP_LEVEL: dict[str, type[Any]] = {
+    cls.KIND: cls for cls in (NodeRecord, AppSpec, OwnerRecord, Snapshot, Manifest, Chunk,
+                              Command, Reply, Event)
+}
+
+
+# --- encoding ----------------------------------------------------------------------------------
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+def to_plain(obj: WireObject) -> dict[str, Any]:
+    """The object as plain data with its version and kind, ready for CBOR or JSON."""
+    plain: dict[str, Any] = {"v": WIRE_VERSION, "kind": obj.KIND}
+    plain.update(_plain(obj))
+    return plain
+
+
+def encode(obj: WireObject) -> bytes:
+    """CBOR bytes for a top-level wire object."""
+    return cbor2.dumps(to_plain(obj))
+
+
+def encode_json(obj: WireObject) -> bytes:
+    """JSON bytes for a wire object (bytes fields must hold UTF-8 text)."""
+    def default(value: Any) -> Any:
+        if isinstance(value, bytes):
+            return value.decode("utf-8", "backslashreplace")
+        raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+    return json.dumps(to_plain(obj), default=default, separators=(",", ":")).encode()
+
+
+# --- decoding ----------------------------------------------------------------------------------
+
+def _loads_cbor(data: bytes) -> Any:
+    try:
+        return cbor2.loads(data, max_depth=MAX_DEPTH, allow_indefinite=False,
+                           allow_duplicate_keys=False, strict_hashable_types=True)
+    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError,
+            MemoryError) as exc:
+        raise WireError(f"malformed CBOR: {_one_line(exc)}") from None
+
+
+def _loads_json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise WireError(f"malformed JSON: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+@cache
+def _hints(cls: type[Any]) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _value(tp: Any, value: Any, path: str, from_json: bool, depth: int = 0) -> Any:
+    """Check `value` against the declared type `tp`, converting containers; raise WireError."""
+    if depth > MAX_DEPTH:
+        raise WireError(f"{path}: nested too deeply")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _value(option, value, path, from_json, depth)
+            except WireError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise WireError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__}")
+    if origin is tuple:
+        return _tuple(tp, value, path, from_json, depth)
+    if origin is dict:
+        return _mapping(tp, value, path, from_json, depth)
+    if dataclasses.is_dataclass(tp):
+        return _dataclass(tp, value, path, from_json, depth)  # type: ignore[arg-type]
+    return _scalar(tp, value, path, from_json, depth)
+
+
+def _scalar(tp: Any, value: Any, path: str, from_json: bool, depth: int) -> Any:
+    if tp is Any:
+        return _any(value, path, depth)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not MIN_INT <= value <= MAX_INT:
+                raise WireError(f"{path}: integer out of range")
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            if len(value) > MAX_STR:
+                raise WireError(f"{path}: text longer than {MAX_STR} characters")
+            return value
+    elif tp is bytes:
+        if isinstance(value, bytes):
+            return value
+        if from_json and isinstance(value, str):
+            return value.encode()
+    else:  # pragma: no cover - a schema bug, not bad input
+        raise TypeError(f"unsupported wire type {tp!r}")
+    raise WireError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__}")
+
+
+def _any(value: Any, path: str, depth: int) -> Any:
+    """Free-form data (reply results): plain JSON-like values only, bounded in depth."""
+    if depth > MAX_DEPTH:
+        raise WireError(f"{path}: nested too deeply")
+    if value is None or isinstance(value, bool | int | float | str | bytes):
+        return value
+    if isinstance(value, list):
+        return [_any(item, f"{path}[]", depth + 1) for item in value]
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+        return {key: _any(item, f"{path}.{key}", depth + 1) for key, item in value.items()}
+    raise WireError(f"{path}: unsupported value of type {type(value).__name__}")
+
+
+def _tuple(tp: Any, value: Any, path: str, from_json: bool, depth: int) -> tuple[Any, ...]:
+    if not isinstance(value, list | tuple):
+        raise WireError(f"{path}: expected a list, got {type(value).__name__}")
+    args = typing.get_args(tp)
+    if len(args) == 2 and args[1] is Ellipsis:
+        if len(value) > MAX_ITEMS:
+            raise WireError(f"{path}: more than {MAX_ITEMS} items")
+        item_types = [args[0]] * len(value)
+    else:
+        if len(value) != len(args):
+            raise WireError(f"{path}: expected {len(args)} items, got {len(value)}")
+        item_types = list(args)
+    return tuple(_value(item_tp, item, f"{path}[{i}]", from_json, depth + 1)
+                 for i, (item_tp, item) in enumerate(zip(item_types, value, strict=True)))
+
+
+def _mapping(tp: Any, value: Any, path: str, from_json: bool, depth: int) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise WireError(f"{path}: expected a map, got {type(value).__name__}")
+    if len(value) > 256:
+        raise WireError(f"{path}: more than 256 entries")
+    _, item_tp = typing.get_args(tp)
+    out = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or len(key) > 256:
+            raise WireError(f"{path}: keys must be text of at most 256 characters")
+        out[key] = _value(item_tp, item, f"{path}.{key}", from_json, depth + 1)
+    return out
+
+
+def _dataclass(cls: type[T], value: Any, path: str, from_json: bool, depth: int) -> T:
+    if not isinstance(value, dict):
+        raise WireError(f"{path}: expected a map, got {type(value).__name__}")
+    hints = _hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in value:
+            kwargs[f.name] = _value(hints[f.name], value[f.name], f"{path}.{f.name}", from_json,
+                                    depth + 1)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise WireError(f"{path}: missing field {f.name!r}")
+    try:
+        return cls(**kwargs)
+    except WireError as exc:
+        raise WireError(f"{path}: {exc}") from None
+
+
+def _top_level(cls: type[T], plain: Any, from_json: bool) -> T:
+    kind: str = cls.KIND  # type: ignore[attr-defined]
+    if not isinstance(plain, dict):
+        raise WireError(f"{kind}: expected a map, got {type(plain).__name__}")
+    version = plain.get("v", WIRE_VERSION if from_json else None)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise WireError(f"{kind}: missing or invalid version field 'v'")
+    if version > WIRE_VERSION:
+        raise WireError(f"{kind}: wire version {version} is newer than this node's "
+                        f"{WIRE_VERSION}; upgrade liquid-mesh")
+    if plain.get("kind", kind) != kind:
+        raise WireError(f"expected a {kind}, got a {plain.get('kind')!r}")
+    return _dataclass(cls, plain, kind, from_json, 0)
+
+
+def decode(cls: type[T], data: bytes) -> T:
+    """Decode CBOR bytes into a `cls` (a top-level wire type), or raise one WireError."""
+    limit: int = cls.MAX_BYTES  # type: ignore[attr-defined]
+    if len(data) > limit:
+        raise WireError(f"{cls.KIND}: payload of {len(data)} bytes exceeds "  # type: ignore[attr-defined]
+                        f"the limit of {limit}")
+    return _top_level(cls, _loads_cbor(data), from_json=False)
+
+
+def decode_command(data: bytes) -> tuple[Command, bool]:
+    """Decode a command sent as CBOR or JSON; returns it and whether it came as JSON."""
+    if len(data) > Command.MAX_BYTES:
+        raise WireError(f"cmd: payload of {len(data)} bytes exceeds the limit of "
+                        f"{Command.MAX_BYTES}")
+    is_json = data.lstrip()[:1] == b"{"
+    plain = _loads_json(data) if is_json else _loads_cbor(data)
+    return _top_level(Command, plain, from_json=is_json), is_json
+
+
+def decode_any(data: bytes) -> WireObject:
+    """Decode any top-level wire object by its `kind` field."""
+    if len(data) > Snapshot.MAX_BYTES:
+        raise WireError(f"payload of {len(data)} bytes exceeds every limit")
+    plain = _loads_cbor(data)
+    kind = plain.get("kind") if isinstance(plain, Mapping) else None
+    cls = _TOP_LEVEL.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise WireError(f"unknown or missing kind {kind!r}")
+    if len(data) > cls.MAX_BYTES:
+        raise WireError(f"{kind}: payload of {len(data)} bytes exceeds the limit of "
+                        f"{cls.MAX_BYTES}")
+    result: WireObject = _top_level(cls, plain, from_json=False)
+    return result
