@@ -12,12 +12,14 @@ at a time (the node gives each app its own worker thread). Nothing here touches 
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import importlib.metadata
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -87,6 +89,11 @@ _IMPORTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 _WASI = "wasi_snapshot_preview1"
 
 _current = threading.local()
+
+# WASI output streams end on a wasmtime worker thread that calls back into Python; if a store
+# outlived the interpreter that call would abort the process. Close every open app before exit.
+_open_apps: weakref.WeakSet[App] = weakref.WeakSet()
+atexit.register(lambda: [app.close() for app in list(_open_apps)])
 
 
 def engine_fingerprint() -> str:
@@ -257,6 +264,8 @@ class Runtime:
         return AppModule(sha256, len(wasm), pre, exports, mutable)
 
     def _compile(self, wasm: bytes) -> wasmtime.Module:
+        if wasm[:4] != b"\0asm":
+            raise ModuleError("not a WebAssembly module (no \\0asm header)")
         try:
             wasmtime.Module.validate(self.engine, wasm)
         except wasmtime.WasmtimeError as exc:
@@ -269,8 +278,9 @@ class Runtime:
 
 
 def _first_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[0] if lines else "unknown error"
+    """wasmtime's multi-line messages folded into one line of reasonable length."""
+    folded = " ".join(text.split()) or "unknown error"
+    return folded if len(folded) <= 300 else folded[:297] + "..."
 
 
 def _app() -> App:
@@ -304,6 +314,7 @@ class App:
         wasi.stdout_custom = lambda data: self._stdio(1, data)
         wasi.stderr_custom = lambda data: self._stdio(2, data)
         self._store.set_wasi(wasi)
+        _open_apps.add(self)
         self._memory: wasmtime.Memory | None = None
         with self._calling("instantiation"):
             instance = module.pre.instantiate(self._store)
@@ -321,6 +332,19 @@ class App:
             handle = exports[gname]
             assert isinstance(handle, wasmtime.Global)
             self._globals.append((gname, gtype, handle))
+
+    def __enter__(self) -> App:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Free the instance. Idempotent; the app refuses calls afterwards."""
+        if self.failure is None:
+            self.failure = "closed"
+        self._store.close()
+        _open_apps.discard(self)
 
     # --- running ---------------------------------------------------------------------------
 

@@ -487,7 +487,7 @@ def decode_command(data: bytes) -> tuple[Command, bool]:
     if len(data) > Command.MAX_BYTES:
         raise WireError(f"cmd: payload of {len(data)} bytes exceeds the limit of "
                         f"{Command.MAX_BYTES}")
-    is_json = data.lstrip()[:1] == b"{"
+    is_json = data.lstrip()[:1] in (b"{", b"[")
     plain = _loads_json(data) if is_json else _loads_cbor(data)
     return _top_level(Command, plain, from_json=is_json), is_json
 

@@ -1,0 +1,172 @@
+"""The `mesh` command line. Each subcommand fails with a one-line reason and a non-zero status."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import wasmtime
+
+from mesh import wire
+from mesh.errors import MeshError, ModuleError
+from mesh.runtime import App, Limits, LocalIO, Runtime
+
+log = logging.getLogger("mesh")
+
+
+def default_cache_dir() -> Path:
+    if "MESH_CACHE_DIR" in os.environ:
+        return Path(os.environ["MESH_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "liquid-mesh" / "modules"
+
+
+def read_module(path: Path) -> bytes:
+    """The module bytes of a `.wasm` file, or of a `.wat` file compiled to binary."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise MeshError(f"cannot read {path}: {exc.strerror}") from None
+    if path.suffix == ".wat":
+        try:
+            return bytes(wasmtime.wat2wasm(data.decode()))
+        except (wasmtime.WasmtimeError, UnicodeDecodeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
+            raise ModuleError(f"{path}: invalid WebAssembly text: {first}") from None
+    return data
+
+
+def format_publication(topic: str, payload: bytes) -> str:
+    """`<topic> <payload>` on one line; bytes that are not text, and line breaks, are escaped."""
+    text = payload.decode("utf-8", "backslashreplace")
+    return f"{topic} {text}".replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _sensor(spec: str) -> tuple[str, Callable[[], bytes]]:
+    name, sep, value = spec.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {spec!r}")
+    raw = value.encode()
+    return name, lambda: raw
+
+
+class PrintingIO(LocalIO):
+    """Prints every publication as it happens."""
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        print(format_publication(topic, payload), flush=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    wasm = read_module(args.file)
+    limits = Limits(memory_bytes=args.memory_limit, timeout_s=args.timeout)
+    io = PrintingIO(app=args.app, sensors=dict(args.sensor))
+    with Runtime(cache_dir=args.cache_dir) as runtime:
+        module = runtime.load(wasm)
+        with App(runtime, module, name=args.app, io=io, limits=limits) as app:
+            _drive(app, args, io)
+    return 0
+
+
+def _drive(app: App, args: argparse.Namespace, io: LocalIO) -> None:
+    if args.restore:
+        app.restore(_read_snapshot(args.restore))
+        log.info("restored %s from %s (%d messages delivered before)", args.app,
+                 args.restore, app.delivered)
+    else:
+        app.start()
+    for payload in args.inputs:
+        app.deliver(args.topic, payload.encode())
+    for _ in range(args.ticks):
+        app.tick(io.now_ms())
+    if args.snapshot_out:
+        _write_snapshot(args.snapshot_out, app)
+
+
+def _read_snapshot(path: Path) -> wire.Snapshot:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise MeshError(f"cannot read snapshot {path}: {exc.strerror}") from None
+    try:
+        return wire.decode(wire.Snapshot, data)
+    except MeshError as exc:
+        raise MeshError(f"{path} is not a valid snapshot: {exc}") from None
+
+
+def _write_snapshot(path: Path, app: App) -> None:
+    data = wire.encode(app.snapshot())
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except OSError as exc:
+        raise MeshError(f"cannot write snapshot {path}: {exc.strerror}") from None
+    log.info("wrote snapshot of %s to %s (%d bytes)", app.name, path, len(data))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mesh.demo import run_demo
+    return run_demo()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mesh", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug output on stderr")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run an app locally, without a broker",
+                         description="Run an app locally with no broker: print each "
+                         "publication as '<topic> <payload>' on stdout, logs on stderr.")
+    run.add_argument("file", type=Path, metavar="FILE.wasm", help="the module (.wasm or .wat)")
+    run.add_argument("--in", dest="inputs", action="append", default=[], metavar="PAYLOAD",
+                     help="deliver this payload as one message (repeatable, in order)")
+    run.add_argument("--topic", default="", metavar="SUB",
+                     help="sub-topic the inputs arrive on (after .../in/)")
+    run.add_argument("--ticks", type=int, default=0, metavar="N",
+                     help="call mesh_on_tick N times after the inputs")
+    run.add_argument("--snapshot-out", type=Path, metavar="FILE",
+                     help="write the app's state here at the end")
+    run.add_argument("--restore", type=Path, metavar="FILE",
+                     help="continue from this snapshot instead of starting fresh")
+    run.add_argument("--sensor", type=_sensor, action="append", default=[],
+                     metavar="NAME=VALUE", help="a capability mesh.read returns (repeatable)")
+    run.add_argument("--app", default="app", help="the app's name (default: app)")
+    run.add_argument("--memory-limit", type=int, default=Limits().memory_bytes, metavar="BYTES")
+    run.add_argument("--timeout", type=float, default=Limits().timeout_s, metavar="SECONDS",
+                     help="longest a single call into the app may run")
+    run.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                     help="compiled-module cache (default: ~/.cache/liquid-mesh/modules)")
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="see an app move between processes with its state")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s.%(msecs)03d %(levelname)-5s %(message)s",
+                        datefmt="%H:%M:%S")
+    started = time.monotonic()
+    try:
+        status: int = args.func(args)
+    except MeshError as exc:
+        print(f"mesh: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    log.debug("done in %.3fs", time.monotonic() - started)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

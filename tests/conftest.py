@@ -1,0 +1,61 @@
+"""Shared fixtures: the example apps built from source, a runtime, and the `mesh` command."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import wasmtime
+
+from mesh.runtime import Runtime
+
+ROOT = Path(__file__).resolve().parent.parent
+COUNTER_WAT = ROOT / "mesh" / "apps" / "counter.wat"
+
+
+def require_tool(name: str) -> None:
+    """Skip when a system tool is missing, except in CI, where that is a failure."""
+    if shutil.which(name) is None:
+        message = f"{name} is not installed (run `make test`, which installs it as root)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def examples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The C example apps, built from source with clang for wasm32 as the README says."""
+    require_tool("clang")
+    build = tmp_path_factory.mktemp("examples")
+    subprocess.run(["make", "-s", "-C", str(ROOT / "examples"), f"BUILD={build}"], check=True)
+    return {path.stem: path for path in build.glob("*.wasm")}
+
+
+@pytest.fixture(scope="session")
+def counter_wat_wasm() -> bytes:
+    return wat(COUNTER_WAT.read_text())
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> Iterator[Runtime]:
+    with Runtime(cache_dir=tmp_path / "cache") as rt:
+        yield rt
+
+
+def wat(text: str) -> bytes:
+    return bytes(wasmtime.wat2wasm(text))
+
+
+def mesh(*args: str | Path, cache_dir: Path | None = None,
+         timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the `mesh` command in a new process, as a user would."""
+    env = dict(os.environ)
+    if cache_dir is not None:
+        env["MESH_CACHE_DIR"] = str(cache_dir)
+    return subprocess.run([sys.executable, "-m", "mesh", "-q", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env, check=False)
