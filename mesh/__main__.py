@@ -1,3 +1,5 @@
-from mesh.cli import main
 import sys
+
+from mesh.cli import main
+
 sys.exit(main())

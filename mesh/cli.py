@@ -13,6 +13,7 @@ from pathlib import Path
 import wasmtime
 
 from mesh import wire
+from mesh.demo import run_demo
 from mesh.errors import MeshError, ModuleError
 from mesh.runtime import App, Limits, LocalIO, Runtime
 
@@ -111,7 +112,6 @@ def _write_snapshot(path: Path, app: App) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from mesh.demo import run_demo
     return run_demo()
 
 

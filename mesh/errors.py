@@ -12,7 +12,7 @@ class WireError(MeshError, ValueError):
 
 
 class ModuleError(MeshError, ValueError):
-    """A WebAssembly module that is invalid, breaks the app ABI, or whose state cannot be captured."""
+    """A module that is invalid, breaks the app ABI, or whose state cannot be captured."""
 
 
 class AppError(MeshError):

@@ -93,7 +93,12 @@ _current = threading.local()
 # WASI output streams end on a wasmtime worker thread that calls back into Python; if a store
 # outlived the interpreter that call would abort the process. Close every open app before exit.
 _open_apps: weakref.WeakSet[App] = weakref.WeakSet()
-atexit.register(lambda: [app.close() for app in list(_open_apps)])
+
+
+@atexit.register
+def _close_open_apps() -> None:
+    for app in list(_open_apps):
+        app.close()
 
 
 def engine_fingerprint() -> str:
@@ -238,11 +243,7 @@ class Runtime:
         i32, i64 = wasmtime.ValType.i32(), wasmtime.ValType.i64()
         kinds = {_I32: i32, _I64: i64}
         handlers: dict[str, Callable[..., Any]] = {
-            "publish": lambda caller, *args: _app()._host_publish(caller, *args),
-            "log": lambda caller, *args: _app()._host_log(caller, *args),
-            "now_ms": lambda: _app().io.now_ms(),
-            "read": lambda caller, *args: _app()._host_read(caller, *args),
-        }
+            "publish": _publish, "log": _log, "now_ms": _now_ms, "read": _read}
         for name, (params, results) in _IMPORTS.items():
             ty = wasmtime.FuncType([kinds[p] for p in params], [kinds[r] for r in results])
             linker.define_func("mesh", name, ty, handlers[name], access_caller=name != "now_ms")
@@ -290,6 +291,23 @@ def _app() -> App:
     return app
 
 
+# The linker is shared by all apps; these route each import to the app whose call is running.
+def _publish(caller: wasmtime.Caller, *args: int) -> int:
+    return _app()._host_publish(caller, *args)
+
+
+def _log(caller: wasmtime.Caller, *args: int) -> None:
+    _app()._host_log(caller, *args)
+
+
+def _now_ms() -> int:
+    return _app().io.now_ms()
+
+
+def _read(caller: wasmtime.Caller, *args: int) -> int:
+    return _app()._host_read(caller, *args)
+
+
 class App:
     """One instance of an app module. Call it from one thread at a time."""
 
@@ -315,13 +333,13 @@ class App:
         wasi.stderr_custom = lambda data: self._stdio(2, data)
         self._store.set_wasi(wasi)
         _open_apps.add(self)
-        self._memory: wasmtime.Memory | None = None
+        self._mem: wasmtime.Memory | None = None
         with self._calling("instantiation"):
             instance = module.pre.instantiate(self._store)
         exports = instance.exports(self._store)
         memory = exports["memory"]
         assert isinstance(memory, wasmtime.Memory)
-        self._memory = memory
+        self._mem = memory
         self._funcs: dict[str, wasmtime.Func] = {}
         for export in _EXPORTS:
             func = exports.get(export) if export in module.exports else None
@@ -438,9 +456,14 @@ class App:
 
     # --- host functions (called from wasm, on this app's thread) ----------------------------
 
+    @property
+    def _memory(self) -> wasmtime.Memory:
+        assert self._mem is not None, "used before instantiation"
+        return self._mem
+
     def _memory_of(self, caller: wasmtime.Caller) -> wasmtime.Memory:
-        if self._memory is not None:
-            return self._memory
+        if self._mem is not None:
+            return self._mem
         memory = caller.get("memory")  # during instantiation, from a start function
         assert isinstance(memory, wasmtime.Memory)
         return memory

@@ -41,11 +41,11 @@ _OPS: dict[int, str] = {
     0x3F: _U32, 0x40: _U32, 0x41: "s32", 0x42: "s64", 0x43: "f32", 0x44: "f64",
     0xD0: "heaptype", 0xD1: "", 0xD2: _U32,
 }
-_OPS.update({op: _MEMARG for op in range(0x28, 0x3F)})
-_OPS.update({op: "" for op in range(0x45, 0xC5)})
+_OPS.update(dict.fromkeys(range(0x28, 0x3F), _MEMARG))
+_OPS.update(dict.fromkeys(range(0x45, 0xC5), ""))
 
 # 0xFC-prefixed (saturating truncation, bulk memory, reference types) sub-opcodes.
-_FC_OPS: dict[int, str] = {op: "" for op in range(8)}
+_FC_OPS: dict[int, str] = dict.fromkeys(range(8), "")
 _FC_OPS.update({8: _U32X2, 9: _U32, 10: _U32X2, 11: _U32, 12: _U32X2, 13: _U32,
                 14: _U32X2, 15: _U32, 16: _U32, 17: _U32})
 

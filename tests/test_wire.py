@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from typing import Any
@@ -70,14 +71,10 @@ def test_every_wire_object_round_trips_through_cbor(obj: Any) -> None:
 def test_random_bytes_raise_only_wire_error(data: bytes) -> None:
     for cls in (wire.NodeRecord, wire.AppSpec, wire.OwnerRecord, wire.Snapshot, wire.Command,
                 wire.Event, wire.Reply, wire.Manifest, wire.Chunk):
-        try:
+        with contextlib.suppress(WireError):
             wire.decode(cls, data)
-        except WireError:
-            pass
-    try:
+    with contextlib.suppress(WireError):
         wire.decode_command(data)
-    except WireError:
-        pass
 
 
 @given(objects, st.data())
@@ -87,10 +84,8 @@ def test_corrupted_encodings_raise_only_wire_error(obj: Any, data: st.DataObject
         raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(0, len(raw)))
     for candidate in (bytes(raw), bytes(raw[:cut])):
-        try:
+        with contextlib.suppress(WireError):
             wire.decode(type(obj), candidate)
-        except WireError:
-            pass
 
 
 def test_a_command_from_mosquitto_pub_decodes_as_json() -> None:
@@ -133,7 +128,7 @@ def test_limits_on_size_depth_and_types() -> None:
                                              "ts_ms": 1, "detail": {"a": deep}}))
     tagged = cbor2.dumps({"v": 1, "kind": "owner", "node": "n",
                           "epoch": cbor2.CBORTag(1, 1700000000)})
-    with pytest.raises(WireError, match="owner.epoch: expected int, got datetime"):
+    with pytest.raises(WireError, match=r"owner\.epoch: expected int, got datetime"):
         wire.decode(wire.OwnerRecord, tagged)
     duplicate = b"\xa3\x61v\x01\x64node\x61a\x64node\x61b"
     with pytest.raises(WireError, match="malformed CBOR"):

@@ -1,0 +1,88 @@
+"""Memory images: exact round trips, compact for sparse memory, and refusal of bad images."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import zstandard
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mesh import snapshot, wire
+from mesh.errors import SnapshotError
+
+PAGE = 65536
+
+
+def rebuild(image: wire.MemoryImage) -> bytes:
+    memory = bytearray(image.size)
+    for offset, data in snapshot.expand(image, max_size=image.size):
+        memory[offset:offset + len(data)] = data
+    return bytes(memory)
+
+
+writes = st.lists(st.tuples(st.integers(0, 8 * PAGE - 1), st.binary(min_size=1, max_size=300)),
+                  max_size=20)
+
+
+@given(st.integers(1, 8), writes)
+def test_capture_then_expand_gives_the_same_memory(pages: int,
+                                                   writes: list[tuple[int, bytes]]) -> None:
+    memory = bytearray(pages * PAGE)
+    for position, data in writes:
+        offset = position % len(memory)
+        memory[offset:offset + len(data)] = data[:len(memory) - offset]
+    image = snapshot.capture(bytes(memory))
+    assert rebuild(image) == memory
+    assert all(count > 0 for _, count in image.runs)
+
+
+def test_blocks_are_found_exactly() -> None:
+    memory = bytearray(10 * snapshot.BLOCK_SIZE)
+    memory[0] = 1
+    memory[3 * snapshot.BLOCK_SIZE + 5] = 2
+    memory[4 * snapshot.BLOCK_SIZE] = 3
+    memory[-1] = 4
+    assert snapshot.nonzero_runs(bytes(memory)) == [(0, 1), (3, 2), (9, 1)]
+    assert snapshot.nonzero_runs(bytes(memory[:-100])) == [(0, 1), (3, 2)]
+
+
+def test_untouched_memory_costs_almost_nothing() -> None:
+    memory = bytearray(64 << 20)
+    memory[(32 << 20):(33 << 20)] = bytes(range(256)) * 4096
+    image = snapshot.capture(bytes(memory))
+    assert image.runs == (((32 << 20) // snapshot.BLOCK_SIZE, 256),)
+    assert len(image.data) < 64 * 1024
+
+
+def good_image() -> wire.MemoryImage:
+    memory = bytearray(4 * PAGE)
+    memory[100:200] = b"a" * 100
+    memory[3 * PAGE:3 * PAGE + 10] = b"b" * 10
+    return snapshot.capture(bytes(memory))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"runs": ((0, 1), (0, 1))}, "overlap"),
+    ({"runs": ((1000, 1),)}, "outside memory"),
+    ({"runs": ((0, 0),)}, "overlap, are empty"),
+    ({"block_size": 3000}, "invalid block size"),
+    ({"data": b"garbage"}, "does not decompress"),
+    ({"size": 1 << 40}, "exceeds the limit"),
+])
+def test_bad_images_are_refused(change: dict[str, Any], message: str) -> None:
+    image = dataclasses.replace(good_image(), **change)
+    with pytest.raises(SnapshotError, match=message):
+        snapshot.expand(image, max_size=64 << 20)
+
+
+def test_a_decompression_bomb_is_cut_off() -> None:
+    image = good_image()
+    bomb = zstandard.ZstdCompressor().compress(bytes(256 << 20))
+    with pytest.raises(SnapshotError, match="its runs need"):
+        snapshot.expand(dataclasses.replace(image, data=bomb), max_size=64 << 20)
+    short = zstandard.ZstdCompressor().compress(b"a" * 10)
+    with pytest.raises(SnapshotError, match="holds 10 bytes"):
+        snapshot.expand(dataclasses.replace(image, data=short), max_size=64 << 20)
