@@ -284,6 +284,20 @@ def _first_line(text: str) -> str:
     return folded if len(folded) <= 300 else folded[:297] + "..."
 
 
+def _trap_reason(trap: wasmtime.Trap) -> str:
+    """'out of bounds memory access (memory fault at ...) in fill' from wasmtime's trap text."""
+    text = trap.message
+    causes = [line.strip().split(": ", 1)[-1] for line in text.split("Caused by:", 1)[-1]
+              .splitlines() if line.strip()] if "Caused by:" in text else [text]
+    reason = causes[-1].removeprefix("wasm trap: ")
+    if len(causes) > 1:
+        reason += f" ({'; '.join(causes[:-1])})"
+    frames = trap.frames
+    if frames and frames[0].func_name:
+        reason += f" in function {frames[0].func_name}"
+    return _first_line(reason)
+
+
 def _app() -> App:
     app: App | None = getattr(_current, "app", None)
     if app is None:  # pragma: no cover - the linker is only used by App
@@ -441,7 +455,7 @@ class App:
             if exc.trap_code == wasmtime.TrapCode.INTERRUPT:
                 reason = f"ran longer than {self.limits.timeout_s:g}s in {what} and was stopped"
             else:
-                reason = f"trapped in {what}: {_first_line(exc.message)}"
+                reason = f"trapped in {what}: {_trap_reason(exc)}"
             self._fail(reason, str(exc))
         except wasmtime.WasmtimeError as exc:
             self._fail(f"failed in {what}: {_first_line(str(exc))}", str(exc))
@@ -541,13 +555,12 @@ class App:
         if self.failure:
             raise AppError(f"app {self.name} has failed ({self.failure}): its state is not "
                            "consistent and cannot be snapshotted")
-        size = self._memory.data_len(self._store)
-        memory = ctypes.string_at(self._memory.data_ptr(self._store), size)
         values = tuple(GlobalValue(gname, gtype, handle.value(self._store))
                        for gname, gtype, handle in self._globals)
-        return Snapshot(app=self.name, module=self.module.sha256,
-                        memory=memimage.capture(memory), globals=values, host=self.host,
-                        epoch=epoch, seq=seq, taken_ms=int(time.time() * 1000), applied=applied)
+        memory = memimage.capture(self._live_memory())
+        return Snapshot(app=self.name, module=self.module.sha256, memory=memory,
+                        globals=values, host=self.host, epoch=epoch, seq=seq,
+                        taken_ms=int(time.time() * 1000), applied=applied)
 
     def restore(self, snap: Snapshot) -> None:
         """Continue from `snap` in this fresh instance (instead of `start`)."""
@@ -560,12 +573,13 @@ class App:
         got = {(g.name, g.type) for g in snap.globals}
         if expected != got:
             raise SnapshotError("snapshot globals do not match the module's")
-        pieces = memimage.expand(snap.memory, self.limits.memory_bytes)
+        memimage.check(snap.memory, self.limits.memory_bytes)
         self._set_memory_size(snap.memory.size)
-        base = ctypes.addressof(self._memory.data_ptr(self._store).contents)
-        ctypes.memset(base, 0, snap.memory.size)
-        for offset, data in pieces:
-            ctypes.memmove(base + offset, (ctypes.c_char * len(data)).from_buffer(data), len(data))
+        try:
+            memimage.restore_into(snap.memory, self._live_memory(), self.limits.memory_bytes)
+        except SnapshotError as exc:
+            self.failure = f"a restore failed half-way: {exc}"
+            raise
         handles = {gname: handle for gname, _, handle in self._globals}
         for value in snap.globals:
             handles[value.name].set_value(self._store, value.value)
@@ -573,6 +587,12 @@ class App:
         self.initialized, self.delivered, self.published = (host.initialized, host.delivered,
                                                             host.published)
         self.ticks, self.next_tick_ms = host.ticks, host.next_tick_ms
+
+    def _live_memory(self) -> memoryview:
+        """A view of linear memory itself. Valid until the next call into the app."""
+        size = self._memory.data_len(self._store)
+        base = ctypes.addressof(self._memory.data_ptr(self._store).contents)
+        return memoryview((ctypes.c_ubyte * size).from_address(base)).cast("B")
 
     def _set_memory_size(self, size: int) -> None:
         page = 65536

@@ -1,8 +1,8 @@
 """Linear memory as a compact image: non-zero blocks only, compressed with zstd.
 
 Untouched pages of a wasm memory are zero, so a 64 MiB memory with 1 MiB in use costs about
-1 MiB. Pure code over bytes: the runtime hands in a copy of memory and writes back what
-`expand` yields.
+1 MiB. Pure code over buffers: `capture` reads any buffer (the runtime hands in a view of the live
+memory, so nothing is copied first) and `restore_into` writes one back exactly.
 """
 
 from __future__ import annotations
@@ -12,76 +12,113 @@ import zstandard
 from mesh.errors import SnapshotError
 from mesh.wire import MemoryImage
 
+Buffer = bytes | bytearray | memoryview
+
 BLOCK_SIZE = 4096
-_ZERO_BLOCK = bytes(BLOCK_SIZE)
+_CHUNK = 1 << 20  # scanned at a time; a multiple of every block size we use
+_ZEROS = bytes(_CHUNK)
 _LEVEL = 1
 
 
-def nonzero_runs(memory: bytes, block_size: int = BLOCK_SIZE) -> list[tuple[int, int]]:
+def nonzero_runs(memory: Buffer, block_size: int = BLOCK_SIZE) -> list[tuple[int, int]]:
     """(first block, block count) of each run of blocks that hold a non-zero byte."""
-    zero = _ZERO_BLOCK if block_size == BLOCK_SIZE else bytes(block_size)
+    view = memoryview(memory).cast("B")
+    size = len(view)
+    scratch = bytearray(min(_CHUNK, size))
     runs: list[tuple[int, int]] = []
     start = -1
-    blocks = -(-len(memory) // block_size)
-    for block in range(blocks):
-        offset = block * block_size
-        is_zero = memory.startswith(zero[:len(memory) - offset], offset)
-        if not is_zero and start < 0:
-            start = block
-        elif is_zero and start >= 0:
-            runs.append((start, block - start))
-            start = -1
+    for chunk in range(0, size, _CHUNK):
+        length = min(_CHUNK, size - chunk)
+        scratch[:length] = view[chunk:chunk + length]
+        if scratch.startswith(_ZEROS[:length]):
+            flags: list[bool] = [False] * -(-length // block_size)
+        else:
+            flags = [not scratch.startswith(_ZEROS[:min(block_size, length - offset)], offset)
+                     for offset in range(0, length, block_size)]
+        first_block = chunk // block_size
+        for i, nonzero in enumerate(flags):
+            if nonzero and start < 0:
+                start = first_block + i
+            elif not nonzero and start >= 0:
+                runs.append((start, first_block + i - start))
+                start = -1
     if start >= 0:
-        runs.append((start, blocks - start))
+        runs.append((start, -(-size // block_size) - start))
     return runs
 
 
-def capture(memory: bytes, block_size: int = BLOCK_SIZE) -> MemoryImage:
+def capture(memory: Buffer, block_size: int = BLOCK_SIZE) -> MemoryImage:
     """The image of `memory`: its size, where its non-zero runs are, and their bytes."""
-    runs = nonzero_runs(memory, block_size)
-    view = memoryview(memory)
-    compressor = zstandard.ZstdCompressor(level=_LEVEL)
-    pieces = [view[first * block_size:(first + count) * block_size] for first, count in runs]
-    data = compressor.compress(b"".join(pieces))
-    return MemoryImage(len(memory), block_size, tuple(runs), data)
+    view = memoryview(memory).cast("B")
+    runs = nonzero_runs(view, block_size)
+    compressor = zstandard.ZstdCompressor(level=_LEVEL).compressobj()
+    parts = [compressor.compress(view[first * block_size:(first + count) * block_size])
+             for first, count in runs]
+    parts.append(compressor.flush())
+    return MemoryImage(len(view), block_size, tuple(runs), b"".join(parts))
 
 
-def expand(image: MemoryImage, max_size: int) -> list[tuple[int, memoryview]]:
-    """(offset, bytes) of each non-zero run; everything else is zero. Raises SnapshotError."""
+def _run_spans(image: MemoryImage, max_size: int) -> list[tuple[int, int]]:
+    """(offset, length) of each run, after checking that the image is well formed."""
     size, block = image.size, image.block_size
     if size > max_size:
         raise SnapshotError(f"memory of {size} bytes exceeds the limit of {max_size}")
-    if block <= 0 or block & (block - 1):
+    if block <= 0 or block & (block - 1) or _CHUNK % block:
         raise SnapshotError(f"invalid block size {block}")
+    spans = []
     end = 0
     for first, count in image.runs:
         if first < end or count <= 0 or (first + count - 1) * block >= size:
             raise SnapshotError("memory image runs overlap, are empty or lie outside memory")
         end = first + count
-    expected = sum(min(count * block, size - first * block) for first, count in image.runs)
-    raw = _decompress(image.data, expected)
-    if len(raw) != expected:
-        raise SnapshotError(f"memory image holds {len(raw)} bytes, its runs need {expected}")
-    view = memoryview(raw)
-    pieces = []
+        spans.append((first * block, min(count * block, size - first * block)))
+    return spans
+
+
+def check(image: MemoryImage, max_size: int) -> None:
+    """Raise SnapshotError unless the image's layout is valid (its data is checked on restore)."""
+    _run_spans(image, max_size)
+
+
+def restore_into(image: MemoryImage, memory: Buffer, max_size: int) -> None:
+    """Make `memory` (writable, exactly `image.size` bytes) equal to the captured memory.
+
+    Raises SnapshotError; if that happens after writing began, `memory` is left half-written.
+    """
+    spans = _run_spans(image, max_size)
+    view = memoryview(memory).cast("B")
+    if len(view) != image.size:
+        raise SnapshotError(f"memory image is {image.size} bytes, the target {len(view)}")
     at = 0
-    for first, count in image.runs:
-        length = min(count * block, size - first * block)
-        pieces.append((first * block, view[at:at + length]))
-        at += length
-    return pieces
-
-
-def _decompress(data: bytes, expected: int) -> bytearray:
-    """Decompress at most `expected + 1` bytes: a frame header cannot make us allocate more."""
-    out = bytearray()
+    for offset, length in [*spans, (image.size, 0)]:
+        _zero(view[at:offset])
+        at = offset + length
+    needed = sum(length for _, length in spans)
     try:
-        with zstandard.ZstdDecompressor().stream_reader(data) as reader:
-            while len(out) <= expected:
-                piece = reader.read(expected + 1 - len(out))
-                if not piece:
-                    break
-                out += piece
+        with zstandard.ZstdDecompressor().stream_reader(image.data) as reader:
+            done = 0
+            for offset, length in spans:
+                done += _read_exactly(reader, view[offset:offset + length])
+            if reader.read(1):
+                raise SnapshotError(f"memory image holds more bytes than its runs need "
+                                    f"({needed})")
     except zstandard.ZstdError as exc:
         raise SnapshotError(f"memory image does not decompress: {exc}") from None
-    return out
+    if done != needed:
+        raise SnapshotError(f"memory image holds {done} bytes, its runs need {needed}")
+
+
+def _zero(view: memoryview) -> None:
+    for at in range(0, len(view), _CHUNK):
+        length = min(_CHUNK, len(view) - at)
+        view[at:at + length] = _ZEROS[:length]
+
+
+def _read_exactly(reader: zstandard.ZstdDecompressionReader, target: memoryview) -> int:
+    done = 0
+    while done < len(target):
+        got = reader.readinto(target[done:])
+        if not got:
+            break
+        done += got
+    return done

@@ -22,8 +22,7 @@ def feed(messages: list[str]) -> list[str]:
 def state_of(path: Path) -> tuple[bytes, tuple[wire.GlobalValue, ...], wire.HostState]:
     snap = wire.decode(wire.Snapshot, path.read_bytes())
     memory = bytearray(snap.memory.size)
-    for offset, data in snapshot.expand(snap.memory, snap.memory.size):
-        memory[offset:offset + len(data)] = data
+    snapshot.restore_into(snap.memory, memory, snap.memory.size)
     return bytes(memory), snap.globals, snap.host
 
 
