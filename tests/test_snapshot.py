@@ -89,3 +89,10 @@ def test_a_decompression_bomb_is_cut_off() -> None:
     short = zstandard.ZstdCompressor().compress(b"a" * 10)
     with pytest.raises(SnapshotError, match="holds 10 bytes"):
         restore(dataclasses.replace(image, data=short))
+
+
+@given(st.binary(max_size=2000))
+def test_random_image_data_raises_only_snapshot_error(data: bytes) -> None:
+    image = dataclasses.replace(good_image(), data=data)
+    with pytest.raises(SnapshotError):
+        restore(image)
