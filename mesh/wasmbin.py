@@ -117,24 +117,19 @@ class _Reader:
         return chunk
 
     def uleb(self, max_bits: int = 32) -> int:
-        result = shift = 0
-        while True:
-            b = self.byte()
-            result |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                return result
-            if shift >= max_bits + 7:
-                raise ModuleError("malformed LEB128 integer")
+        return self._leb(max_bits, signed=False)
 
     def sleb(self, max_bits: int) -> int:
+        return self._leb(max_bits, signed=True)
+
+    def _leb(self, max_bits: int, signed: bool) -> int:
         result = shift = 0
         while True:
             b = self.byte()
             result |= (b & 0x7F) << shift
             shift += 7
             if not b & 0x80:
-                if b & 0x40:
+                if signed and b & 0x40:
                     result -= 1 << shift
                 return result
             if shift >= max_bits + 7:
