@@ -1,0 +1,239 @@
+"""paho-mqtt driven by the asyncio event loop: no paho thread, awaitable connect/publish/subscribe.
+
+paho's socket callbacks hand its socket to the loop (`add_reader`/`add_writer`), as in paho's
+own asyncio example; a small task runs `loop_misc` for keepalives. Messages are handed to a
+callback on the loop thread. With `manual_ack`, QoS 1 messages are acknowledged only when the
+caller says so, which is how a node acknowledges inputs only after a checkpoint holds them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from mesh.errors import MeshError
+
+log = logging.getLogger(__name__)
+
+Message = paho.MQTTMessage
+
+
+class BrokerError(MeshError):
+    """The broker cannot be reached, refused us, or dropped the connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        """`mqtt://host:port`, `host:port` or `host` (port 1883)."""
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
+            raise BrokerError(f"not a broker address: {url!r} (expected mqtt://host:port)")
+        try:
+            port = parts.port or 1883
+        except ValueError:
+            raise BrokerError(f"not a broker address: {url!r} (bad port)") from None
+        return cls(parts.hostname, port)
+
+    def __str__(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+
+class Connection:
+    """One MQTT client session. Use `async with Connection(...)`; callbacks run on the loop."""
+
+    def __init__(self, broker: BrokerAddress, client_id: str, *,
+                 on_message: Callable[[Message], None] | None = None,
+                 clean_session: bool = True, manual_ack: bool = False,
+                 keepalive: int = 10,
+                 will: tuple[str, bytes, bool] | None = None) -> None:
+        self.broker = broker
+        self.client_id = client_id
+        self.keepalive = keepalive
+        self.on_message = on_message
+        self.lost: asyncio.Future[str] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                   clean_session=clean_session, manual_ack=manual_ack,
+                                   reconnect_on_failure=False)
+        self._client.max_inflight_messages_set(1000)
+        self._client.max_queued_messages_set(0)
+        if will:
+            topic, payload, retain = will
+            self._client.will_set(topic, payload, qos=1, retain=retain)
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._connected: asyncio.Future[None] = self._loop.create_future()
+        self._misc: asyncio.Task[None] | None = None
+        c = self._client
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_publish = self._on_ack
+        c.on_subscribe = self._on_subscribe
+        c.on_socket_open = lambda _c, _u, sock: self._loop.add_reader(sock, self._read)
+        c.on_socket_close = self._socket_closed
+        c.on_socket_register_write = lambda _c, _u, sock: self._loop.add_writer(sock,
+                                                                                self._write)
+        c.on_socket_unregister_write = self._socket_unwritable
+
+    async def __aenter__(self) -> Connection:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self, timeout: float = 10) -> None:
+        self.lost = self._loop.create_future()
+        try:
+            self._client.connect(self.broker.host, self.broker.port, keepalive=self.keepalive)
+        except (OSError, ValueError) as exc:
+            raise BrokerError(f"cannot reach the broker at {self.broker}: {exc}") from None
+        self._misc = asyncio.create_task(self._housekeeping(), name=f"mqtt-{self.client_id}")
+        try:
+            await asyncio.wait_for(asyncio.shield(self._connected), timeout)
+        except TimeoutError:
+            await self.close()
+            raise BrokerError(f"no answer from the broker at {self.broker}") from None
+        except BrokerError:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Disconnect cleanly (no Last Will). Idempotent."""
+        with contextlib.suppress(Exception):
+            self._client.disconnect()
+            self._client.loop_write()  # sends DISCONNECT; paho then closes the socket
+        sock = self._client.socket()
+        if sock is not None:
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+        if self._misc:
+            self._misc.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._misc
+            self._misc = None
+        self._set_lost("closed")
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1,
+                      retain: bool = False) -> None:
+        """Publish; with QoS 1, returns once the broker has acknowledged it."""
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise BrokerError(f"cannot publish to {topic}: {paho.error_string(info.rc)}")
+        if qos == 0 or info.is_published():
+            return
+        await self._wait(info.mid)
+
+    async def subscribe(self, *topics: str, qos: int = 1) -> None:
+        if not topics:
+            return
+        rc, mid = self._client.subscribe([(topic, qos) for topic in topics])
+        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+            raise BrokerError(f"cannot subscribe: {paho.error_string(rc)}")
+        await self._wait(mid)
+
+    async def unsubscribe(self, *topics: str) -> None:
+        if topics:
+            self._client.unsubscribe(list(topics))
+
+    def ack(self, mid: int) -> None:
+        """Acknowledge a QoS 1 message received with manual acknowledgement."""
+        self._client.ack(mid, 1)
+
+    async def _wait(self, mid: int) -> None:
+        future = self._loop.create_future()
+        self._pending[mid] = future
+        lost = self.lost
+        if lost is None or lost.done():
+            raise BrokerError("not connected")
+        done, _ = await asyncio.wait([future, lost], return_when=asyncio.FIRST_COMPLETED)
+        if future not in done:
+            self._pending.pop(mid, None)
+            raise BrokerError(f"connection lost: {lost.result()}")
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(1)
+            if self._client.loop_misc() != paho.MQTT_ERR_SUCCESS:
+                self._set_lost("keepalive failed")
+                return
+
+    def _read(self) -> None:
+        rc = self._client.loop_read(1000)
+        if rc != paho.MQTT_ERR_SUCCESS:
+            self._set_lost(paho.error_string(rc))
+
+    def _write(self) -> None:
+        rc = self._client.loop_write()
+        if rc != paho.MQTT_ERR_SUCCESS:
+            self._set_lost(paho.error_string(rc))
+
+    # --- paho callbacks (on the loop thread) -------------------------------------------------
+
+    def _socket_closed(self, _c: Any, _u: Any, sock: Any) -> None:
+        self._loop.remove_reader(sock)
+
+    def _socket_unwritable(self, _c: Any, _u: Any, sock: Any) -> None:
+        self._loop.remove_writer(sock)
+
+    def _on_connect(self, _c: Any, _u: Any, _flags: Any, reason: ReasonCode,
+                    _props: Any) -> None:
+        if self._connected.done():
+            return
+        if reason.is_failure:
+            self._connected.set_exception(
+                BrokerError(f"the broker at {self.broker} refused us: {reason}"))
+        else:
+            self._connected.set_result(None)
+
+    def _on_disconnect(self, _c: Any, _u: Any, _flags: Any, reason: ReasonCode,
+                       _props: Any) -> None:
+        self._set_lost(str(reason))
+
+    def _set_lost(self, reason: str) -> None:
+        if self.lost is not None and not self.lost.done():
+            log.debug("%s: connection lost: %s", self.client_id, reason)
+            self.lost.set_result(reason)
+        self._fail_pending(reason)
+
+    def _fail_pending(self, reason: str) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(BrokerError(f"connection lost: {reason}"))
+        self._pending.clear()
+
+    def _on_ack(self, _c: Any, _u: Any, mid: int, *_rest: Any) -> None:
+        future = self._pending.pop(mid, None)
+        if future and not future.done():
+            future.set_result(None)
+
+    def _on_subscribe(self, _c: Any, _u: Any, mid: int, reasons: list[ReasonCode],
+                      _props: Any) -> None:
+        future = self._pending.pop(mid, None)
+        if future and not future.done():
+            if any(reason.is_failure for reason in reasons):
+                future.set_exception(BrokerError("the broker refused a subscription"))
+            else:
+                future.set_result(None)
+
+    def _on_message(self, _c: Any, _u: Any, message: Message) -> None:
+        if self.on_message is None:
+            return
+        try:
+            self.on_message(message)
+        except Exception:
+            log.exception("%s: message handler failed on %s", self.client_id, message.topic)
