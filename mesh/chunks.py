@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 
 from mesh.errors import WireError
-from mesh.wire import Chunk, Manifest
+from mesh.wire import Chunk, Manifest, decode
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 
@@ -53,4 +53,58 @@ class Assembler:
         if hashlib.sha256(blob).hexdigest() != m.sha256:
             self._parts.clear()
             raise WireError(f"reassembled blob does not match its sha256 {m.sha256[:12]}")
+        return blob
+
+
+def is_manifest(payload: bytes) -> Manifest | None:
+    """The manifest this payload holds, or None when it is a whole blob."""
+    if len(payload) > Manifest.MAX_BYTES:
+        return None
+    try:
+        return decode(Manifest, payload)
+    except WireError:
+        return None
+
+
+class BlobCollector:
+    """Blobs published at a base topic, whole or as a manifest there plus chunks at `base/<i>`.
+
+    Chunks may arrive before their manifest (retained messages come in any order); a few are
+    kept until it does. Pure: the node feeds it messages and gets back finished blobs.
+    """
+
+    def __init__(self, max_size: int, max_early: int = 64) -> None:
+        self.max_size = max_size
+        self.max_early = max_early
+        self._assemblers: dict[str, Assembler] = {}
+        self._early: dict[str, dict[int, Chunk]] = {}
+
+    def whole(self, base: str, payload: bytes) -> bytes | None:
+        """A message at the base topic: the blob itself, or None if chunks must follow."""
+        manifest = is_manifest(payload)
+        if manifest is None:
+            self._assemblers.pop(base, None)
+            return payload
+        assembler = Assembler(manifest, self.max_size)
+        self._assemblers[base] = assembler
+        blob = None
+        for chunk in self._early.pop(base, {}).values():
+            if chunk.sha256 == manifest.sha256:
+                blob = assembler.add(chunk)
+        return self._finish(base, blob)
+
+    def chunk(self, base: str, payload: bytes) -> bytes | None:
+        """A message at `base/<i>`: the blob once this was its last missing chunk."""
+        chunk = decode(Chunk, payload)
+        assembler = self._assemblers.get(base)
+        if assembler is None or assembler.manifest.sha256 != chunk.sha256:
+            early = self._early.setdefault(base, {})
+            if len(early) < self.max_early:
+                early[chunk.index] = chunk
+            return None
+        return self._finish(base, assembler.add(chunk))
+
+    def _finish(self, base: str, blob: bytes | None) -> bytes | None:
+        if blob is not None:
+            self._assemblers.pop(base, None)
         return blob

@@ -138,6 +138,18 @@ class Connection:
             return
         await self._wait(info.mid)
 
+    def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 1) -> None:
+        """Queue a publication without waiting for its acknowledgement."""
+        info = self._client.publish(topic, payload, qos=qos)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            log.warning("%s: cannot publish to %s: %s", self.client_id, topic,
+                        paho.error_string(info.rc))
+
+    @property
+    def lost_reason(self) -> str | None:
+        """Why the connection ended, or None while it is up."""
+        return self.lost.result() if self.lost is not None and self.lost.done() else None
+
     async def subscribe(self, *topics: str, qos: int = 1) -> None:
         if not topics:
             return

@@ -1,0 +1,322 @@
+"""One app running on this node: its MQTT session, its worker thread, checkpoints and handover.
+
+Each app has its own MQTT session, with the same client id on whichever node runs it
+(`<root>-app-<app>`), a persistent session (clean_session false) and manual acknowledgement:
+
+- inputs (QoS 1) are applied in order on the app's worker thread, and acknowledged only once a
+  checkpoint that holds their effect has been stored on the broker (retained, QoS 1);
+- the checkpoint lists the packet ids it holds but has not acknowledged yet, so a node that takes
+  over skips their redelivery (DUP flag, same packet id) instead of applying them twice;
+- taking over the session on another node makes the broker disconnect this one: a stale owner
+  learns at once that it must stop; all its publications go through that session, so once it
+  is taken over nothing it sends reaches anyone.
+
+On Mosquitto this makes planned migration and failover lose no input and apply none twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from mesh import chunks, wire
+from mesh.errors import MeshError
+from mesh.mqtt import BrokerAddress, Connection, Message
+from mesh.runtime import App, AppModule, Limits, Runtime
+from mesh.topics import Topics
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_INPUT_BYTES = 256 * 1024
+MAX_PACKET = 1_900_000  # under Mosquitto's default max_packet_size of 2,000,000
+BATCH = 64
+DEFAULT_CHECKPOINT_MS = 1000
+DEFAULT_CHECKPOINT_EVERY = 20
+
+
+@dataclass
+class AppHostIO:
+    """Where an app's publications, logs and sensor reads go: called on the worker thread."""
+
+    name: str
+    loop: asyncio.AbstractEventLoop
+    send: Callable[[str, bytes], None]
+    sensors: dict[str, Callable[[], bytes]] = field(default_factory=dict)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.loop.call_soon_threadsafe(self.send, topic, payload)
+
+    def log(self, level: int, message: str) -> None:
+        levels = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
+        log.log(levels[max(0, min(level, 3))], "[%s] %s", self.name, message)
+
+    def read(self, name: str) -> bytes | None:
+        source = self.sensors.get(name)
+        return None if source is None else source()
+
+    def now_ms(self) -> int:
+        return int(time.time() * 1000)
+
+
+@dataclass
+class HostContext:
+    """What a hosted app needs from its node."""
+
+    runtime: Runtime
+    broker: BrokerAddress
+    topics: Topics
+    keepalive: int
+    sensors: dict[str, Callable[[], bytes]]
+    event: Callable[..., None]
+    lost: Callable[[HostedApp, str], None]
+
+
+class HostedApp:
+    """An app this node runs. States: starting, running, stopped, failed."""
+
+    def __init__(self, ctx: HostContext, spec: wire.AppSpec, module: AppModule,
+                 epoch: int) -> None:
+        self.ctx = ctx
+        self.spec = spec
+        self.module = module
+        self.epoch = epoch
+        self.state = "starting"
+        self.failure: str | None = None
+        self.applied = 0
+        self._seq = 0
+        self._loop = asyncio.get_running_loop()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"app-{spec.app}")
+        self._app: App | None = None
+        self._session: Connection | None = None
+        self._inbox: asyncio.Queue[Message | None] = asyncio.Queue()
+        self._unacked: list[int] = []
+        self._skip: set[int] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pausing = False
+        self._in_prefix = ctx.topics.app(spec.app, "in")
+
+    @property
+    def name(self) -> str:
+        return self.spec.app
+
+    def _run(self, call: Callable[[], T]) -> Awaitable[T]:
+        """Run a wasm call on this app's worker thread, never on the event loop."""
+        return self._loop.run_in_executor(self._worker, call)
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self, snapshot: wire.Snapshot | None) -> None:
+        """Instantiate and either start fresh or restore `snapshot`; then take the session."""
+        io = AppHostIO(self.name, self._loop, self._send_output, self.ctx.sensors)
+        limits = Limits(memory_bytes=self.spec.memory_limit,
+                        timeout_s=self.spec.timeout_ms / 1000)
+
+        def instantiate() -> App:
+            app = App(self.ctx.runtime, self.module, name=self.name, io=io, limits=limits)
+            if snapshot is None:
+                app.start()
+            else:
+                app.restore(snapshot)
+            return app
+
+        self._app = await self._run(instantiate)
+        if snapshot is not None:
+            self._skip = set(snapshot.applied)
+            self._seq = snapshot.seq
+        session = Connection(self.ctx.broker, self.ctx.topics.app_session(self.name),
+                             on_message=self._on_input, clean_session=False,
+                             manual_ack=True, keepalive=self.ctx.keepalive)
+        await session.connect()
+        self._session = session
+        await session.subscribe(self._in_prefix, f"{self._in_prefix}/#", qos=1)
+        self.state = "running"
+        self._tasks = [asyncio.create_task(self._process(), name=f"{self.name}-inputs"),
+                       asyncio.create_task(self._watch(session), name=f"{self.name}-session")]
+        if self.spec.tick_ms:
+            self._tasks.append(asyncio.create_task(self._ticks(), name=f"{self.name}-ticks"))
+
+    async def hand_over(self, epoch: int) -> None:
+        """Planned migration, source side: pause, checkpoint for `epoch`, release the session.
+
+        Inputs received but not applied stay unacknowledged: the broker hands them to the
+        session's next holder.
+        """
+        await self._pause()
+        self.epoch = epoch
+        await self.checkpoint()
+        await self.close()
+
+    async def shutdown(self) -> None:
+        """Stop without handing over: a last checkpoint if the session is still ours."""
+        await self._pause()
+        if self.state == "running" and self._session and not self._session.lost_reason:
+            with contextlib.suppress(MeshError):
+                await self.checkpoint()
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop at once: no checkpoint, unacknowledged inputs go back to the broker."""
+        if self.state in ("running", "starting"):
+            self.state = "stopped"
+        self._pausing = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._session:
+            await self._session.close()
+        app = self._app
+        if app is not None:
+            await self._run(app.close)
+        self._worker.shutdown(wait=False)
+
+    async def _pause(self) -> None:
+        """Let the input loop finish the batch it is applying, then stop it."""
+        self._pausing = True
+        self._inbox.put_nowait(None)
+        for task in self._tasks:
+            if task.get_name().endswith("-inputs"):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            else:
+                task.cancel()
+
+    async def _watch(self, session: Connection) -> None:
+        assert session.lost is not None
+        reason = await asyncio.shield(session.lost)
+        if not self._pausing and self.state == "running":
+            self.ctx.lost(self, reason)
+
+    # --- inputs, ticks, outputs --------------------------------------------------------------
+
+    def _on_input(self, message: Message) -> None:
+        self._inbox.put_nowait(message)
+
+    async def _process(self) -> None:
+        every = self.spec.checkpoint_every or DEFAULT_CHECKPOINT_EVERY
+        period = (self.spec.checkpoint_ms or DEFAULT_CHECKPOINT_MS) / 1000
+        deadline: float | None = None
+        while not self._pausing:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                first = await asyncio.wait_for(self._inbox.get(), timeout)
+            except TimeoutError:
+                first = None
+            batch = [first] if first is not None else []
+            while len(batch) < BATCH and not self._inbox.empty():
+                item = self._inbox.get_nowait()
+                if item is not None:
+                    batch.append(item)
+            if batch and not self._pausing:
+                await self._apply(batch)
+                if deadline is None:
+                    deadline = time.monotonic() + period
+            if self._unacked and (len(self._unacked) >= every or
+                                  (deadline is not None and time.monotonic() >= deadline)):
+                await self.checkpoint()
+                deadline = None
+
+    async def _apply(self, batch: list[Message]) -> None:
+        app = self._app
+        assert app is not None
+        assert self._session is not None
+        todo: list[tuple[int, str, bytes]] = []
+        for message in batch:
+            if message.mid in self._skip:
+                self._skip.discard(message.mid)
+                if message.dup:  # applied before the checkpoint we restored; not acked then
+                    self._session.ack(message.mid)
+                    continue
+            if len(message.payload) > MAX_INPUT_BYTES:
+                self.ctx.event("rejected", app=self.name,
+                               reason=f"input of {len(message.payload)} bytes exceeds "
+                               f"{MAX_INPUT_BYTES}")
+                self._unacked.append(message.mid)
+                continue
+            sub = message.topic[len(self._in_prefix) + 1:]
+            todo.append((message.mid, sub, bytes(message.payload)))
+
+        def deliver() -> tuple[int, MeshError | None]:
+            for done, (_, sub, payload) in enumerate(todo):
+                try:
+                    app.deliver(sub, payload)
+                except MeshError as exc:
+                    return done, exc
+            return len(todo), None
+
+        done, error = await self._run(deliver)
+        self._unacked.extend(mid for mid, _, _ in todo[:done])
+        self.applied += done
+        if error is not None:
+            await self._fail(str(error))
+
+    async def _ticks(self) -> None:
+        app = self._app
+        assert app is not None
+        period = self.spec.tick_ms / 1000
+        next_at = time.time() + period
+        while True:
+            await asyncio.sleep(max(0.0, next_at - time.time()))
+            now_ms = int(time.time() * 1000)
+            next_at += period
+            try:
+                await self._run(functools.partial(app.tick, now_ms, int(next_at * 1000)))
+            except MeshError as exc:
+                await self._fail(str(exc))
+                return
+
+    def _send_output(self, topic: str, payload: bytes) -> None:
+        if self._session is not None and self.state == "running":
+            self._session.publish_nowait(self.ctx.topics.app(self.name, f"out/{topic}"),
+                                         payload)
+
+    async def _fail(self, reason: str) -> None:
+        self.state = "failed"
+        self.failure = reason
+        self._pausing = True
+        log.error("%s", reason)
+        self.ctx.event("failed", app=self.name, reason=reason)
+        if self._session:
+            await self._session.close()
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    async def checkpoint(self) -> None:
+        """Store the app's state (retained, via the app's session), then ack what it holds."""
+        app, session = self._app, self._session
+        assert app is not None
+        assert session is not None
+        held = list(self._unacked)
+        snap = await self._run(lambda: app.snapshot(epoch=self.epoch, seq=self._seq + 1,
+                                                    applied=tuple(held)))
+        data = wire.encode(snap)
+        await publish_blob(session, self.ctx.topics.app(self.name, "snapshot"), data)
+        self._seq += 1
+        for mid in held:
+            session.ack(mid)
+        del self._unacked[:len(held)]
+
+    def status(self) -> dict[str, Any]:
+        return {"app": self.name, "state": self.state, "epoch": self.epoch,
+                "applied": self.applied, "failure": self.failure}
+
+
+async def publish_blob(conn: Connection, topic: str, data: bytes) -> None:
+    """Publish retained at `topic`; larger than a packet: chunks at `topic/<i>`, then a manifest."""
+    if len(data) <= MAX_PACKET:
+        await conn.publish(topic, data, retain=True)
+        return
+    manifest, parts = chunks.split(data, MAX_PACKET - 1024)
+    await asyncio.gather(*(conn.publish(f"{topic}/{part.index}", wire.encode(part), retain=True)
+                           for part in parts))
+    await conn.publish(topic, wire.encode(manifest), retain=True)
