@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
 import logging
 import os
+import re
+import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import wasmtime
 
 from mesh import wire
+from mesh.broker import LIMITS_WARNING, EmbeddedBroker
+from mesh.client import MeshClient, broker_from
 from mesh.demo import run_demo
 from mesh.errors import MeshError, ModuleError
+from mesh.node import Node, NodeConfig
 from mesh.runtime import App, Limits, LocalIO, Runtime
 
 log = logging.getLogger("mesh")
@@ -25,6 +35,16 @@ def default_cache_dir() -> Path:
         return Path(os.environ["MESH_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "liquid-mesh" / "modules"
+
+
+def default_node_id() -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname().split(".")[0])
+    return name.strip("-_.")[:64] or "node"
+
+
+def default_state_dir(node_id: str) -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "liquid-mesh" / node_id
 
 
 def read_module(path: Path) -> bytes:
@@ -115,12 +135,123 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+def _pairs(values: list[str], what: str) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        key, sep, item = value.partition("=")
+        if not sep or not key:
+            raise MeshError(f"{what} must look like KEY=VALUE, got {value!r}")
+        pairs[key] = item
+    return pairs
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    node_id = args.id or default_node_id()
+    config = NodeConfig(node_id=node_id, broker=broker_from(args.broker),
+                        state_dir=args.state_dir or default_state_dir(node_id),
+                        root=args.root, caps=tuple(args.cap),
+                        labels=_pairs(args.label, "--label"),
+                        sensors=dict(args.sensor), keepalive=args.keepalive)
+    return asyncio.run(run_node(config, embedded=args.embedded_broker))
+
+
+async def run_node(config: NodeConfig, *, embedded: bool) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        if embedded:
+            await stack.enter_async_context(EmbeddedBroker(config.broker.host,
+                                                           config.broker.port))
+            log.warning("%s", LIMITS_WARNING)
+        node = await stack.enter_async_context(Node(config))
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, lambda: loop.create_task(node.leave()))
+        await node.stopped.wait()
+    return 0
+
+
+def _spec_fields(args: argparse.Namespace) -> dict[str, Any]:
+    return {"app": args.app, "requires": tuple(args.require),
+            "prefers": _pairs(args.prefer, "--prefer"), "pin": args.on,
+            "tick_ms": args.tick_ms, "checkpoint_ms": args.checkpoint_ms,
+            "checkpoint_every": args.checkpoint_every}
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    return asyncio.run(_client(args))
+
+
+async def _client(args: argparse.Namespace) -> int:
+    async with MeshClient(broker_from(args.broker), args.root) as mesh:
+        if args.command == "events":
+            async for event in mesh.events():
+                print(_event_line(event, as_json=args.json), flush=True)
+        if args.command == "send":
+            await mesh.send(args.app, args.payload.encode(), args.topic)
+            return 0
+        if args.command == "deploy":
+            result = await mesh.deploy(_spec_fields(args), read_module(args.file))
+        else:
+            op = {"stop": "stop", "migrate": "migrate", "apps": "apps", "nodes": "nodes"}
+            result = await mesh.request(wire.Command(op=op[args.command],
+                                                     app=getattr(args, "app", None),
+                                                     to=getattr(args, "node", None)))
+    print(json.dumps(result) if args.json or not isinstance(result, list)
+          else _table(result))
+    return 0
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(none)"
+    columns = list(rows[0])
+    cells = [[_cell(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "-"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items()) or "-"
+    if isinstance(value, str) and len(value) == 64:
+        return value[:12]
+    return "-" if value is None else str(value)
+
+
+def _event_line(event: wire.Event, *, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(wire.to_plain(event))
+    when = time.strftime("%H:%M:%S", time.localtime(event.ts_ms / 1000))
+    parts = [f"{when}.{event.ts_ms % 1000:03d}", event.node or "-", event.event]
+    if event.app:
+        parts.append(event.app)
+    if event.reason:
+        parts.append(f"({event.reason})")
+    parts += [f"{k}={v}" for k, v in event.detail.items()]
+    return " ".join(parts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mesh", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug output on stderr")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_run(sub)
+    demo = sub.add_parser("demo", help="see an app move between processes with its state")
+    demo.set_defaults(func=cmd_demo)
+    _add_node(sub)
+    _add_clients(sub)
+    return parser
+
+
+Subparsers = Any  # argparse's _SubParsersAction is private
+
+
+def _add_run(sub: Subparsers) -> None:
     run = sub.add_parser("run", help="run an app locally, without a broker",
                          description="Run an app locally with no broker: print each "
                          "publication as '<topic> <payload>' on stdout, logs on stderr.")
@@ -145,9 +276,57 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compiled-module cache (default: ~/.cache/liquid-mesh/modules)")
     run.set_defaults(func=cmd_run)
 
-    demo = sub.add_parser("demo", help="see an app move between processes with its state")
-    demo.set_defaults(func=cmd_demo)
-    return parser
+
+def _add_node(sub: Subparsers) -> None:
+    node = sub.add_parser("node", help="run a mesh node on this device")
+    node.add_argument("--id", help="this node's id (default: from the host name)")
+    node.add_argument("--state-dir", type=Path, help="modules and compiled code "
+                      "(default: ~/.local/state/liquid-mesh/ID)")
+    node.add_argument("--keepalive", type=int, default=5, metavar="S",
+                      help="MQTT keepalive; a crash is noticed within 1.5x this")
+    node.add_argument("--embedded-broker", action="store_true",
+                      help="serve MQTT in-process (amqtt) at the --broker address")
+    node.add_argument("--cap", action="append", default=[], help="a capability (repeatable)")
+    node.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                      help="a label apps can prefer (repeatable)")
+    node.add_argument("--sensor", type=_sensor, action="append", default=[],
+                      metavar="NAME=VALUE", help="a fixed reading for mesh.read (repeatable)")
+    node.set_defaults(func=cmd_node)
+    _add_broker_options(node)
+
+
+def _add_broker_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker", metavar="URL",
+                        help="mqtt://host:port (default: $MESH_BROKER or mqtt://127.0.0.1:1883)")
+    parser.add_argument("--root", default="mesh", help=argparse.SUPPRESS)
+
+
+def _add_clients(sub: Subparsers) -> None:
+    deploy = sub.add_parser("deploy", help="run an app on the mesh")
+    deploy.add_argument("app")
+    deploy.add_argument("file", type=Path, metavar="FILE.wasm")
+    deploy.add_argument("--require", action="append", default=[], metavar="CAP")
+    deploy.add_argument("--prefer", action="append", default=[], metavar="LABEL=VALUE")
+    deploy.add_argument("--on", metavar="NODE", help="pin the app to this node")
+    deploy.add_argument("--tick-ms", type=int, default=0, metavar="N")
+    deploy.add_argument("--checkpoint-ms", type=int, default=0, metavar="N")
+    deploy.add_argument("--checkpoint-every", type=int, default=0, metavar="N")
+    stop = sub.add_parser("stop", help="stop an app everywhere")
+    stop.add_argument("app")
+    migrate = sub.add_parser("migrate", help="move a running app, with its state, to a node")
+    migrate.add_argument("app")
+    migrate.add_argument("node")
+    send = sub.add_parser("send", help="send one input message to an app")
+    send.add_argument("app")
+    send.add_argument("payload")
+    send.add_argument("--topic", default="", metavar="SUB")
+    apps = sub.add_parser("apps", help="list apps: where they run, their state and epoch")
+    nodes = sub.add_parser("nodes", help="list the nodes of the mesh")
+    events = sub.add_parser("events", help="follow the event stream")
+    for client in (deploy, stop, migrate, send, apps, nodes, events):
+        client.add_argument("--json", action="store_true", help="JSON output for scripts")
+        client.set_defaults(func=cmd_client)
+        _add_broker_options(client)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

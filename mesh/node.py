@@ -1,0 +1,535 @@
+"""The mesh node: membership, placement, ownership, migration and failover over MQTT.
+
+Every node keeps the same view of the retained state (node records, app specs, owner records,
+newest checkpoints) and reconciles it with what it runs:
+
+- an app this node should run (placement) with no live owner: claim it (owner epoch + 1) and
+  start it from the newest checkpoint (failover), or fresh;
+- an app whose owner record names this node after a handover: restore the snapshot written for
+  that epoch and take the app's session;
+- an app this node runs but another node should (a join, a pin, a leave): hand it over;
+- an app this node runs but whose owner record names another node at the same or a higher
+  epoch: stop it at once (fencing).
+
+Commands on `<root>/cmd` are answered by one node, the one with the lowest id (every node knows
+which); commands on `<root>/nodes/<id>/cmd` by that node. Wasm runs on per-app worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from mesh import wire
+from mesh.chunks import BlobCollector
+from mesh.errors import MeshError, WireError
+from mesh.hosted import HostContext, HostedApp, publish_blob
+from mesh.mqtt import BrokerAddress, Connection, Message
+from mesh.placement import Placement
+from mesh.runtime import AppModule, Runtime
+from mesh.topics import Topics
+
+log = logging.getLogger(__name__)
+
+MAX_MODULE_BYTES = 64 << 20
+MODULE_WAIT_S = 30.0
+DEPLOY_MODULE_WAIT_S = 3.0
+SNAPSHOT_WAIT_S = 5.0
+
+
+@dataclass
+class NodeConfig:
+    node_id: str
+    broker: BrokerAddress
+    state_dir: Path
+    root: str = "mesh"
+    caps: tuple[str, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+    sensors: dict[str, Callable[[], bytes]] = field(default_factory=dict)
+    keepalive: int = 5
+
+
+class Node:
+    """`async with Node(config) as node: await node.stopped` runs a mesh node."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.id = config.node_id
+        self.topics = Topics(config.root)
+        self.runtime = Runtime(cache_dir=config.state_dir / "compiled")
+        self.members: dict[str, wire.NodeRecord] = {}
+        self.specs: dict[str, wire.AppSpec] = {}
+        self.owners: dict[str, wire.OwnerRecord] = {}
+        self.snapshots: dict[str, wire.Snapshot] = {}
+        self.hosted: dict[str, HostedApp] = {}
+        self.stopped: asyncio.Event = asyncio.Event()
+        self._leaving = False
+        self._started_ms = int(time.time() * 1000)
+        self._modules: dict[str, AppModule] = {}
+        self._module_waiters: dict[str, asyncio.Future[bytes]] = {}
+        self._blobs = BlobCollector(max_size=1 << 30)
+        self._dirty = asyncio.Event()
+        self._waking: dict[str, asyncio.Event] = {}
+        self._unplaceable: set[str] = set()
+        self._control: Connection | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ctx = HostContext(self.runtime, config.broker, self.topics, config.keepalive,
+                                config.sensors, self.event, self._app_lost)
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Node:
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        control = Connection(self.config.broker, f"{self.config.root}-node-{self.id}",
+                             on_message=self._on_message, keepalive=self.config.keepalive,
+                             will=(self.topics.node(self.id), b"", True))
+        await control.connect()
+        self._control = control
+        t = self.topics
+        await control.subscribe(f"{t.root}/nodes/+", f"{t.root}/apps/+/spec",
+                                f"{t.root}/apps/+/owner", f"{t.root}/apps/+/snapshot",
+                                f"{t.root}/apps/+/snapshot/+", t.cmd, t.node_cmd(self.id))
+        await self._publish_record()
+        self.event("joined", detail={"caps": ",".join(self.config.caps)})
+        self._tasks = [asyncio.create_task(self._reconciler(), name="reconcile"),
+                       asyncio.create_task(self._watch_control(control), name="control")]
+        log.info("node %s joined the mesh at %s", self.id, self.config.broker)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.leave()
+
+    async def leave(self) -> None:
+        """Leave gracefully: hand every app to the node that should run it next."""
+        if self._leaving:
+            return
+        self._leaving = True
+        log.info("node %s leaving: handing over %d apps", self.id, len(self.hosted))
+        if self._control and not self._control.lost_reason:
+            with contextlib.suppress(MeshError):  # others stop placing apps here at once
+                await self._control.publish(self.topics.node(self.id), b"", retain=True)
+        others = Placement(m for m in self.members.values() if m.id != self.id)
+        for name, hosted in list(self.hosted.items()):
+            target = others.best(hosted.spec)
+            try:
+                if target and hosted.state == "running":
+                    await self._hand_over(hosted, target)
+                else:
+                    await hosted.shutdown()
+            except MeshError as exc:
+                log.warning("could not hand %s over: %s", name, exc)
+                await hosted.close()
+            self.hosted.pop(name, None)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._control:
+            self.event("left")
+            await self._control.close()
+        self.runtime.close()
+        self.stopped.set()
+
+    async def _watch_control(self, control: Connection) -> None:
+        assert control.lost is not None
+        reason = await asyncio.shield(control.lost)
+        log.error("node %s lost the broker (%s): stopping every app", self.id, reason)
+        for hosted in list(self.hosted.values()):
+            await hosted.close()
+        self.hosted.clear()
+        self._leaving = True
+        self.runtime.close()
+        self.stopped.set()
+
+    # --- messages ---------------------------------------------------------------------------
+
+    def _on_message(self, message: Message) -> None:
+        parts = self.topics.parse(message.topic)
+        payload = bytes(message.payload)
+        try:
+            self._dispatch(parts, payload)
+        except WireError as exc:
+            log.warning("ignoring %s: %s", message.topic, exc)
+            self.event("rejected", reason=f"{message.topic}: {exc}")
+
+    def _dispatch(self, parts: tuple[str, ...], payload: bytes) -> None:
+        match parts:
+            case ("nodes", node_id):
+                self._set(self.members, node_id, payload, wire.NodeRecord)
+            case ("apps", app, "spec"):
+                self._set(self.specs, app, payload, wire.AppSpec)
+            case ("apps", app, "owner"):
+                self._set(self.owners, app, payload, wire.OwnerRecord)
+            case ("apps", app, "snapshot"):
+                self._snapshot_blob(app, self._blobs.whole("/".join(parts), payload))
+            case ("apps", app, "snapshot", _):
+                if payload:
+                    self._snapshot_blob(app, self._blobs.chunk("/".join(parts[:3]), payload))
+            case ("modules", sha256):
+                self._module_blob(sha256, self._blobs.whole("/".join(parts), payload))
+            case ("modules", sha256, _):
+                if payload:
+                    self._module_blob(sha256, self._blobs.chunk("/".join(parts[:2]), payload))
+            case ("cmd",):
+                self._command(payload, everyone=True)
+            case ("nodes", node_id, "cmd") if node_id == self.id:
+                self._command(payload, everyone=False)
+
+    def _set(self, table: dict[str, Any], key: str, payload: bytes, cls: type[Any]) -> None:
+        if not payload:
+            table.pop(key, None)
+        else:
+            table[key] = wire.decode(cls, payload)
+        self._changed(key)
+
+    def _changed(self, key: str = "") -> None:
+        self._dirty.set()
+        waker = self._waking.get(key)
+        if waker:
+            waker.set()
+
+    def _snapshot_blob(self, app: str, blob: bytes | None) -> None:
+        if blob is None:
+            return
+        if not blob:
+            self.snapshots.pop(app, None)
+        else:
+            snap = wire.decode(wire.Snapshot, blob)
+            current = self.snapshots.get(app)
+            if current is None or (snap.epoch, snap.seq) >= (current.epoch, current.seq) or \
+                    snap.module != current.module:
+                self.snapshots[app] = snap
+        self._changed(app)
+
+    def _module_blob(self, sha256: str, blob: bytes | None) -> None:
+        waiter = self._module_waiters.get(sha256)
+        if blob and waiter and not waiter.done():
+            if hashlib.sha256(blob).hexdigest() != sha256:
+                waiter.set_exception(MeshError(f"module {sha256[:12]} does not match its hash"))
+            else:
+                waiter.set_result(blob)
+
+    # --- modules ----------------------------------------------------------------------------
+
+    async def module(self, sha256: str, wait: float = MODULE_WAIT_S) -> AppModule:
+        """The module with this hash: from memory, the disk cache, or the broker's store."""
+        if sha256 in self._modules:
+            return self._modules[sha256]
+        path = self.config.state_dir / "modules" / f"{sha256}.wasm"
+        if path.exists() and hashlib.sha256(data := path.read_bytes()).hexdigest() == sha256:
+            wasm = data
+        else:
+            wasm = await self._fetch_module(sha256, wait)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(wasm)
+        module = await asyncio.to_thread(self.runtime.load, wasm)
+        self._modules[sha256] = module
+        return module
+
+    async def _fetch_module(self, sha256: str, wait: float) -> bytes:
+        assert self._control is not None
+        waiter = self._module_waiters.get(sha256)
+        if waiter is None:
+            waiter = self._module_waiters[sha256] = asyncio.get_running_loop().create_future()
+            topic = self.topics.module(sha256)
+            await self._control.subscribe(topic, f"{topic}/+")
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), wait)
+        except TimeoutError:
+            raise MeshError(f"module {sha256[:12]} is not in the module store "
+                            f"({self.topics.module(sha256)})") from None
+        finally:
+            if waiter.done():
+                self._module_waiters.pop(sha256, None)
+                topic = self.topics.module(sha256)
+                await self._control.unsubscribe(topic, f"{topic}/+")
+
+    # --- reconciling ------------------------------------------------------------------------
+
+    async def _reconciler(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            await asyncio.sleep(0.005)  # let a burst of retained messages land first
+            self._dirty.clear()
+            try:
+                await self._reconcile()
+            except Exception:
+                log.exception("reconciling failed; will retry on the next change")
+
+    async def _reconcile(self) -> None:
+        if self._leaving:
+            return
+        members = self._live_members()
+        placement = Placement(members.values())
+        work = []
+        for name in set(self.hosted) - set(self.specs):
+            work.append(self._stop_app(name))
+        for name, spec in self.specs.items():
+            target = placement.best(spec)
+            self._report_unplaceable(name, spec, target)
+            work.append(self._reconcile_app(name, spec, target, members))
+        results = await asyncio.gather(*work, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("%s", result)
+        await self._publish_record()
+
+    def _live_members(self) -> dict[str, wire.NodeRecord]:
+        members = dict(self.members)
+        members[self.id] = self._record()
+        return members
+
+    def _report_unplaceable(self, name: str, spec: wire.AppSpec, target: str | None) -> None:
+        if target is None and name not in self._unplaceable:
+            self._unplaceable.add(name)
+            self.event("unplaceable", app=name,
+                       reason=f"no node has all of: {', '.join(spec.requires)}")
+        elif target is not None:
+            self._unplaceable.discard(name)
+
+    async def _reconcile_app(self, name: str, spec: wire.AppSpec, target: str | None,
+                             members: dict[str, wire.NodeRecord]) -> None:
+        owner = self.owners.get(name)
+        hosted = self.hosted.get(name)
+        if hosted is not None:
+            if owner and owner.node != self.id and owner.epoch >= hosted.epoch:
+                log.warning("%s: %s owns it at epoch %d; stopping it here", name, owner.node,
+                            owner.epoch)
+                self.hosted.pop(name, None)
+                await hosted.close()
+                self.event("fenced", app=name, detail={"owner": owner.node,
+                                                       "epoch": owner.epoch})
+            elif hosted.spec.module != spec.module:
+                self.hosted.pop(name, None)
+                await hosted.close()
+                self._dirty.set()
+            elif hosted.state == "running" and target and target != self.id:
+                await self._hand_over(hosted, target)
+            return
+        if owner is not None and owner.node == self.id:
+            await self._start(spec, owner.epoch, handover=True)
+        elif target == self.id and (owner is None or owner.node not in members):
+            epoch = (owner.epoch if owner else 0) + 1
+            await self._claim(spec, epoch, failover=owner is not None)
+
+    async def _claim(self, spec: wire.AppSpec, epoch: int, *, failover: bool) -> None:
+        assert self._control is not None
+        await self._control.publish(self.topics.app(spec.app, "owner"),
+                                    wire.encode(wire.OwnerRecord(self.id, epoch)), retain=True)
+        self.owners[spec.app] = wire.OwnerRecord(self.id, epoch)
+        await self._start(spec, epoch, handover=False, failover=failover)
+
+    async def _start(self, spec: wire.AppSpec, epoch: int, *, handover: bool,
+                     failover: bool = False) -> None:
+        name = spec.app
+        began = time.monotonic()
+        module = await self.module(spec.module)
+        snap = await self._snapshot_for(name, spec, epoch if handover else None)
+        if name in self.hosted or self.owners.get(name) != wire.OwnerRecord(self.id, epoch):
+            return  # things moved on while we waited
+        hosted = HostedApp(self._ctx, spec, module, epoch)
+        self.hosted[name] = hosted
+        try:
+            await hosted.start(snap)
+        except MeshError as exc:
+            hosted.state, hosted.failure = "failed", str(exc)
+            self.event("failed", app=name, reason=str(exc))
+            return
+        kind = "migrated" if handover else "failed-over" if failover else "started"
+        self.event(kind, app=name, detail={
+            "epoch": epoch, "restored_seq": snap.seq if snap else None,
+            "ms": round((time.monotonic() - began) * 1000, 1)})
+        log.info("%s: %s here at epoch %d%s", name, kind, epoch,
+                 f" from checkpoint {snap.seq}" if snap else "")
+
+    async def _snapshot_for(self, name: str, spec: wire.AppSpec,
+                            epoch: int | None) -> wire.Snapshot | None:
+        """The checkpoint to restore: the handover one for `epoch` (waited for), else newest."""
+        deadline = time.monotonic() + SNAPSHOT_WAIT_S
+        waker = self._waking.setdefault(name, asyncio.Event())
+        while True:
+            snap = self.snapshots.get(name)
+            usable = snap if snap is not None and snap.module == spec.module else None
+            if epoch is None or (usable and usable.epoch >= epoch) or \
+                    time.monotonic() >= deadline:
+                return usable
+            waker.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waker.wait(), deadline - time.monotonic())
+
+    async def _hand_over(self, hosted: HostedApp, target: str) -> None:
+        """Planned migration: checkpoint for the next epoch, release, name the target owner."""
+        assert self._control is not None
+        name = hosted.name
+        epoch = max(hosted.epoch, self.owners.get(name, wire.OwnerRecord(self.id, 0)).epoch) + 1
+        began = time.monotonic()
+        self.event("migrating", app=name, detail={"to": target, "epoch": epoch})
+        await hosted.hand_over(epoch)
+        self.hosted.pop(name, None)
+        record = wire.OwnerRecord(target, epoch)
+        self.owners[name] = record
+        await self._control.publish(self.topics.app(name, "owner"), wire.encode(record),
+                                    retain=True)
+        log.info("%s: handed over to %s at epoch %d in %.1f ms", name, target, epoch,
+                 (time.monotonic() - began) * 1000)
+
+    async def _stop_app(self, name: str) -> None:
+        hosted = self.hosted.pop(name, None)
+        if hosted is None:
+            return
+        await hosted.close()
+        assert self._control is not None
+        for part in ("owner", "snapshot"):
+            await self._control.publish(self.topics.app(name, part), b"", retain=True)
+        self.event("stopped", app=name)
+
+    def _app_lost(self, hosted: HostedApp, reason: str) -> None:
+        """The app's session ended under us: most likely another node took it over."""
+        if self.hosted.get(hosted.name) is hosted:
+            log.warning("%s: lost its session (%s); stopping it here", hosted.name, reason)
+            self.hosted.pop(hosted.name, None)
+            asyncio.get_running_loop().create_task(hosted.close())
+            self.event("fenced", app=hosted.name, reason=f"session lost: {reason}")
+            self._dirty.set()
+
+    # --- records and events -----------------------------------------------------------------
+
+    def _record(self) -> wire.NodeRecord:
+        running = tuple(sorted(n for n, h in self.hosted.items() if h.state == "running"))
+        return wire.NodeRecord(id=self.id, caps=self.config.caps, labels=self.config.labels,
+                               apps=running, broker=str(self.config.broker),
+                               load=float(len(running)), started_ms=self._started_ms)
+
+    async def _publish_record(self) -> None:
+        record = self._record()
+        if self._control and not self._leaving and self.members.get(self.id) != record:
+            self.members[self.id] = record
+            await self._control.publish(self.topics.node(self.id), wire.encode(record),
+                                        retain=True)
+
+    def event(self, kind: str, *, app: str | None = None, reason: str | None = None,
+              detail: dict[str, Any] | None = None) -> None:
+        """Publish an event on `<root>/events` (fire and forget) and log it."""
+        event = wire.Event(event=kind, ts_ms=int(time.time() * 1000), node=self.id, app=app,
+                           reason=reason, detail=detail or {})
+        log.debug("event %s", event)
+        if self._control and not self._control.lost_reason:
+            self._control.publish_nowait(self.topics.events, wire.encode(event))
+
+    # --- commands ---------------------------------------------------------------------------
+
+    def _command(self, payload: bytes, *, everyone: bool) -> None:
+        if everyone and min(self._live_members()) != self.id:
+            return  # the node with the lowest id answers commands to everyone
+        try:
+            command, as_json = wire.decode_command(payload)
+        except WireError as exc:
+            self.event("rejected", reason=f"command: {exc}")
+            return
+        asyncio.get_running_loop().create_task(self._answer(command, as_json))
+
+    async def _answer(self, command: wire.Command, as_json: bool) -> None:
+        try:
+            reply = wire.Reply(id=command.id or "-", ok=True,
+                               result=await self._perform(command))
+        except MeshError as exc:
+            reply = wire.Reply(id=command.id or "-", ok=False, error=str(exc))
+            self.event("rejected", app=command.app, reason=f"{command.op}: {exc}")
+        if command.id and self._control:
+            data = wire.encode_json(reply) if as_json else wire.encode(reply)
+            await self._control.publish(self.topics.reply(command.id), data)
+
+    async def _perform(self, command: wire.Command) -> Any:
+        assert self._control is not None
+        match command.op:
+            case "ping":
+                return {"node": self.id}
+            case "nodes":
+                return [{"id": m.id, "caps": list(m.caps), "labels": m.labels,
+                         "apps": list(m.apps), "online": True}
+                        for m in sorted(self._live_members().values(), key=lambda m: m.id)]
+            case "apps":
+                return self.app_table()
+            case "deploy":
+                assert command.spec is not None
+                return await self._deploy(command.spec)
+            case "stop":
+                name = self._known_app(command)
+                await self._control.publish(self.topics.app(name, "spec"), b"", retain=True)
+                return {"app": name, "state": "stopping"}
+            case "migrate":
+                name = self._known_app(command)
+                target = command.to
+                if target not in self._live_members():
+                    raise MeshError(f"no node {target!r} in the mesh")
+                spec = replace(self.specs[name], pin=target)
+                await self._control.publish(self.topics.app(name, "spec"), wire.encode(spec),
+                                            retain=True)
+                return {"app": name, "to": target}
+            case "send":
+                name = self._known_app(command)
+                topic = self.topics.app(name, "in" + (f"/{command.topic}" if command.topic
+                                                      else ""))
+                await self._control.publish(topic, command.payload or b"")
+                return {"app": name}
+        raise MeshError(f"op {command.op!r} is not supported")  # pragma: no cover
+
+    def _known_app(self, command: wire.Command) -> str:
+        name = command.app
+        if name is None or name not in self.specs:
+            raise MeshError(f"no app {name!r} is deployed")
+        return name
+
+    async def _deploy(self, spec: wire.AppSpec) -> dict[str, Any]:
+        assert self._control is not None
+        try:
+            await self.module(spec.module, wait=DEPLOY_MODULE_WAIT_S)
+        except MeshError as exc:
+            raise MeshError(f"cannot deploy {spec.app}: {exc}") from None
+        if spec.pin and spec.pin not in self._live_members():
+            raise MeshError(f"no node {spec.pin!r} in the mesh")
+        await self._control.publish(self.topics.app(spec.app, "spec"), wire.encode(spec),
+                                    retain=True)
+        target = Placement(self._live_members().values()).best(spec)
+        self.event("deployed", app=spec.app, detail={"module": spec.module, "node": target})
+        if target is None:
+            return {"app": spec.app, "state": "pending",
+                    "reason": f"no node has all of: {', '.join(spec.requires)}"}
+        return {"app": spec.app, "node": target, "state": "pending"}
+
+    def app_table(self) -> list[dict[str, Any]]:
+        """[{app, node, state, epoch, module}] as `mesh apps --json` prints it."""
+        members = self._live_members()
+        placement = Placement(members.values())
+        rows = []
+        for name, spec in sorted(self.specs.items()):
+            owner = self.owners.get(name)
+            node = owner.node if owner else None
+            host = members.get(node) if node else None
+            if node == self.id and name in self.hosted:
+                state = "failed" if self.hosted[name].state == "failed" else "running"
+            elif host is not None and name in host.apps:
+                state = "running"
+            else:
+                state = "pending"
+            if state == "running" and placement.best(spec) not in (None, node):
+                state = "migrating"
+            rows.append({"app": name, "node": node, "state": state,
+                         "epoch": owner.epoch if owner else 0, "module": spec.module})
+        return rows
+
+
+async def publish_module(conn: Connection, topics: Topics, wasm: bytes) -> str:
+    """Put a module in the store (retained, chunked if large); returns its sha256."""
+    sha256 = hashlib.sha256(wasm).hexdigest()
+    await publish_blob(conn, topics.module(sha256), wasm)
+    return sha256
