@@ -97,7 +97,7 @@ class HostedApp:
         self._app: App | None = None
         self._session: Connection | None = None
         self._inbox: asyncio.Queue[Message | None] = asyncio.Queue()
-        self._unacked: list[int] = []
+        self._unacked: list[tuple[int, int]] = []  # (packet id, QoS) applied, not yet acked
         self._skip: set[int] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._pausing = False
@@ -136,7 +136,7 @@ class HostedApp:
                              manual_ack=True, keepalive=self.ctx.keepalive)
         await session.connect()
         self._session = session
-        await session.subscribe(self._in_prefix, f"{self._in_prefix}/#", qos=1)
+        await session.subscribe(f"{self._in_prefix}/#", qos=1)  # matches .../in itself too
         self.state = "running"
         self._tasks = [asyncio.create_task(self._process(), name=f"{self.name}-inputs"),
                        asyncio.create_task(self._watch(session), name=f"{self.name}-session")]
@@ -200,6 +200,14 @@ class HostedApp:
     # --- inputs, ticks, outputs --------------------------------------------------------------
 
     def _on_input(self, message: Message) -> None:
+        topic = message.topic
+        if topic != self._in_prefix and not topic.startswith(self._in_prefix + "/"):
+            return  # some brokers (amqtt) also send unrelated retained messages
+        if message.retain:
+            # Inputs are not retained; one that is would be applied again on every move.
+            log.warning("%s: ignoring a retained input on %s", self.name, topic)
+            self._ack(message.mid, message.qos)
+            return
         self._inbox.put_nowait(message)
 
     async def _process(self) -> None:
@@ -230,24 +238,27 @@ class HostedApp:
         app = self._app
         assert app is not None
         assert self._session is not None
-        todo: list[tuple[int, str, bytes]] = []
+        todo: list[tuple[int, int, str, bytes]] = []
+        holding = {mid for mid, _ in self._unacked}
         for message in batch:
+            if message.dup and message.mid in holding:
+                continue  # the broker sent it again before our ack: it is applied already
             if message.mid in self._skip:
                 self._skip.discard(message.mid)
                 if message.dup:  # applied before the checkpoint we restored; not acked then
-                    self._session.ack(message.mid)
+                    self._ack(message.mid, message.qos)
                     continue
             if len(message.payload) > MAX_INPUT_BYTES:
                 self.ctx.event("rejected", app=self.name,
                                reason=f"input of {len(message.payload)} bytes exceeds "
                                f"{MAX_INPUT_BYTES}")
-                self._unacked.append(message.mid)
+                self._unacked.append((message.mid, message.qos))
                 continue
             sub = message.topic[len(self._in_prefix) + 1:]
-            todo.append((message.mid, sub, bytes(message.payload)))
+            todo.append((message.mid, message.qos, sub, bytes(message.payload)))
 
         def deliver() -> tuple[int, MeshError | None]:
-            for done, (_, sub, payload) in enumerate(todo):
+            for done, (_, _, sub, payload) in enumerate(todo):
                 try:
                     app.deliver(sub, payload)
                 except MeshError as exc:
@@ -255,7 +266,7 @@ class HostedApp:
             return len(todo), None
 
         done, error = await self._run(deliver)
-        self._unacked.extend(mid for mid, _, _ in todo[:done])
+        self._unacked.extend((mid, qos) for mid, qos, _, _ in todo[:done])
         self.applied += done
         if error is not None:
             await self._fail(str(error))
@@ -297,14 +308,19 @@ class HostedApp:
         assert app is not None
         assert session is not None
         held = list(self._unacked)
-        snap = await self._run(lambda: app.snapshot(epoch=self.epoch, seq=self._seq + 1,
-                                                    applied=tuple(held)))
+        snap = await self._run(lambda: app.snapshot(
+            epoch=self.epoch, seq=self._seq + 1,
+            applied=tuple(mid for mid, qos in held if qos)))
         data = wire.encode(snap)
         await publish_blob(session, self.ctx.topics.app(self.name, "snapshot"), data)
         self._seq += 1
-        for mid in held:
-            session.ack(mid)
+        for mid, qos in held:
+            self._ack(mid, qos)
         del self._unacked[:len(held)]
+
+    def _ack(self, mid: int, qos: int) -> None:
+        if qos and self._session is not None:
+            self._session.ack(mid)
 
     def status(self) -> dict[str, Any]:
         return {"app": self.name, "state": self.state, "epoch": self.epoch,

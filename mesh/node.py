@@ -114,8 +114,10 @@ class Node:
         log.info("node %s leaving: handing over %d apps", self.id, len(self.hosted))
         if self._control and not self._control.lost_reason:
             with contextlib.suppress(MeshError):  # others stop placing apps here at once
-                await self._control.publish(self.topics.node(self.id), b"", retain=True)
-        others = Placement(m for m in self.members.values() if m.id != self.id)
+                await self._control.publish(self.topics.node(self.id), wire.encode(
+                    replace(self._record(), leaving=True)), retain=True)
+        others = Placement(m for m in self.members.values()
+                           if m.id != self.id and not m.leaving)
         for name, hosted in list(self.hosted.items()):
             target = others.best(hosted.spec)
             try:
@@ -134,6 +136,8 @@ class Node:
                 await task
         if self._control:
             self.event("left")
+            with contextlib.suppress(MeshError):
+                await self._control.publish(self.topics.node(self.id), b"", retain=True)
             await self._control.close()
         self.runtime.close()
         self.stopped.set()
@@ -269,7 +273,7 @@ class Node:
         if self._leaving:
             return
         members = self._live_members()
-        placement = Placement(members.values())
+        placement = Placement(m for m in members.values() if not m.leaving)
         work = []
         for name in set(self.hosted) - set(self.specs):
             work.append(self._stop_app(name))

@@ -68,6 +68,7 @@ class NodeRecord:
     broker: str | None = None
     load: float = 0.0
     started_ms: int = 0
+    leaving: bool = False
 
     def __post_init__(self) -> None:
         _check_name("node id", self.id)

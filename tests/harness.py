@@ -1,0 +1,267 @@
+"""Real parts for mesh tests: a Mosquitto or embedded broker, nodes as OS processes, an observer.
+
+Nothing is mocked: brokers listen on free loopback ports, every node is `python -m mesh node` in
+its own process, and the observer is a plain paho client. Waits are on conditions, with timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from mesh import wire
+from mesh.broker import EmbeddedBroker
+
+MOSQUITTO_CONF = """\
+listener {port} 127.0.0.1
+allow_anonymous true
+persistence false
+max_inflight_messages 100
+max_queued_messages 100000
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 20, what: str = "") -> Any:
+    """Poll `condition` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(0.02)
+
+
+@contextmanager
+def mosquitto(workdir: Path) -> Iterator[str]:
+    """A Mosquitto broker on a free port; yields its URL."""
+    port = free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(MOSQUITTO_CONF.format(port=port))
+    with (workdir / "mosquitto.log").open("w") as log:
+        proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=log)
+    try:
+        wait_until(lambda: _accepts(port) or proc.poll() is not None, 10, "mosquitto")
+        assert proc.poll() is None, (workdir / "mosquitto.log").read_text()
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
+def embedded_broker() -> Iterator[str]:
+    """The embedded amqtt broker, in this process on its own event-loop thread."""
+    port = free_port()
+    ready = threading.Event()
+    running: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+    failure: list[BaseException] = []
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        async with EmbeddedBroker("127.0.0.1", port):
+            running.append((asyncio.get_running_loop(), stop))
+            ready.set()
+            await stop.wait()
+
+    def run() -> None:
+        try:
+            asyncio.run(serve())
+        except BaseException as exc:  # reported to the test below
+            failure.append(exc)
+            ready.set()
+        # amqtt 0.12 leaves the transports of closed client connections unclosed; collect them
+        # here, where their ResourceWarnings are expected, not during some later test.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+
+    thread = threading.Thread(target=run, name="embedded-broker", daemon=True)
+    thread.start()
+    ready.wait(10)
+    assert not failure, failure
+    try:
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        loop, stop = running[0]
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class NodeProcess:
+    """`mesh node` in its own OS process."""
+
+    node_id: str
+    broker: str
+    workdir: Path
+    args: tuple[str, ...] = ()
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.node_id}.log"
+
+    def start(self) -> NodeProcess:
+        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mesh", "-v", "node", "--id", self.node_id,
+                 "--broker", self.broker, "--state-dir", str(self.workdir / self.node_id),
+                 "--keepalive", "2", *self.args],
+                stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return self
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 20) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class Cluster:
+    """The node processes of one test."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.nodes: dict[str, NodeProcess] = {}
+
+    def start(self, node_id: str, broker: str, *args: str) -> NodeProcess:
+        node = NodeProcess(node_id, broker, self.workdir, args).start()
+        self.nodes[node_id] = node
+        return node
+
+    def __getitem__(self, node_id: str) -> NodeProcess:
+        return self.nodes[node_id]
+
+    def stop_all(self) -> None:
+        for node in self.nodes.values():
+            node.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"----- log of node {n.node_id} -----\n{n.log()}"
+                         for n in self.nodes.values())
+
+
+@dataclass
+class Observer:
+    """A plain MQTT client that records node records, owners, events, outputs and replies."""
+
+    broker: str
+    root: str = "mesh"
+    nodes: dict[str, wire.NodeRecord] = field(default_factory=dict)
+    owners: dict[str, wire.OwnerRecord] = field(default_factory=dict)
+    events: list[wire.Event] = field(default_factory=list)
+    outputs: dict[str, list[bytes]] = field(default_factory=dict)
+    replies: dict[str, bytes] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __enter__(self) -> Observer:
+        host, port = self.broker.removeprefix("mqtt://").split(":")
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"observer-{port}")
+        self.client.on_message = self._on_message
+        self.client.connect(host, int(port))
+        r = self.root
+        self.client.subscribe([(f"{r}/nodes/+", 1), (f"{r}/apps/+/owner", 1),
+                               (f"{r}/events", 1), (f"{r}/apps/+/out/#", 1),
+                               (f"{r}/replies/+", 1)])
+        self.client.loop_start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+    def _on_message(self, _c: Any, _u: Any, message: paho.MQTTMessage) -> None:
+        parts = message.topic.split("/")[1:]
+        payload = bytes(message.payload)
+        with self._lock:
+            match parts:
+                case ["nodes", node]:
+                    if payload:
+                        self.nodes[node] = wire.decode(wire.NodeRecord, payload)
+                    else:
+                        self.nodes.pop(node, None)
+                case ["apps", app, "owner"] if payload:
+                    self.owners[app] = wire.decode(wire.OwnerRecord, payload)
+                case ["events"]:
+                    self.events.append(wire.decode(wire.Event, payload))
+                case ["apps", app, "out", *_]:
+                    self.outputs.setdefault(app, []).append(payload)
+                case ["replies", request]:
+                    self.replies[request] = payload
+
+    def running(self, app: str) -> str | None:
+        """The node whose record lists `app` as running, if exactly one does."""
+        with self._lock:
+            hosts = [n for n, record in self.nodes.items() if app in record.apps]
+        return hosts[0] if len(hosts) == 1 else None
+
+    def last_output(self, app: str) -> bytes | None:
+        with self._lock:
+            outputs = self.outputs.get(app)
+            return outputs[-1] if outputs else None
+
+    def has_event(self, kind: str, app: str | None = None, node: str | None = None) -> bool:
+        with self._lock:
+            return any(e.event == kind and (app is None or e.app == app) and
+                       (node is None or e.node == node) for e in self.events)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(10)
+
+
+def mesh_cli(*args: str, broker: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mesh", "-q", *args, "--broker", broker],
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def counter_hash(payloads: list[bytes]) -> int:
+    """What the counter app's running hash is after these payloads, in this order."""
+    value = 5381
+    for payload in payloads:
+        for byte in payload:
+            value = (value * 33 + byte) & ((1 << 64) - 1)
+    return value

@@ -1,0 +1,288 @@
+"""The mesh end to end: real brokers, every node its own OS process, commands from the CLI.
+
+Scenarios: deploy and run; live migration under a steady QoS 1 stream; kill -9 of the owner
+mid-stream; a node joining and winning apps; a graceful leave; a stale owner coming back after
+SIGSTOP; commands from plain `mosquitto_pub`; bad commands and inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import wasmtime
+
+from tests.conftest import COUNTER_WAT, require_tool
+from tests.harness import (
+    Cluster,
+    Observer,
+    counter_hash,
+    embedded_broker,
+    mesh_cli,
+    mosquitto,
+    wait_until,
+)
+
+IN = "mesh/apps/{}/in"
+
+
+@pytest.fixture(params=["mosquitto", "embedded"])
+def any_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "mosquitto":
+        require_tool("mosquitto")
+        with mosquitto(tmp_path) as url:
+            yield url
+    else:
+        with embedded_broker() as url:
+            yield url
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[str]:
+    """Mosquitto: the broker on which the no-loss guarantees hold."""
+    require_tool("mosquitto")
+    with mosquitto(tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    nodes = Cluster(tmp_path)
+    yield nodes
+    nodes.stop_all()
+    print(nodes.logs())  # shown when the test failed
+
+
+def deploy(broker: str, app: str, *args: str) -> None:
+    result = mesh_cli("deploy", app, str(COUNTER_WAT), *args, broker=broker)
+    assert result.returncode == 0, result.stderr
+
+
+def count_of(output: bytes | None) -> int:
+    return int(output.split()[0]) if output else 0
+
+
+def wait_count(obs: Observer, app: str, count: int, timeout: float = 30) -> bytes:
+    output: bytes = wait_until(
+        lambda: (out := obs.last_output(app)) is not None and count_of(out) >= count and out,
+        timeout, f"{app} to reach {count}")
+    return output
+
+
+def mesh_of(obs: Observer, cluster: Cluster, broker: str, *ids: str) -> None:
+    for node_id in ids:
+        cluster.start(node_id, broker)
+    wait_until(lambda: set(ids) <= set(obs.nodes), 20, f"nodes {ids} to join")
+
+
+def test_deploy_and_run(any_broker: str, cluster: Cluster) -> None:
+    with Observer(any_broker) as obs:
+        mesh_of(obs, cluster, any_broker, "alpha", "beta")
+        deploy(any_broker, "counter")
+        host = wait_until(lambda: obs.running("counter"), 20, "counter to run")
+        payloads = [f"m{i}".encode() for i in range(5)]
+        for payload in payloads:
+            obs.publish(IN.format("counter"), payload)
+        assert wait_count(obs, "counter", 5) == f"5 {counter_hash(payloads)}".encode()
+        apps = json.loads(mesh_cli("apps", "--json", broker=any_broker).stdout)
+        assert apps == [{"app": "counter", "node": host, "state": "running", "epoch": 1,
+                         "module": hashlib.sha256(_wasm()).hexdigest()}]
+        nodes = json.loads(mesh_cli("nodes", "--json", broker=any_broker).stdout)
+        assert {n["id"] for n in nodes} == {"alpha", "beta"}
+        assert obs.has_event("started", app="counter", node=host)
+
+
+def _wasm() -> bytes:
+    return bytes(wasmtime.wat2wasm(COUNTER_WAT.read_text()))
+
+
+def stream(obs: Observer, app: str, count: int) -> tuple[list[bytes], threading.Thread]:
+    """Publish `count` QoS 1 inputs from a thread, paced like a sensor."""
+    payloads = [f"reading-{i}".encode() for i in range(count)]
+    done = threading.Event()
+
+    def run() -> None:
+        for payload in payloads:
+            obs.publish(IN.format(app), payload)
+            done.wait(0.004)
+
+    thread = threading.Thread(target=run, name="stream")
+    thread.start()
+    return payloads, thread
+
+
+def assert_exactly_once(obs: Observer, app: str, payloads: list[bytes]) -> None:
+    final = wait_count(obs, app, len(payloads), timeout=60)
+    assert final == f"{len(payloads)} {counter_hash(payloads)}".encode(), \
+        "an input was lost or applied twice"
+
+
+def test_live_migration_under_a_stream_loses_and_duplicates_nothing(
+        broker: str, cluster: Cluster) -> None:
+    with Observer(broker) as obs:
+        mesh_of(obs, cluster, broker, "alpha", "beta")
+        deploy(broker, "counter", "--on", "alpha")
+        wait_until(lambda: obs.running("counter") == "alpha", 20, "counter on alpha")
+        payloads, publisher = stream(obs, "counter", 400)
+        wait_count(obs, "counter", 100)
+        result = mesh_cli("migrate", "counter", "beta", broker=broker)
+        assert result.returncode == 0, result.stderr
+        wait_until(lambda: obs.running("counter") == "beta", 20, "counter on beta")
+        publisher.join()
+        assert_exactly_once(obs, "counter", payloads)
+        counts = [count_of(out) for out in obs.outputs["counter"]]
+        assert counts == list(range(1, len(payloads) + 1)), "outputs out of order or repeated"
+        assert obs.has_event("migrated", app="counter", node="beta")
+
+
+def test_kill_9_of_the_owner_mid_stream_applies_every_input_once(
+        broker: str, cluster: Cluster) -> None:
+    with Observer(broker) as obs:
+        mesh_of(obs, cluster, broker, "alpha", "beta")
+        deploy(broker, "counter", "--on", "alpha", "--checkpoint-every", "7")
+        wait_until(lambda: obs.running("counter") == "alpha", 20, "counter on alpha")
+        payloads, publisher = stream(obs, "counter", 300)
+        wait_count(obs, "counter", 120)
+        cluster["alpha"].signal(signal.SIGKILL)
+        wait_until(lambda: obs.running("counter") == "beta", 30, "failover to beta")
+        publisher.join()
+        assert_exactly_once(obs, "counter", payloads)
+        assert obs.has_event("failed-over", app="counter", node="beta")
+        assert obs.owners["counter"].node == "beta"
+
+
+def test_a_joining_node_wins_its_share_and_apps_move_live(
+        broker: str, cluster: Cluster) -> None:
+    apps = [f"app{i}" for i in range(8)]
+    with Observer(broker) as obs:
+        mesh_of(obs, cluster, broker, "alpha")
+        for app in apps:
+            deploy(broker, app)
+        wait_until(lambda: all(obs.running(app) == "alpha" for app in apps), 30, "all on alpha")
+        for app in apps:
+            for i in range(3):
+                obs.publish(IN.format(app), f"{app}-{i}".encode())
+        for app in apps:
+            wait_count(obs, app, 3)
+        cluster.start("beta", broker)
+        wait_until(lambda: obs.has_event("migrated", node="beta"), 30, "a move to beta")
+        moved = wait_until(lambda: [a for a in apps if obs.running(a) == "beta"], 30, "moves")
+        assert 0 < len(moved) < len(apps)
+        wait_until(lambda: all(obs.running(app) for app in apps), 30, "every app running")
+        for app in apps:
+            obs.publish(IN.format(app), b"after")
+        for app in apps:
+            expected = [f"{app}-{i}".encode() for i in range(3)] + [b"after"]
+            assert wait_count(obs, app, 4) == f"4 {counter_hash(expected)}".encode()
+
+
+def test_a_graceful_leave_hands_every_app_over(broker: str, cluster: Cluster) -> None:
+    apps = [f"app{i}" for i in range(4)]
+    with Observer(broker) as obs:
+        mesh_of(obs, cluster, broker, "alpha", "beta")
+        for app in apps:
+            deploy(broker, app, "--on", "alpha")
+        wait_until(lambda: all(obs.running(app) == "alpha" for app in apps), 30, "on alpha")
+        for app in apps:
+            obs.publish(IN.format(app), b"before")
+        for app in apps:
+            wait_count(obs, app, 1)
+        assert cluster["alpha"].stop() == 0
+        wait_until(lambda: "alpha" not in obs.nodes, 10, "alpha's record to go")
+        wait_until(lambda: all(obs.running(app) == "beta" for app in apps), 30, "all on beta")
+        for app in apps:
+            obs.publish(IN.format(app), b"after")
+        for app in apps:
+            assert wait_count(obs, app, 2) == \
+                f"2 {counter_hash([b'before', b'after'])}".encode()
+
+
+def test_a_stale_owner_back_from_a_pause_does_not_run_the_app(
+        broker: str, cluster: Cluster) -> None:
+    with Observer(broker) as obs:
+        mesh_of(obs, cluster, broker, "alpha", "beta")
+        deploy(broker, "counter", "--on", "alpha", "--checkpoint-every", "1")
+        wait_until(lambda: obs.running("counter") == "alpha", 20, "counter on alpha")
+        sent = [b"one", b"two"]
+        for payload in sent:
+            obs.publish(IN.format("counter"), payload)
+        wait_count(obs, "counter", 2)
+        alpha = cluster["alpha"]
+        alpha.signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: obs.running("counter") == "beta", 30, "failover to beta")
+            obs.publish(IN.format("counter"), b"three")
+            sent.append(b"three")
+            wait_count(obs, "counter", 3)
+        finally:
+            alpha.signal(signal.SIGCONT)
+        seen = len(obs.outputs["counter"])
+        wait_until(lambda: "lost the broker" in alpha.log() or "stopping it here" in alpha.log(),
+                   20, "alpha to notice it lost the app")
+        obs.publish(IN.format("counter"), b"four")
+        sent.append(b"four")
+        assert wait_count(obs, "counter", 4) == f"4 {counter_hash(sent)}".encode()
+        assert [count_of(o) for o in obs.outputs["counter"][seen:]] == [4]
+        assert obs.running("counter") == "beta"
+
+
+def test_commands_from_plain_mosquitto_pub(broker: str, cluster: Cluster) -> None:
+    require_tool("mosquitto_pub")
+    port = broker.rsplit(":", 1)[1]
+
+    def pub(topic: str, message: str) -> None:
+        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-q", "1",
+                        "-t", topic, "-m", message], check=True, timeout=10)
+
+    with Observer(broker) as obs:
+        mesh_of(obs, cluster, broker, "alpha", "beta")
+        deploy(broker, "counter", "--on", "alpha")
+        wait_until(lambda: obs.running("counter") == "alpha", 20, "counter on alpha")
+        pub("mesh/apps/counter/in", "hello")
+        wait_count(obs, "counter", 1)
+        pub("mesh/cmd", '{"op":"migrate","app":"counter","to":"beta","id":"r1"}')
+        reply = json.loads(wait_until(lambda: obs.replies.get("r1"), 20, "reply r1"))
+        assert reply["ok"] is True
+        assert reply["result"] == {"app": "counter", "to": "beta"}
+        wait_until(lambda: obs.running("counter") == "beta", 20, "counter on beta")
+        pub("mesh/cmd", '{"op":"migrate","app":"nope","to":"beta","id":"r2"}')
+        reply = json.loads(wait_until(lambda: obs.replies.get("r2"), 20, "reply r2"))
+        assert reply == {"v": 1, "kind": "reply", "id": "r2", "ok": False,
+                         "error": "no app 'nope' is deployed", "result": None}
+        pub("mesh/cmd", "{not json")
+        wait_until(lambda: obs.has_event("rejected"), 20, "a rejected event")
+        pub("mesh/apps/counter/in", "again")
+        assert wait_count(obs, "counter", 2) == f"2 {counter_hash([b'hello', b'again'])}".encode()
+
+
+def test_bad_requests_are_refused_with_reasons(broker: str, cluster: Cluster,
+                                               tmp_path: Path) -> None:
+    with Observer(broker) as obs:
+        mesh_of(obs, cluster, broker, "alpha")
+        deploy(broker, "counter")
+        wait_until(lambda: obs.running("counter"), 20, "counter running")
+        missing = mesh_cli("deploy", "ghost", str(COUNTER_WAT), "--on", "nobody", broker=broker)
+        assert missing.returncode == 1
+        assert missing.stderr.strip() == "mesh: error: no node 'nobody' in the mesh"
+        unable = mesh_cli("deploy", "camera", str(COUNTER_WAT), "--require", "camera",
+                          "--json", broker=broker)
+        assert unable.returncode == 0, unable.stderr
+        assert json.loads(unable.stdout)["state"] == "pending"
+        wait_until(lambda: obs.has_event("unplaceable", app="camera"), 20, "unplaceable")
+        fake = "ab" * 32
+        obs.publish(f"mesh/modules/{fake}", b"\0asm\x01\0\0\0", retain=True)
+        obs.publish("mesh/cmd", json.dumps(
+            {"op": "deploy", "id": "bad", "spec": {"app": "bad", "module": fake}}).encode())
+        reply = json.loads(wait_until(lambda: obs.replies.get("bad"), 20, "reply bad"))
+        assert "does not match its hash" in reply["error"]
+        obs.publish(IN.format("counter"), b"x" * (300 * 1024))
+        wait_until(lambda: obs.has_event("rejected", app="counter"), 20, "rejected input")
+        obs.publish(IN.format("counter"), b"fine")
+        assert wait_count(obs, "counter", 1) == f"1 {counter_hash([b'fine'])}".encode()
+        assert "Traceback" not in cluster["alpha"].log()
