@@ -132,6 +132,8 @@ def _write_snapshot(path: Path, app: App) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if not args.verbose:  # the demo narrates; logs would drown it
+        logging.getLogger().setLevel(logging.WARNING)
     return run_demo()
 
 
@@ -241,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _add_run(sub)
-    demo = sub.add_parser("demo", help="see an app move between processes with its state")
+    demo = sub.add_parser("demo", help="a mesh of three nodes on this machine, narrated")
     demo.set_defaults(func=cmd_demo)
     _add_node(sub)
     _add_clients(sub)
@@ -335,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s.%(msecs)03d %(levelname)-5s %(message)s",
                         datefmt="%H:%M:%S")
+    for chatty in ("amqtt", "transitions"):  # the embedded broker narrates every connection
+        logging.getLogger(chatty).setLevel(max(level, logging.WARNING))
     started = time.monotonic()
     try:
         status: int = args.func(args)
