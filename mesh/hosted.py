@@ -39,6 +39,8 @@ MAX_INPUT_BYTES = 256 * 1024
 MAX_PACKET = 1_900_000  # under Mosquitto's default max_packet_size of 2,000,000
 BATCH = 64
 DEFAULT_CHECKPOINT_MS = 1000
+# Mosquitto's default max_inflight_messages: a broker sends no more unacknowledged QoS 1 messages
+# than this, so by default a checkpoint (which acknowledges them) comes at least this often.
 DEFAULT_CHECKPOINT_EVERY = 20
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -83,7 +84,7 @@ class Connection:
         c.on_message = self._on_message
         c.on_publish = self._on_ack
         c.on_subscribe = self._on_subscribe
-        c.on_socket_open = lambda _c, _u, sock: self._loop.add_reader(sock, self._read)
+        c.on_socket_open = self._socket_opened
         c.on_socket_close = self._socket_closed
         c.on_socket_register_write = lambda _c, _u, sock: self._loop.add_writer(sock,
                                                                                 self._write)
@@ -195,6 +196,12 @@ class Connection:
             self._set_lost(paho.error_string(rc))
 
     # --- paho callbacks (on the loop thread) -------------------------------------------------
+
+    def _socket_opened(self, _c: Any, _u: Any, sock: Any) -> None:
+        # Small control packets (acks, owner records) must not wait for Nagle's algorithm.
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._loop.add_reader(sock, self._read)
 
     def _socket_closed(self, _c: Any, _u: Any, sock: Any) -> None:
         self._loop.remove_reader(sock)

@@ -32,8 +32,9 @@ MOSQUITTO_CONF = """\
 listener {port} 127.0.0.1
 allow_anonymous true
 persistence false
-max_inflight_messages 100
+max_inflight_messages 1000
 max_queued_messages 100000
+set_tcp_nodelay true
 """
 
 
@@ -195,6 +196,7 @@ class Observer:
     owners: dict[str, wire.OwnerRecord] = field(default_factory=dict)
     events: list[wire.Event] = field(default_factory=list)
     outputs: dict[str, list[bytes]] = field(default_factory=dict)
+    output_times: dict[str, list[float]] = field(default_factory=dict)
     replies: dict[str, bytes] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -230,6 +232,7 @@ class Observer:
                     self.events.append(wire.decode(wire.Event, payload))
                 case ["apps", app, "out", *_]:
                     self.outputs.setdefault(app, []).append(payload)
+                    self.output_times.setdefault(app, []).append(time.monotonic())
                 case ["replies", request]:
                     self.replies[request] = payload
 

@@ -1,0 +1,304 @@
+"""Mesh benchmarks on a real Mosquitto with nodes as processes, next to bare paho baselines.
+
+    .venv/bin/python benchmarks/mesh_bench.py [--quick]
+
+- migration downtime (last input applied on the source -> first applied on the target) for
+  1, 16 and 64 MiB of app memory, next to moving the same bytes with bare paho publish/subscribe
+  through the same broker;
+- failover: kill -9 of the owner, and a silent owner (SIGSTOP), until the app answers again;
+- input throughput into a wasm app through a node, next to a bare paho subscriber;
+- placement of 1000 apps on 100 nodes, and how many apps a join moves.
+
+Prints Markdown tables of medians. Needs mosquitto (Debian package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import wasmtime
+from paho.mqtt.enums import CallbackAPIVersion
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mesh.placement import assign  # noqa: E402
+from mesh.wire import AppSpec, NodeRecord  # noqa: E402
+from tests.harness import Cluster, Observer, mosquitto, wait_until  # noqa: E402
+
+MIB = 1 << 20
+CHUNK = 1_900_000 - 1024
+
+# Fills its whole memory with pseudo-random bytes at start (so a snapshot carries all of it);
+# counts messages and publishes the count.
+BALLAST = """(module
+  (import "mesh" "publish" (func $publish (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") {pages})
+  (global $count (mut i64) (i64.const 0))
+  (data (i32.const 0) "n")
+  (func (export "mesh_alloc") (param i32) (result i32) (i32.const 64))
+  (func (export "mesh_init")
+    (local $at i32) (local $x i32)
+    (local.set $at (i32.const 1024))
+    (local.set $x (i32.const 2463534242))
+    (block $done (loop $next
+      (br_if $done (i32.ge_u (local.get $at) (i32.mul (memory.size) (i32.const 65536))))
+      (local.set $x (i32.xor (local.get $x) (i32.shl (local.get $x) (i32.const 13))))
+      (local.set $x (i32.xor (local.get $x) (i32.shr_u (local.get $x) (i32.const 17))))
+      (local.set $x (i32.xor (local.get $x) (i32.shl (local.get $x) (i32.const 5))))
+      (i32.store (local.get $at) (local.get $x))
+      (local.set $at (i32.add (local.get $at) (i32.const 4)))
+      (br $next))))
+  (func (export "mesh_on_message") (param i32 i32 i32 i32)
+    (global.set $count (i64.add (global.get $count) (i64.const 1)))
+    (i64.store (i32.const 8) (global.get $count))
+    (drop (call $publish (i32.const 0) (i32.const 1) (i32.const 8) (i32.const 8)))))"""
+
+
+def mesh(*args: str, broker: str) -> None:
+    subprocess.run([sys.executable, "-m", "mesh", "-q", *args, "--broker", broker],
+                   check=True, capture_output=True, timeout=120)
+
+
+def app_file(work: Path, size: int) -> Path:
+    path = work / f"ballast-{size // MIB}.wasm"
+    path.write_bytes(bytes(wasmtime.wat2wasm(BALLAST.format(pages=size // 65536))))
+    return path
+
+
+def bare_transfer_ms(broker: str, size: int, rounds: int) -> float:
+    """Baseline: the same bytes, chunked like a snapshot, from one paho client to another."""
+    host, port = broker.removeprefix("mqtt://").split(":")
+    received = threading.Event()
+    got = [0]
+
+    def on_message(_c: object, _u: object, message: paho.MQTTMessage) -> None:
+        got[0] += len(message.payload)
+        if got[0] >= size:
+            received.set()
+
+    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-sub")
+    sub.on_message = on_message
+    sub.connect(host, int(port))
+    sub.subscribe("bench/blob/#", 1)
+    sub.loop_start()
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub")
+    pub.connect(host, int(port))
+    pub.loop_start()
+    time.sleep(0.3)  # let the subscription settle before timing
+    blob = bytes(size)
+    times = []
+    for _ in range(rounds):
+        got[0] = 0
+        received.clear()
+        began = time.perf_counter()
+        infos = [pub.publish(f"bench/blob/{i}", blob[at:at + CHUNK], qos=1)
+                 for i, at in enumerate(range(0, size, CHUNK))]
+        received.wait(60)
+        for info in infos:
+            info.wait_for_publish(60)
+        times.append((time.perf_counter() - began) * 1000)
+    for client in (sub, pub):
+        client.loop_stop()
+        client.disconnect()
+    return statistics.median(times)
+
+
+def output_times(obs: Observer, app: str) -> list[float]:
+    return list(obs.output_times.get(app, []))
+
+
+def migration_downtime_ms(obs: Observer, broker: str, app: str, nodes: tuple[str, str],
+                          rounds: int) -> float:
+    """Inputs every 2 ms; downtime is the gap in the app's answers around each migration."""
+    stop = threading.Event()
+
+    def feed() -> None:
+        while not stop.is_set():
+            obs.client.publish(f"mesh/apps/{app}/in", b"x", qos=1)
+            stop.wait(0.002)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    gaps = []
+    try:
+        for i in range(rounds):
+            target = nodes[(i + 1) % 2]
+            wait_until(lambda: len(output_times(obs, app)) > 20, 60, "answers")
+            before = len(output_times(obs, app))
+            mesh("migrate", app, target, broker=broker)
+            wait_until(lambda t=target: obs.running(app) == t, 120, f"{app} on {target}")
+            wait_until(lambda b=before: len(output_times(obs, app)) > b + 20, 60, "answers")
+            times = output_times(obs, app)[before - 5:]
+            gaps.append(max(b - a for a, b in zip(times, times[1:], strict=False)) * 1000)
+    finally:
+        stop.set()
+        feeder.join()
+    return statistics.median(gaps)
+
+
+def bench_migration(work: Path, quick: bool) -> None:
+    sizes = [1 * MIB, 16 * MIB] if quick else [1 * MIB, 16 * MIB, 64 * MIB]
+    rounds = 2 if quick else 5
+    print("| app memory | migration downtime ms | bare paho transfer ms | ratio |")
+    print("|---|---:|---:|---:|")
+    for size in sizes:
+        with mosquitto(work) as broker, Observer(broker) as obs:
+            cluster = Cluster(work)
+            try:
+                for node in ("alpha", "beta"):
+                    cluster.start(node, broker)
+                wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 30, "nodes")
+                app = f"ballast{size // MIB}"
+                mesh("deploy", app, str(app_file(work, size)), "--on", "alpha",
+                     "--checkpoint-ms", "60000", "--checkpoint-every", "100000", broker=broker)
+                wait_until(lambda a=app: obs.running(a) == "alpha", 60, "deploy")
+                downtime = migration_downtime_ms(obs, broker, app, ("alpha", "beta"), rounds)
+                bare = bare_transfer_ms(broker, size, rounds)
+            finally:
+                cluster.stop_all()
+        print(f"| {size // MIB} MiB | {downtime:.0f} | {bare:.0f} | {downtime / bare:.2f}x |",
+              flush=True)
+
+
+def bench_failover(work: Path, quick: bool) -> None:
+    keepalive = 2
+    rounds = 1 if quick else 3
+    print(f"\n| failover (keepalive K = {keepalive} s) | app answering again after, s "
+          "| target 1.5 K + 0.5 s |")
+    print("|---|---:|---:|")
+    for how, signum in (("kill -9 of the owner", signal.SIGKILL),
+                        ("owner silent (SIGSTOP)", signal.SIGSTOP)):
+        times = []
+        for _ in range(rounds):
+            with mosquitto(work) as broker, Observer(broker) as obs:
+                cluster = Cluster(work)
+                try:
+                    for node in ("alpha", "beta"):
+                        cluster.start(node, broker)
+                    wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 30, "nodes")
+                    mesh("deploy", "counter", str(ROOT / "mesh/apps/counter.wat"), "--on",
+                         "alpha", "--checkpoint-every", "1", broker=broker)
+                    wait_until(lambda: obs.running("counter") == "alpha", 60, "deploy")
+                    stop = threading.Event()
+
+                    def feed(stop: threading.Event = stop) -> None:
+                        while not stop.is_set():
+                            obs.client.publish("mesh/apps/counter/in", b"x", qos=1)
+                            stop.wait(0.01)
+
+                    feeder = threading.Thread(target=feed)
+                    feeder.start()
+                    wait_until(lambda: len(output_times(obs, "counter")) > 10, 30, "answers")
+                    began = time.monotonic()
+                    cluster["alpha"].signal(signum)
+                    wait_until(lambda: obs.running("counter") == "beta", 60, "failover")
+                    seen = len(output_times(obs, "counter"))
+                    wait_until(lambda s=seen: len(output_times(obs, "counter")) > s, 30,
+                               "answers from beta")
+                    times.append(obs.output_times["counter"][seen] - began)
+                    stop.set()
+                    feeder.join()
+                finally:
+                    if signum == signal.SIGSTOP:
+                        cluster["alpha"].signal(signal.SIGCONT)
+                    cluster.stop_all()
+        print(f"| {how} | {statistics.median(times):.2f} | {1.5 * keepalive + 0.5:.1f} |",
+              flush=True)
+
+
+def bench_throughput(work: Path, quick: bool) -> None:
+    count = 2000 if quick else 10000
+    with mosquitto(work) as broker, Observer(broker) as obs:
+        host, port = broker.removeprefix("mqtt://").split(":")
+        cluster = Cluster(work)
+        try:
+            cluster.start("alpha", broker)
+            wait_until(lambda: "alpha" in obs.nodes, 30, "node")
+            mesh("deploy", "counter", str(ROOT / "mesh/apps/counter.wat"),
+                 "--checkpoint-every", "100", broker=broker)
+            wait_until(lambda: obs.running("counter") == "alpha", 60, "deploy")
+            publisher = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub")
+            publisher.connect(host, int(port))
+            publisher.loop_start()
+
+            def blast(topic: str) -> float:
+                began = time.perf_counter()
+                infos = [publisher.publish(topic, b"reading", qos=1) for _ in range(count)]
+                for info in infos:
+                    info.wait_for_publish(120)
+                return began
+
+            began = blast("mesh/apps/counter/in")
+            wait_until(lambda: len(output_times(obs, "counter")) >= count, 300, "all applied")
+            mesh_rate = count / (obs.output_times["counter"][-1] - began)
+            got = threading.Event()
+            seen = [0]
+
+            def on_message(_c: object, _u: object, _m: paho.MQTTMessage) -> None:
+                seen[0] += 1
+                if seen[0] >= count:
+                    got.set()
+
+            bare = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-bare")
+            bare.on_message = on_message
+            bare.connect(host, int(port))
+            bare.subscribe("bench/in", 1)
+            bare.loop_start()
+            time.sleep(0.3)  # let the subscription settle before timing
+            began = blast("bench/in")
+            got.wait(300)
+            bare_rate = count / (time.perf_counter() - began)
+            bare.loop_stop()
+            publisher.loop_stop()
+        finally:
+            cluster.stop_all()
+    print(f"\n| input throughput ({count} QoS 1 messages) | msg/s |")
+    print("|---|---:|")
+    print(f"| bare paho subscriber | {bare_rate:.0f} |")
+    print(f"| into the wasm counter through a node (it publishes an answer to each) "
+          f"| {mesh_rate:.0f} |")
+    print(f"| **ratio node / bare** (target >= 0.5) | **{mesh_rate / bare_rate:.2f}** |")
+
+
+def bench_placement() -> None:
+    members = [NodeRecord(id=f"node{i}") for i in range(100)]
+    specs = [AppSpec(app=f"app{i}", module="0" * 64) for i in range(1000)]
+    times = []
+    for _ in range(9):
+        began = time.perf_counter()
+        before = assign(members, specs)
+        times.append((time.perf_counter() - began) * 1000)
+    after = assign([*members, NodeRecord(id="newcomer")], specs)
+    moved = sum(1 for app in before if before[app] != after[app])
+    print("\n| placement, 100 nodes x 1000 apps | value | target |")
+    print("|---|---:|---:|")
+    print(f"| compute the assignment (median of 9), ms | {statistics.median(times):.1f} "
+          "| <= 50 |")
+    print(f"| apps moved by a join | {moved} | <= {1.5 * 1000 / 100:.0f} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, smaller sizes")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        bench_migration(work, args.quick)
+        bench_failover(work, args.quick)
+        bench_throughput(work, args.quick)
+    bench_placement()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
