@@ -15,6 +15,7 @@ Prints Markdown tables of medians. Needs mosquitto (Debian package).
 from __future__ import annotations
 
 import argparse
+import itertools
 import signal
 import statistics
 import subprocess
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -117,6 +119,14 @@ def output_times(obs: Observer, app: str) -> list[float]:
     return list(obs.output_times.get(app, []))
 
 
+def runs_on(obs: Observer, app: str, node: str) -> bool:
+    return obs.running(app) == node
+
+
+def answered_more(obs: Observer, app: str, count: int) -> bool:
+    return len(output_times(obs, app)) > count
+
+
 def migration_downtime_ms(obs: Observer, broker: str, app: str, nodes: tuple[str, str],
                           rounds: int) -> float:
     """Inputs every 2 ms; downtime is the gap in the app's answers around each migration."""
@@ -136,10 +146,10 @@ def migration_downtime_ms(obs: Observer, broker: str, app: str, nodes: tuple[str
             wait_until(lambda: len(output_times(obs, app)) > 20, 60, "answers")
             before = len(output_times(obs, app))
             mesh("migrate", app, target, broker=broker)
-            wait_until(lambda t=target: obs.running(app) == t, 120, f"{app} on {target}")
-            wait_until(lambda b=before: len(output_times(obs, app)) > b + 20, 60, "answers")
+            wait_until(partial(runs_on, obs, app, target), 120, f"{app} on {target}")
+            wait_until(partial(answered_more, obs, app, before + 20), 60, "answers")
             times = output_times(obs, app)[before - 5:]
-            gaps.append(max(b - a for a, b in zip(times, times[1:], strict=False)) * 1000)
+            gaps.append(max(b - a for a, b in itertools.pairwise(times)) * 1000)
     finally:
         stop.set()
         feeder.join()
@@ -161,7 +171,7 @@ def bench_migration(work: Path, quick: bool) -> None:
                 app = f"ballast{size // MIB}"
                 mesh("deploy", app, str(app_file(work, size)), "--on", "alpha",
                      "--checkpoint-ms", "60000", "--checkpoint-every", "100000", broker=broker)
-                wait_until(lambda a=app: obs.running(a) == "alpha", 60, "deploy")
+                wait_until(partial(runs_on, obs, app, "alpha"), 60, "deploy")
                 downtime = migration_downtime_ms(obs, broker, app, ("alpha", "beta"), rounds)
                 bare = bare_transfer_ms(broker, size, rounds)
             finally:
@@ -203,7 +213,7 @@ def bench_failover(work: Path, quick: bool) -> None:
                     cluster["alpha"].signal(signum)
                     wait_until(lambda: obs.running("counter") == "beta", 60, "failover")
                     seen = len(output_times(obs, "counter"))
-                    wait_until(lambda s=seen: len(output_times(obs, "counter")) > s, 30,
+                    wait_until(partial(answered_more, obs, "counter", seen), 30,
                                "answers from beta")
                     times.append(obs.output_times["counter"][seen] - began)
                     stop.set()

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -36,10 +36,12 @@ class BrokerError(MeshError):
 class BrokerAddress:
     host: str
     port: int
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
 
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
-        """`mqtt://host:port`, `host:port` or `host` (port 1883)."""
+        """`mqtt://[user:password@]host:port`, `host:port` or `host` (port 1883)."""
         parts = urlsplit(url if "://" in url else f"mqtt://{url}")
         if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
             raise BrokerError(f"not a broker address: {url!r} (expected mqtt://host:port)")
@@ -47,7 +49,7 @@ class BrokerAddress:
             port = parts.port or 1883
         except ValueError:
             raise BrokerError(f"not a broker address: {url!r} (bad port)") from None
-        return cls(parts.hostname, port)
+        return cls(parts.hostname, port, parts.username, parts.password)
 
     def __str__(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
@@ -70,6 +72,8 @@ class Connection:
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                    clean_session=clean_session, manual_ack=manual_ack,
                                    reconnect_on_failure=False)
+        if broker.username:
+            self._client.username_pw_set(broker.username, broker.password)
         self._client.max_inflight_messages_set(1000)
         self._client.max_queued_messages_set(0)
         if will:
