@@ -46,15 +46,25 @@ DEFAULT_CHECKPOINT_EVERY = 20
 
 @dataclass
 class AppHostIO:
-    """Where an app's publications, logs and sensor reads go: called on the worker thread."""
+    """Where an app's publications, logs and sensor reads go: called on the worker thread.
+
+    Publications are collected during a job on the worker and handed to the event loop in one
+    go when it ends (`flush`): one wake-up of the loop per batch of inputs, not per output.
+    """
 
     name: str
     loop: asyncio.AbstractEventLoop
-    send: Callable[[str, bytes], None]
+    send: Callable[[list[tuple[str, bytes]]], None]
     sensors: dict[str, Callable[[], bytes]] = field(default_factory=dict)
+    pending: list[tuple[str, bytes]] = field(default_factory=list)
 
     def publish(self, topic: str, payload: bytes) -> None:
-        self.loop.call_soon_threadsafe(self.send, topic, payload)
+        self.pending.append((topic, payload))
+
+    def flush(self) -> None:
+        if self.pending:
+            self.loop.call_soon_threadsafe(self.send, self.pending)
+            self.pending = []
 
     def log(self, level: int, message: str) -> None:
         levels = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
@@ -104,6 +114,7 @@ class HostedApp:
         self._tasks: list[asyncio.Task[None]] = []
         self._pausing = False
         self._in_prefix = ctx.topics.app(spec.app, "in")
+        self._io = AppHostIO(spec.app, self._loop, self._send_outputs, ctx.sensors)
 
     @property
     def name(self) -> str:
@@ -111,13 +122,18 @@ class HostedApp:
 
     def _run(self, call: Callable[[], T]) -> Awaitable[T]:
         """Run a wasm call on this app's worker thread, never on the event loop."""
-        return self._loop.run_in_executor(self._worker, call)
+        def job() -> T:
+            try:
+                return call()
+            finally:
+                self._io.flush()
+        return self._loop.run_in_executor(self._worker, job)
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self, snapshot: wire.Snapshot | None) -> None:
         """Instantiate and either start fresh or restore `snapshot`; then take the session."""
-        io = AppHostIO(self.name, self._loop, self._send_output, self.ctx.sensors)
+        io = self._io
         limits = Limits(memory_bytes=self.spec.memory_limit,
                         timeout_s=self.spec.timeout_ms / 1000)
 
@@ -288,8 +304,10 @@ class HostedApp:
                 await self._fail(str(exc))
                 return
 
-    def _send_output(self, topic: str, payload: bytes) -> None:
-        if self._session is not None and self.state == "running":
+    def _send_outputs(self, outputs: list[tuple[str, bytes]]) -> None:
+        if self._session is None or self.state != "running":
+            return
+        for topic, payload in outputs:
             self._session.publish_nowait(self.ctx.topics.app(self.name, f"out/{topic}"),
                                          payload)
 
