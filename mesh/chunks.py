@@ -69,42 +69,65 @@ def is_manifest(payload: bytes) -> Manifest | None:
 class BlobCollector:
     """Blobs published at a base topic, whole or as a manifest there plus chunks at `base/<i>`.
 
-    Chunks may arrive before their manifest (retained messages come in any order); a few are
-    kept until it does. Pure: the node feeds it messages and gets back finished blobs.
+    Messages are only kept as they arrive (retained chunks come in any order, before or after
+    their manifest); a blob is put together, checked against its hash and cached when someone
+    asks for it. Nodes see every checkpoint of every app but need one only when they take an
+    app over, so this keeps the common path cheap. Pure: the node feeds it messages.
     """
 
-    def __init__(self, max_size: int, max_early: int = 64) -> None:
+    def __init__(self, max_size: int, max_chunks: int = 4096) -> None:
         self.max_size = max_size
-        self.max_early = max_early
-        self._assemblers: dict[str, Assembler] = {}
-        self._early: dict[str, dict[int, Chunk]] = {}
+        self.max_chunks = max_chunks
+        self._heads: dict[str, bytes] = {}
+        self._chunks: dict[str, dict[int, bytes]] = {}
+        self._done: dict[str, tuple[bytes, bytes]] = {}  # base -> (head, blob)
 
-    def whole(self, base: str, payload: bytes) -> bytes | None:
-        """A message at the base topic: the blob itself, or None if chunks must follow."""
-        manifest = is_manifest(payload)
-        if manifest is None:
-            self._assemblers.pop(base, None)
-            return payload
-        assembler = Assembler(manifest, self.max_size)
-        self._assemblers[base] = assembler
-        blob = None
-        for chunk in self._early.pop(base, {}).values():
-            if chunk.sha256 == manifest.sha256:
-                blob = assembler.add(chunk)
-        return self._finish(base, blob)
+    def whole(self, base: str, payload: bytes) -> None:
+        """A message at the base topic: a whole blob, a manifest, or empty (cleared)."""
+        if payload:
+            self._heads[base] = payload
+        else:
+            self._heads.pop(base, None)
+            self._chunks.pop(base, None)
+        self._done.pop(base, None)
 
-    def chunk(self, base: str, payload: bytes) -> bytes | None:
-        """A message at `base/<i>`: the blob once this was its last missing chunk."""
-        chunk = decode(Chunk, payload)
-        assembler = self._assemblers.get(base)
-        if assembler is None or assembler.manifest.sha256 != chunk.sha256:
-            early = self._early.setdefault(base, {})
-            if len(early) < self.max_early:
-                early[chunk.index] = chunk
+    def chunk(self, base: str, index: str, payload: bytes) -> None:
+        """A message at `base/<index>`."""
+        if not index.isdigit() or int(index) >= self.max_chunks:
+            raise WireError(f"chunk index {index!r} is not a number below {self.max_chunks}")
+        parts = self._chunks.setdefault(base, {})
+        if payload:
+            parts[int(index)] = payload
+        else:
+            parts.pop(int(index), None)
+
+    def ready(self, base: str) -> bool:
+        """Whether everything the blob at `base` needs has arrived (cheap, nothing decoded)."""
+        head = self._heads.get(base)
+        if head is None:
+            return False
+        manifest = is_manifest(head)
+        return manifest is None or len(self._chunks.get(base, {})) >= manifest.count
+
+    def get(self, base: str) -> bytes | None:
+        """The blob at `base`, put together and checked; None if it is not all here."""
+        head = self._heads.get(base)
+        if head is None:
             return None
-        return self._finish(base, assembler.add(chunk))
-
-    def _finish(self, base: str, blob: bytes | None) -> bytes | None:
+        done = self._done.get(base)
+        if done is not None and done[0] is head:
+            return done[1]
+        manifest = is_manifest(head)
+        blob = head if manifest is None else self._assemble(base, manifest)
         if blob is not None:
-            self._assemblers.pop(base, None)
+            self._done[base] = (head, blob)
+        return blob
+
+    def _assemble(self, base: str, manifest: Manifest) -> bytes | None:
+        assembler = Assembler(manifest, self.max_size)
+        blob = None
+        for raw in self._chunks.get(base, {}).values():
+            chunk = decode(Chunk, raw)
+            if chunk.sha256 == manifest.sha256:
+                blob = assembler.add(chunk) or blob
         return blob

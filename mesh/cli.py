@@ -134,6 +134,8 @@ def _write_snapshot(path: Path, app: App) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     if not args.verbose:  # the demo narrates; logs would drown it
         logging.getLogger().setLevel(logging.WARNING)
+        # amqtt logs a traceback when a client's connection is cut (the demo kills a node)
+        logging.getLogger("amqtt").setLevel(logging.CRITICAL)
     return run_demo()
 
 

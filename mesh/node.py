@@ -67,7 +67,7 @@ class Node:
         self.members: dict[str, wire.NodeRecord] = {}
         self.specs: dict[str, wire.AppSpec] = {}
         self.owners: dict[str, wire.OwnerRecord] = {}
-        self.snapshots: dict[str, wire.Snapshot] = {}
+        self._decoded: dict[str, tuple[bytes, wire.Snapshot]] = {}
         self.hosted: dict[str, HostedApp] = {}
         self.stopped: asyncio.Event = asyncio.Event()
         self._leaving = False
@@ -173,15 +173,17 @@ class Node:
             case ("apps", app, "owner"):
                 self._set(self.owners, app, payload, wire.OwnerRecord)
             case ("apps", app, "snapshot"):
-                self._snapshot_blob(app, self._blobs.whole("/".join(parts), payload))
-            case ("apps", app, "snapshot", _):
-                if payload:
-                    self._snapshot_blob(app, self._blobs.chunk("/".join(parts[:3]), payload))
+                self._blobs.whole(self.topics.app(app, "snapshot"), payload)
+                self._changed(app)
+            case ("apps", app, "snapshot", index):
+                self._blobs.chunk(self.topics.app(app, "snapshot"), index, payload)
+                self._changed(app)
             case ("modules", sha256):
-                self._module_blob(sha256, self._blobs.whole("/".join(parts), payload))
-            case ("modules", sha256, _):
-                if payload:
-                    self._module_blob(sha256, self._blobs.chunk("/".join(parts[:2]), payload))
+                self._blobs.whole(self.topics.module(sha256), payload)
+                self._module_arrived(sha256)
+            case ("modules", sha256, index):
+                self._blobs.chunk(self.topics.module(sha256), index, payload)
+                self._module_arrived(sha256)
             case ("cmd",):
                 self._command(payload, everyone=True)
             case ("nodes", node_id, "cmd") if node_id == self.id:
@@ -200,26 +202,37 @@ class Node:
         if waker:
             waker.set()
 
-    def _snapshot_blob(self, app: str, blob: bytes | None) -> None:
+    def _module_arrived(self, sha256: str) -> None:
+        waiter = self._module_waiters.get(sha256)
+        topic = self.topics.module(sha256)
+        if waiter is None or waiter.done() or not self._blobs.ready(topic):
+            return
+        try:
+            blob = self._blobs.get(topic)
+        except WireError as exc:
+            waiter.set_exception(MeshError(f"module {sha256[:12]}: {exc}"))
+            return
         if blob is None:
             return
-        if not blob:
-            self.snapshots.pop(app, None)
+        if hashlib.sha256(blob).hexdigest() != sha256:
+            waiter.set_exception(MeshError(f"module {sha256[:12]} does not match its hash"))
         else:
-            snap = wire.decode(wire.Snapshot, blob)
-            current = self.snapshots.get(app)
-            if current is None or (snap.epoch, snap.seq) >= (current.epoch, current.seq) or \
-                    snap.module != current.module:
-                self.snapshots[app] = snap
-        self._changed(app)
+            waiter.set_result(blob)
 
-    def _module_blob(self, sha256: str, blob: bytes | None) -> None:
-        waiter = self._module_waiters.get(sha256)
-        if blob and waiter and not waiter.done():
-            if hashlib.sha256(blob).hexdigest() != sha256:
-                waiter.set_exception(MeshError(f"module {sha256[:12]} does not match its hash"))
-            else:
-                waiter.set_result(blob)
+    def snapshot(self, app: str) -> wire.Snapshot | None:
+        """The newest checkpoint of `app` on the broker, if it has all arrived."""
+        topic = self.topics.app(app, "snapshot")
+        if not self._blobs.ready(topic):
+            return None
+        blob = self._blobs.get(topic)
+        if blob is None:
+            return None
+        cached = self._decoded.get(app)
+        if cached is not None and cached[0] is blob:
+            return cached[1]
+        snap = wire.decode(wire.Snapshot, blob)
+        self._decoded[app] = (blob, snap)
+        return snap
 
     # --- modules ----------------------------------------------------------------------------
 
@@ -361,7 +374,11 @@ class Node:
         deadline = time.monotonic() + SNAPSHOT_WAIT_S
         waker = self._waking.setdefault(name, asyncio.Event())
         while True:
-            snap = self.snapshots.get(name)
+            try:
+                snap = self.snapshot(name)
+            except WireError as exc:
+                log.warning("%s: its checkpoint is unusable: %s", name, exc)
+                snap = None
             usable = snap if snap is not None and snap.module == spec.module else None
             if epoch is None or (usable and usable.epoch >= epoch) or \
                     time.monotonic() >= deadline:

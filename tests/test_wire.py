@@ -183,3 +183,30 @@ def test_chunk_errors() -> None:
         assembler.add(wire.Chunk(manifest.sha256, 3, b"z" * 10))
     with pytest.raises(WireError, match="count 9 does not match"):
         wire.Manifest(manifest.sha256, 100, 30, 9)
+
+
+def test_blob_collector_puts_blobs_together_only_when_asked() -> None:
+    collector = chunks.BlobCollector(max_size=1000)
+    collector.whole("b", b"small")
+    assert collector.ready("b")
+    assert collector.get("b") == b"small"
+    old_manifest, old_parts = chunks.split(b"o" * 95, 10)
+    manifest, parts = chunks.split(bytes(range(95)), 10)
+    for part in old_parts[:3]:  # stale chunks of an older blob, still retained
+        collector.chunk("b", str(part.index), wire.encode(part))
+    for part in parts[:5]:  # chunks may come before their manifest
+        collector.chunk("b", str(part.index), wire.encode(part))
+    collector.whole("b", wire.encode(manifest))
+    assert collector.get("b") is None
+    for part in parts[5:]:
+        collector.chunk("b", str(part.index), wire.encode(part))
+    assert collector.ready("b")
+    assert collector.get("b") == bytes(range(95))
+    assert old_manifest.sha256 != manifest.sha256
+    collector.whole("b", b"")
+    assert not collector.ready("b")
+    assert collector.get("b") is None
+    with pytest.raises(WireError, match="chunk index 'x' is not a number"):
+        collector.chunk("b", "x", b"")
+    with pytest.raises(WireError, match="not a number below 4096"):
+        collector.chunk("b", "99999", b"")
