@@ -180,7 +180,8 @@ def _spec_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {"app": args.app, "requires": tuple(args.require),
             "prefers": _pairs(args.prefer, "--prefer"), "pin": args.on,
             "tick_ms": args.tick_ms, "checkpoint_ms": args.checkpoint_ms,
-            "checkpoint_every": args.checkpoint_every}
+            "checkpoint_every": args.checkpoint_every,
+            "subscriptions": tuple(args.subscribe)}
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -318,6 +319,8 @@ def _add_clients(sub: Subparsers) -> None:
     deploy.add_argument("--tick-ms", type=int, default=0, metavar="N")
     deploy.add_argument("--checkpoint-ms", type=int, default=0, metavar="N")
     deploy.add_argument("--checkpoint-every", type=int, default=0, metavar="N")
+    deploy.add_argument("--subscribe", action="append", default=[], metavar="FILTER",
+                        help="also deliver messages on these topics, with their full topic")
     stop = sub.add_parser("stop", help="stop an app everywhere")
     stop.add_argument("app")
     migrate = sub.add_parser("migrate", help="move a running app, with its state, to a node")

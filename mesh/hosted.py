@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import paho.mqtt.client as paho
+
 from mesh import chunks, wire
 from mesh.errors import MeshError
 from mesh.mqtt import BrokerAddress, Connection, Message
@@ -154,7 +156,8 @@ class HostedApp:
                              manual_ack=True, keepalive=self.ctx.keepalive)
         await session.connect()
         self._session = session
-        await session.subscribe(f"{self._in_prefix}/#", qos=1)  # matches .../in itself too
+        await session.subscribe(f"{self._in_prefix}/#", *self.spec.subscriptions,
+                                qos=1)  # in/# matches .../in itself too
         self.state = "running"
         self._tasks = [asyncio.create_task(self._process(), name=f"{self.name}-inputs"),
                        asyncio.create_task(self._watch(session), name=f"{self.name}-session")]
@@ -219,7 +222,7 @@ class HostedApp:
 
     def _on_input(self, message: Message) -> None:
         topic = message.topic
-        if topic != self._in_prefix and not topic.startswith(self._in_prefix + "/"):
+        if self._app_topic(topic) is None:
             return  # some brokers (amqtt) also send unrelated retained messages
         if message.retain:
             # Inputs are not retained; one that is would be applied again on every move.
@@ -272,7 +275,7 @@ class HostedApp:
                                f"{MAX_INPUT_BYTES}")
                 self._unacked.append((message.mid, message.qos))
                 continue
-            sub = message.topic[len(self._in_prefix) + 1:]
+            sub = self._app_topic(message.topic) or ""
             todo.append((message.mid, message.qos, sub, bytes(message.payload)))
 
         def deliver() -> tuple[int, MeshError | None]:
@@ -288,6 +291,15 @@ class HostedApp:
         self.applied += done
         if error is not None:
             await self._fail(str(error))
+
+    def _app_topic(self, topic: str) -> str | None:
+        """The topic as the app sees it: after `.../in/` for its inputs, whole for the
+        subscriptions its spec declares; None for anything else."""
+        if topic == self._in_prefix or topic.startswith(self._in_prefix + "/"):
+            return topic[len(self._in_prefix) + 1:]
+        if any(paho.topic_matches_sub(sub, topic) for sub in self.spec.subscriptions):
+            return topic
+        return None
 
     async def _ticks(self) -> None:
         app = self._app

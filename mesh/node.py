@@ -172,12 +172,12 @@ class Node:
                 self._set(self.specs, app, payload, wire.AppSpec)
             case ("apps", app, "owner"):
                 self._set(self.owners, app, payload, wire.OwnerRecord)
-            case ("apps", app, "snapshot"):
+            case ("apps", app, "snapshot"):  # kept as is; put together only when needed
                 self._blobs.whole(self.topics.app(app, "snapshot"), payload)
-                self._changed(app)
+                self._wake(app)
             case ("apps", app, "snapshot", index):
                 self._blobs.chunk(self.topics.app(app, "snapshot"), index, payload)
-                self._changed(app)
+                self._wake(app)
             case ("modules", sha256):
                 self._blobs.whole(self.topics.module(sha256), payload)
                 self._module_arrived(sha256)
@@ -193,11 +193,17 @@ class Node:
         if not payload:
             table.pop(key, None)
         else:
-            table[key] = wire.decode(cls, payload)
-        self._changed(key)
+            value = wire.decode(cls, payload)
+            named = value.id if cls is wire.NodeRecord else value.app if cls is wire.AppSpec \
+                else key
+            if named != key:
+                raise WireError(f"a {cls.KIND} for {named!r} published under {key!r}")
+            table[key] = value
+        self._dirty.set()  # our own record cleared (a late Last Will) is published again
+        self._wake(key)
 
-    def _changed(self, key: str = "") -> None:
-        self._dirty.set()
+    def _wake(self, key: str) -> None:
+        """Wake whoever waits for news of `key` (an app's checkpoint, a handover)."""
         waker = self._waking.get(key)
         if waker:
             waker.set()

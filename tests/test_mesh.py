@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import wasmtime
 
+from mesh import wire
 from tests.conftest import COUNTER_WAT, require_tool
 from tests.harness import (
     Cluster,
@@ -283,6 +284,25 @@ def test_bad_requests_are_refused_with_reasons(broker: str, cluster: Cluster,
         assert "does not match its hash" in reply["error"]
         obs.publish(IN.format("counter"), b"x" * (300 * 1024))
         wait_until(lambda: obs.has_event("rejected", app="counter"), 20, "rejected input")
+        obs.publish("mesh/nodes/evil", b"\xa1garbage", retain=True)
+        obs.publish("mesh/nodes/ghost", wire.encode(wire.NodeRecord(id="other")), retain=True)
+        wait_until(lambda: sum(e.event == "rejected" for e in obs.events) >= 4, 20,
+                   "hostile node records rejected")
         obs.publish(IN.format("counter"), b"fine")
         assert wait_count(obs, "counter", 1) == f"1 {counter_hash([b'fine'])}".encode()
+        nodes = json.loads(mesh_cli("nodes", "--json", broker=broker).stdout)
+        assert [n["id"] for n in nodes] == ["alpha"]
         assert "Traceback" not in cluster["alpha"].log()
+
+
+def test_apps_receive_the_topics_their_spec_subscribes_to(broker: str,
+                                                          cluster: Cluster) -> None:
+    with Observer(broker) as obs:
+        mesh_of(obs, cluster, broker, "alpha")
+        deploy(broker, "counter", "--subscribe", "sensors/+/temperature")
+        wait_until(lambda: obs.running("counter"), 20, "counter running")
+        obs.publish("sensors/kitchen/temperature", b"21.5")
+        obs.publish("sensors/kitchen/humidity", b"40")  # not subscribed
+        obs.publish(IN.format("counter"), b"direct")
+        assert wait_count(obs, "counter", 2) == \
+            f"2 {counter_hash([b'21.5', b'direct'])}".encode()

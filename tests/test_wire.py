@@ -19,6 +19,7 @@ names = st.from_regex(wire.NAME_RE, fullmatch=True)
 hashes = st.from_regex(wire.SHA256_RE, fullmatch=True)
 texts = st.text(max_size=40)
 counts = st.integers(min_value=0, max_value=2**40)
+filters = st.from_regex(r"[a-z]{1,8}(/([a-z]{1,8}|\+))*(/#)?", fullmatch=True)
 labels = st.dictionaries(texts, texts, max_size=4)
 
 specs = st.builds(wire.AppSpec, app=names, module=hashes,
@@ -27,7 +28,7 @@ specs = st.builds(wire.AppSpec, app=names, module=hashes,
                   checkpoint_every=counts,
                   memory_limit=st.integers(min_value=65536, max_value=2**32),
                   timeout_ms=st.integers(min_value=1, max_value=10**6),
-                  subscriptions=st.lists(texts, max_size=3).map(tuple),
+                  subscriptions=st.lists(filters, max_size=3).map(tuple),
                   signature=st.none() | st.binary(max_size=64))
 images = st.builds(wire.MemoryImage, size=counts, block_size=st.just(4096),
                    runs=st.lists(st.tuples(counts, counts), max_size=5).map(tuple),
@@ -111,6 +112,8 @@ def test_a_command_from_mosquitto_pub_decodes_as_json() -> None:
     (b'{"op":"stop","app":"x",' + b'"p":' + b"[" * 5000 + b"]" * 5000 + b"}",
      "malformed JSON"),
     (b'{"op":"deploy","spec":{"app":"a"}}', "missing field 'module'"),
+    (b'{"op":"deploy","spec":{"app":"a","module":"' + b"0" * 64 +
+     b'","subscriptions":["a/#/b"]}}', "not a valid MQTT topic filter"),
 ])
 def test_bad_commands_say_what_is_wrong(data: bytes, message: str) -> None:
     with pytest.raises(WireError, match=message):
