@@ -28,6 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from mesh import wire
 from mesh.broker import EmbeddedBroker
+from mesh.errors import WireError
 
 MOSQUITTO_CONF = """\
 listener {port} 127.0.0.1
@@ -219,7 +220,7 @@ class Observer:
 
     def _on_message(self, _c: Any, _u: Any, message: paho.MQTTMessage) -> None:
         # Tests publish hostile records on purpose: the nodes must reject them, not the observer.
-        with contextlib.suppress(wire.WireError):
+        with contextlib.suppress(WireError):
             self._record(message.topic.split("/")[1:], bytes(message.payload))
 
     def _record(self, parts: list[str], payload: bytes) -> None:
