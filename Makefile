@@ -20,6 +20,7 @@ check: $(VENV)/.installed
 
 bench: $(VENV)/.installed system-deps
 	$(BIN)/python benchmarks/runtime_bench.py
+	$(BIN)/python benchmarks/mesh_bench.py
 
 examples: system-deps
 	$(MAKE) -C examples
