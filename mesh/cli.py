@@ -24,6 +24,7 @@ from mesh.broker import LIMITS_WARNING, EmbeddedBroker
 from mesh.client import MeshClient, broker_from
 from mesh.demo import run_demo
 from mesh.errors import MeshError, ModuleError
+from mesh.mqtt import BrokerAddress, BrokerError
 from mesh.node import Node, NodeConfig
 from mesh.runtime import App, Limits, LocalIO, Runtime
 
@@ -168,11 +169,51 @@ async def run_node(config: NodeConfig, *, embedded: bool) -> int:
             await stack.enter_async_context(EmbeddedBroker(config.broker.host,
                                                            config.broker.port))
             log.warning("%s", LIMITS_WARNING)
-        node = await stack.enter_async_context(Node(config))
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, lambda: loop.create_task(node.leave()))
-        await node.stopped.wait()
+        await _serve(config)
+    return 0
+
+
+async def _serve(config: NodeConfig) -> None:
+    """Run the node until SIGTERM/SIGINT; when the broker is lost or absent, join again."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    current: list[Node] = []
+    leaving: list[asyncio.Task[None]] = []
+
+    def stop() -> None:
+        stopping.set()
+        leaving.extend(loop.create_task(node.leave()) for node in current)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop)
+    backoff = 1.0
+    while not stopping.is_set():
+        try:
+            async with Node(config) as node:
+                current[:] = [node]
+                backoff = 1.0
+                await node.stopped.wait()
+        except BrokerError as exc:
+            log.warning("%s; trying again in %.0f s", exc, backoff)
+        current.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), backoff)
+        backoff = min(backoff * 2, 30.0)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    return asyncio.run(run_broker(broker_from(args.broker)))
+
+
+async def run_broker(address: BrokerAddress) -> int:
+    """Serve the embedded broker alone until SIGTERM/SIGINT."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    async with EmbeddedBroker(address.host, address.port):
+        log.warning("%s", LIMITS_WARNING)
+        await stopping.wait()
     return 0
 
 
@@ -301,6 +342,11 @@ def _add_node(sub: Subparsers) -> None:
                       metavar="NAME=VALUE", help="a fixed reading for mesh.read (repeatable)")
     node.set_defaults(func=cmd_node)
     _add_broker_options(node)
+    broker = sub.add_parser("broker", help="serve the embedded MQTT broker alone",
+                            description="Serve the embedded broker (amqtt) at the --broker "
+                            "address, for devices without Mosquitto.")
+    broker.set_defaults(func=cmd_broker)
+    _add_broker_options(broker)
 
 
 def _add_broker_options(parser: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -80,12 +80,21 @@ class Node:
         self._unplaceable: set[str] = set()
         self._control: Connection | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
         self._ctx = HostContext(self.runtime, config.broker, self.topics, config.keepalive,
                                 config.sensors, self.event, self._app_lost)
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def __aenter__(self) -> Node:
+        try:
+            await self._join()
+        except BaseException:
+            self.runtime.close()
+            raise
+        return self
+
+    async def _join(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         control = Connection(self.config.broker, f"{self.config.root}-node-{self.id}",
                              on_message=self._on_message, keepalive=self.config.keepalive,
@@ -101,10 +110,13 @@ class Node:
         self._tasks = [asyncio.create_task(self._reconciler(), name="reconcile"),
                        asyncio.create_task(self._watch_control(control), name="control")]
         log.info("node %s joined the mesh at %s", self.id, self.config.broker)
-        return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.leave()
+        await self._cancel_all()
+        if self._control:
+            await self._control.close()
+        self.runtime.close()
 
     async def leave(self) -> None:
         """Leave gracefully: hand every app to the node that should run it next."""
@@ -129,28 +141,36 @@ class Node:
                 log.warning("could not hand %s over: %s", name, exc)
                 await hosted.close()
             self.hosted.pop(name, None)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._control:
+        if self._control and not self._control.lost_reason:
             self.event("left")
             with contextlib.suppress(MeshError):
                 await self._control.publish(self.topics.node(self.id), b"", retain=True)
-            await self._control.close()
-        self.runtime.close()
         self.stopped.set()
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run `work` in the background, owned by the node: cancelled when it stops."""
+        task = asyncio.create_task(work, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _cancel_all(self) -> None:
+        current = asyncio.current_task()
+        tasks = [t for t in (*self._tasks, *self._background) if t is not current]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _watch_control(self, control: Connection) -> None:
         assert control.lost is not None
         reason = await asyncio.shield(control.lost)
-        log.error("node %s lost the broker (%s): stopping every app", self.id, reason)
+        log.error("node %s lost the broker (%s): stopping every app, then joining again",
+                  self.id, reason)
+        self._leaving = True
         for hosted in list(self.hosted.values()):
             await hosted.close()
         self.hosted.clear()
-        self._leaving = True
-        self.runtime.close()
         self.stopped.set()
 
     # --- messages ---------------------------------------------------------------------------
@@ -424,7 +444,7 @@ class Node:
         if self.hosted.get(hosted.name) is hosted:
             log.warning("%s: lost its session (%s); stopping it here", hosted.name, reason)
             self.hosted.pop(hosted.name, None)
-            asyncio.get_running_loop().create_task(hosted.close())
+            self._spawn(hosted.close(), f"{hosted.name}-close")
             self.event("fenced", app=hosted.name, reason=f"session lost: {reason}")
             self._dirty.set()
 
@@ -462,7 +482,7 @@ class Node:
         except WireError as exc:
             self.event("rejected", reason=f"command: {exc}")
             return
-        asyncio.get_running_loop().create_task(self._answer(command, as_json))
+        self._spawn(self._answer(command, as_json), f"command-{command.op}")
 
     async def _answer(self, command: wire.Command, as_json: bool) -> None:
         try:

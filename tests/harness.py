@@ -6,9 +6,7 @@ its own process, and the observer is a plain paho client. Waits are on condition
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import gc
 import os
 import signal
 import socket
@@ -16,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,7 +24,6 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from mesh import wire
-from mesh.broker import EmbeddedBroker
 from mesh.errors import WireError
 
 MOSQUITTO_CONF = """\
@@ -77,42 +73,19 @@ def mosquitto(workdir: Path) -> Iterator[str]:
 
 
 @contextmanager
-def embedded_broker() -> Iterator[str]:
-    """The embedded amqtt broker, in this process on its own event-loop thread."""
+def embedded_broker(workdir: Path) -> Iterator[str]:
+    """The embedded broker (amqtt) as `mesh broker`, on a free port; yields its URL."""
     port = free_port()
-    ready = threading.Event()
-    running: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-    failure: list[BaseException] = []
-
-    async def serve() -> None:
-        stop = asyncio.Event()
-        async with EmbeddedBroker("127.0.0.1", port):
-            running.append((asyncio.get_running_loop(), stop))
-            ready.set()
-            await stop.wait()
-
-    def run() -> None:
-        try:
-            asyncio.run(serve())
-        except BaseException as exc:  # reported to the test below
-            failure.append(exc)
-            ready.set()
-        # amqtt 0.12 leaves the transports of closed client connections unclosed; collect them
-        # here, where their ResourceWarnings are expected, not during some later test.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            gc.collect()
-
-    thread = threading.Thread(target=run, name="embedded-broker", daemon=True)
-    thread.start()
-    ready.wait(10)
-    assert not failure, failure
+    with (workdir / "embedded-broker.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "mesh", "broker", "--broker",
+                                 f"mqtt://127.0.0.1:{port}"], stdout=log, stderr=log)
     try:
+        wait_until(lambda: _accepts(port) or proc.poll() is not None, 20, "mesh broker")
+        assert proc.poll() is None, (workdir / "embedded-broker.log").read_text()
         yield f"mqtt://127.0.0.1:{port}"
     finally:
-        loop, stop = running[0]
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(10)
+        proc.terminate()
+        proc.wait(10)
 
 
 def _accepts(port: int) -> bool:

@@ -40,7 +40,7 @@ def any_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         with mosquitto(tmp_path) as url:
             yield url
     else:
-        with embedded_broker() as url:
+        with embedded_broker(tmp_path) as url:
             yield url
 
 
@@ -230,7 +230,12 @@ def test_a_stale_owner_back_from_a_pause_does_not_run_the_app(
         sent.append(b"four")
         assert wait_count(obs, "counter", 4) == f"4 {counter_hash(sent)}".encode()
         assert [count_of(o) for o in obs.outputs["counter"][seen:]] == [4]
-        assert obs.running("counter") == "beta"
+        # alpha joins again and, the app being pinned there, gets it back by a live handover
+        wait_until(lambda: "alpha" in obs.nodes and obs.running("counter") == "alpha", 30,
+                   "alpha to rejoin and get its pinned app back")
+        obs.publish(IN.format("counter"), b"five")
+        sent.append(b"five")
+        assert wait_count(obs, "counter", 5) == f"5 {counter_hash(sent)}".encode()
 
 
 def test_commands_from_plain_mosquitto_pub(broker: str, cluster: Cluster) -> None:
