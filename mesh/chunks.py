@@ -1,63 +1,54 @@
-"""Large blobs (modules, snapshots) as a manifest plus numbered chunks, and their reassembly.
+"""Large blobs (modules, snapshot memory) as a manifest plus raw numbered chunks.
 
 MQTT brokers cap packet sizes (Mosquitto 2.1 defaults `max_packet_size` to 2,000,000 bytes), so
-anything larger travels in pieces. Pure code: no I/O.
+anything larger travels in pieces: chunk `i` is published raw at `<base>/<i>`, and the message at
+`<base>` itself says what they make up (a `Manifest`, or a snapshot header holding one). Chunks
+carry no framing, so nothing is copied to wrap them; the manifest's sha256 tells a complete
+blob from a mix of old and new chunks. Pure code: no I/O.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 
 from mesh.errors import WireError
-from mesh.wire import Chunk, Manifest, decode
+from mesh.wire import Manifest, decode
 
 DEFAULT_CHUNK_SIZE = 1 << 20
+MAX_CHUNKS = 4096
 
 
-def split(data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[Manifest, list[Chunk]]:
+def split(data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[Manifest, list[bytes]]:
     """Cut `data` into chunks of `chunk_size` bytes, described by a manifest."""
     digest = hashlib.sha256(data).hexdigest()
-    chunks = [Chunk(digest, i, data[offset:offset + chunk_size])
-              for i, offset in enumerate(range(0, len(data), chunk_size))]
-    return Manifest(digest, len(data), chunk_size, len(chunks)), chunks
+    parts = [data[offset:offset + chunk_size] for offset in range(0, len(data), chunk_size)]
+    return Manifest(digest, len(data), chunk_size, len(parts)), parts
 
 
-class Assembler:
-    """Collects the chunks of one manifest in any order; yields the blob once it is whole."""
+def join(manifest: Manifest, parts: Mapping[int, bytes], max_size: int) -> bytes | None:
+    """The blob, once every chunk is here and they hash right; None while some are missing.
 
-    def __init__(self, manifest: Manifest, max_size: int) -> None:
-        if manifest.size > max_size:
-            raise WireError(f"blob of {manifest.size} bytes exceeds the limit of {max_size}")
-        self.manifest = manifest
-        self._parts: dict[int, bytes] = {}
-
-    @property
-    def missing(self) -> int:
-        return self.manifest.count - len(self._parts)
-
-    def add(self, chunk: Chunk) -> bytes | None:
-        """Take one chunk; returns the whole blob when this was the last one missing."""
-        m = self.manifest
-        if chunk.sha256 != m.sha256:
-            raise WireError(f"chunk belongs to blob {chunk.sha256[:12]}, not {m.sha256[:12]}")
-        if chunk.index >= m.count:
-            raise WireError(f"chunk index {chunk.index} out of range (0..{m.count - 1})")
-        expected = min(m.chunk_size, m.size - chunk.index * m.chunk_size)
-        if len(chunk.data) != expected:
-            raise WireError(f"chunk {chunk.index} has {len(chunk.data)} bytes, "
-                            f"expected {expected}")
-        self._parts[chunk.index] = chunk.data
-        if self.missing:
+    A chunk of the wrong size, or chunks that do not hash to the manifest's sha256 (an older
+    blob's chunk not yet replaced), also give None: the right ones may still be on their way.
+    """
+    if manifest.size > max_size:
+        raise WireError(f"blob of {manifest.size} bytes exceeds the limit of {max_size}")
+    if manifest.count > MAX_CHUNKS:
+        raise WireError(f"blob in {manifest.count} chunks exceeds the limit of {MAX_CHUNKS}")
+    pieces = []
+    for index in range(manifest.count):
+        piece = parts.get(index)
+        expected = min(manifest.chunk_size, manifest.size - index * manifest.chunk_size)
+        if piece is None or len(piece) != expected:
             return None
-        blob = b"".join(self._parts[i] for i in range(m.count))
-        if hashlib.sha256(blob).hexdigest() != m.sha256:
-            self._parts.clear()
-            raise WireError(f"reassembled blob does not match its sha256 {m.sha256[:12]}")
-        return blob
+        pieces.append(piece)
+    blob = b"".join(pieces)
+    return blob if hashlib.sha256(blob).hexdigest() == manifest.sha256 else None
 
 
 def is_manifest(payload: bytes) -> Manifest | None:
-    """The manifest this payload holds, or None when it is a whole blob."""
+    """The manifest this payload holds, or None when it is something else."""
     if len(payload) > Manifest.MAX_BYTES:
         return None
     try:
@@ -66,68 +57,38 @@ def is_manifest(payload: bytes) -> Manifest | None:
         return None
 
 
-class BlobCollector:
-    """Blobs published at a base topic, whole or as a manifest there plus chunks at `base/<i>`.
+class Retained:
+    """What was last published at a base topic and at its chunk topics `base/<i>`.
 
     Messages are only kept as they arrive (retained chunks come in any order, before or after
-    their manifest); a blob is put together, checked against its hash and cached when someone
-    asks for it. Nodes see every checkpoint of every app but need one only when they take an
-    app over, so this keeps the common path cheap. Pure: the node feeds it messages.
+    what describes them); callers put blobs together when they need one. Nodes see every
+    checkpoint of every app but need one only when they take an app over.
     """
 
-    def __init__(self, max_size: int, max_chunks: int = 4096) -> None:
-        self.max_size = max_size
-        self.max_chunks = max_chunks
+    def __init__(self) -> None:
         self._heads: dict[str, bytes] = {}
         self._chunks: dict[str, dict[int, bytes]] = {}
-        self._done: dict[str, tuple[bytes, bytes]] = {}  # base -> (head, blob)
 
     def whole(self, base: str, payload: bytes) -> None:
-        """A message at the base topic: a whole blob, a manifest, or empty (cleared)."""
+        """A message at the base topic; empty means cleared."""
         if payload:
             self._heads[base] = payload
         else:
             self._heads.pop(base, None)
             self._chunks.pop(base, None)
-        self._done.pop(base, None)
 
     def chunk(self, base: str, index: str, payload: bytes) -> None:
         """A message at `base/<index>`."""
-        if not index.isdigit() or int(index) >= self.max_chunks:
-            raise WireError(f"chunk index {index!r} is not a number below {self.max_chunks}")
+        if not index.isdigit() or int(index) >= MAX_CHUNKS:
+            raise WireError(f"chunk index {index!r} is not a number below {MAX_CHUNKS}")
         parts = self._chunks.setdefault(base, {})
         if payload:
             parts[int(index)] = payload
         else:
             parts.pop(int(index), None)
 
-    def ready(self, base: str) -> bool:
-        """Whether everything the blob at `base` needs has arrived (cheap, nothing decoded)."""
-        head = self._heads.get(base)
-        if head is None:
-            return False
-        manifest = is_manifest(head)
-        return manifest is None or len(self._chunks.get(base, {})) >= manifest.count
+    def head(self, base: str) -> bytes | None:
+        return self._heads.get(base)
 
-    def get(self, base: str) -> bytes | None:
-        """The blob at `base`, put together and checked; None if it is not all here."""
-        head = self._heads.get(base)
-        if head is None:
-            return None
-        done = self._done.get(base)
-        if done is not None and done[0] is head:
-            return done[1]
-        manifest = is_manifest(head)
-        blob = head if manifest is None else self._assemble(base, manifest)
-        if blob is not None:
-            self._done[base] = (head, blob)
-        return blob
-
-    def _assemble(self, base: str, manifest: Manifest) -> bytes | None:
-        assembler = Assembler(manifest, self.max_size)
-        blob = None
-        for raw in self._chunks.get(base, {}).values():
-            chunk = decode(Chunk, raw)
-            if chunk.sha256 == manifest.sha256:
-                blob = assembler.add(chunk) or blob
-        return blob
+    def parts(self, base: str) -> Mapping[int, bytes]:
+        return self._chunks.get(base, {})

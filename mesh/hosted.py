@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -343,8 +344,7 @@ class HostedApp:
         snap = await self._run(lambda: app.snapshot(
             epoch=self.epoch, seq=self._seq + 1,
             applied=tuple(mid for mid, qos in held if qos)))
-        data = wire.encode(snap)
-        await publish_blob(session, self.ctx.topics.app(self.name, "snapshot"), data)
+        await publish_snapshot(session, self.ctx.topics.app(self.name, "snapshot"), snap)
         self._seq += 1
         for mid, qos in held:
             self._ack(mid, qos)
@@ -360,11 +360,27 @@ class HostedApp:
 
 
 async def publish_blob(conn: Connection, topic: str, data: bytes) -> None:
-    """Publish retained at `topic`; larger than a packet: chunks at `topic/<i>`, then a manifest."""
+    """Publish retained at `topic`; larger than a packet: raw chunks at `topic/<i>` first, then
+    a manifest at `topic`."""
     if len(data) <= MAX_PACKET:
         await conn.publish(topic, data, retain=True)
         return
-    manifest, parts = chunks.split(data, MAX_PACKET - 1024)
-    await asyncio.gather(*(conn.publish(f"{topic}/{part.index}", wire.encode(part), retain=True)
-                           for part in parts))
+    manifest, parts = chunks.split(data, MAX_PACKET)
+    await _publish_parts(conn, topic, parts)
     await conn.publish(topic, wire.encode(manifest), retain=True)
+
+
+async def publish_snapshot(conn: Connection, topic: str, snap: wire.Snapshot) -> None:
+    """Publish a checkpoint retained; large memory goes as raw chunks before the header."""
+    data = snap.memory.data
+    if len(data) > MAX_PACKET - 64 * 1024:
+        manifest, parts = chunks.split(data, MAX_PACKET)
+        await _publish_parts(conn, topic, parts)
+        snap = dataclasses.replace(snap, memory=dataclasses.replace(
+            snap.memory, data=b"", external=manifest))
+    await conn.publish(topic, wire.encode(snap), retain=True)
+
+
+async def _publish_parts(conn: Connection, topic: str, parts: list[bytes]) -> None:
+    await asyncio.gather(*(conn.publish(f"{topic}/{index}", part, retain=True)
+                           for index, part in enumerate(parts)))

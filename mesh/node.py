@@ -27,8 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mesh import wire
-from mesh.chunks import BlobCollector
+from mesh import chunks, wire
 from mesh.errors import MeshError, WireError
 from mesh.hosted import HostContext, HostedApp, publish_blob
 from mesh.mqtt import BrokerAddress, Connection, Message
@@ -39,6 +38,7 @@ from mesh.topics import Topics
 log = logging.getLogger(__name__)
 
 MAX_MODULE_BYTES = 64 << 20
+MAX_SNAPSHOT_BYTES = 1 << 30
 MODULE_WAIT_S = 30.0
 DEPLOY_MODULE_WAIT_S = 3.0
 SNAPSHOT_WAIT_S = 5.0
@@ -74,7 +74,7 @@ class Node:
         self._started_ms = int(time.time() * 1000)
         self._modules: dict[str, AppModule] = {}
         self._module_waiters: dict[str, asyncio.Future[bytes]] = {}
-        self._blobs = BlobCollector(max_size=1 << 30)
+        self._retained = chunks.Retained()
         self._dirty = asyncio.Event()
         self._waking: dict[str, asyncio.Event] = {}
         self._unplaceable: set[str] = set()
@@ -193,16 +193,16 @@ class Node:
             case ("apps", app, "owner"):
                 self._set(self.owners, app, payload, wire.OwnerRecord)
             case ("apps", app, "snapshot"):  # kept as is; put together only when needed
-                self._blobs.whole(self.topics.app(app, "snapshot"), payload)
+                self._retained.whole(self.topics.app(app, "snapshot"), payload)
                 self._wake(app)
             case ("apps", app, "snapshot", index):
-                self._blobs.chunk(self.topics.app(app, "snapshot"), index, payload)
+                self._retained.chunk(self.topics.app(app, "snapshot"), index, payload)
                 self._wake(app)
             case ("modules", sha256):
-                self._blobs.whole(self.topics.module(sha256), payload)
+                self._retained.whole(self.topics.module(sha256), payload)
                 self._module_arrived(sha256)
             case ("modules", sha256, index):
-                self._blobs.chunk(self.topics.module(sha256), index, payload)
+                self._retained.chunk(self.topics.module(sha256), index, payload)
                 self._module_arrived(sha256)
             case ("cmd",):
                 self._command(payload, everyone=True)
@@ -231,10 +231,13 @@ class Node:
     def _module_arrived(self, sha256: str) -> None:
         waiter = self._module_waiters.get(sha256)
         topic = self.topics.module(sha256)
-        if waiter is None or waiter.done() or not self._blobs.ready(topic):
+        head = self._retained.head(topic)
+        if waiter is None or waiter.done() or head is None:
             return
         try:
-            blob = self._blobs.get(topic)
+            manifest = chunks.is_manifest(head)
+            blob = head if manifest is None else chunks.join(
+                manifest, self._retained.parts(topic), MAX_MODULE_BYTES)
         except WireError as exc:
             waiter.set_exception(MeshError(f"module {sha256[:12]}: {exc}"))
             return
@@ -246,18 +249,22 @@ class Node:
             waiter.set_result(blob)
 
     def snapshot(self, app: str) -> wire.Snapshot | None:
-        """The newest checkpoint of `app` on the broker, if it has all arrived."""
+        """The newest checkpoint of `app` on the broker, once all of it has arrived."""
         topic = self.topics.app(app, "snapshot")
-        if not self._blobs.ready(topic):
-            return None
-        blob = self._blobs.get(topic)
-        if blob is None:
+        head = self._retained.head(topic)
+        if head is None:
             return None
         cached = self._decoded.get(app)
-        if cached is not None and cached[0] is blob:
+        if cached is not None and cached[0] is head:
             return cached[1]
-        snap = wire.decode(wire.Snapshot, blob)
-        self._decoded[app] = (blob, snap)
+        snap = wire.decode(wire.Snapshot, head)
+        external = snap.memory.external
+        if external is not None:
+            data = chunks.join(external, self._retained.parts(topic), MAX_SNAPSHOT_BYTES)
+            if data is None:
+                return None
+            snap = replace(snap, memory=replace(snap.memory, data=data, external=None))
+        self._decoded[app] = (head, snap)
         return snap
 
     # --- modules ----------------------------------------------------------------------------

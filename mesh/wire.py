@@ -136,13 +136,39 @@ class OwnerRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Manifest:
+    """Describes a large blob (module or snapshot memory) sent as raw numbered chunks."""
+
+    KIND: ClassVar[str] = "manifest"
+    MAX_BYTES: ClassVar[int] = 4096
+    sha256: str
+    size: int
+    chunk_size: int
+    count: int
+    signature: bytes | None = None  # Ed25519 over sha256; not checked yet (see AppSpec)
+
+    def __post_init__(self) -> None:
+        _check_sha256("sha256", self.sha256)
+        if self.chunk_size <= 0 or self.size < 0:
+            raise WireError("manifest sizes must be positive")
+        if self.count != -(-self.size // self.chunk_size):
+            raise WireError(f"manifest count {self.count} does not match size {self.size} "
+                            f"in chunks of {self.chunk_size}")
+
+
+@dataclass(frozen=True, slots=True)
 class MemoryImage:
-    """Linear memory, sparse: only runs of non-zero blocks are kept, zstd-compressed together."""
+    """Linear memory, sparse: only runs of non-zero blocks are kept, zstd-compressed together.
+
+    A large image travels with `data` empty and `external` describing the chunks it was cut into
+    (published next to the snapshot, see `mesh.chunks`).
+    """
 
     size: int
     block_size: int
     runs: tuple[tuple[int, int], ...]
     data: bytes
+    external: Manifest | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,42 +214,6 @@ class Snapshot:
     def __post_init__(self) -> None:
         _check_name("app", self.app)
         _check_sha256("module", self.module)
-
-
-@dataclass(frozen=True, slots=True)
-class Manifest:
-    """Describes a large blob (module or snapshot) sent as numbered chunks."""
-
-    KIND: ClassVar[str] = "manifest"
-    MAX_BYTES: ClassVar[int] = 4096
-    sha256: str
-    size: int
-    chunk_size: int
-    count: int
-    signature: bytes | None = None  # Ed25519 over sha256; not checked yet (see AppSpec)
-
-    def __post_init__(self) -> None:
-        _check_sha256("sha256", self.sha256)
-        if self.chunk_size <= 0 or self.size < 0:
-            raise WireError("manifest sizes must be positive")
-        if self.count != -(-self.size // self.chunk_size):
-            raise WireError(f"manifest count {self.count} does not match size {self.size} "
-                            f"in chunks of {self.chunk_size}")
-
-
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """One numbered piece of a blob described by a `Manifest`."""
-
-    KIND: ClassVar[str] = "chunk"
-    MAX_BYTES: ClassVar[int] = 2_000_000
-    sha256: str
-    index: int
-    data: bytes
-
-    def __post_init__(self) -> None:
-        _check_sha256("sha256", self.sha256)
-        _check_nonnegative(index=self.index)
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,11 +271,10 @@ class Event:
     detail: dict[str, str | int | float | bool | None] = field(default_factory=dict)
 
 
-WireObject = NodeRecord | AppSpec | OwnerRecord | Snapshot | Manifest | Chunk | Command | Reply \
-    | Event
+WireObject = NodeRecord | AppSpec | OwnerRecord | Snapshot | Manifest | Command | Reply | Event
 _TOP_LEVEL: dict[str, type[Any]] = {
-    cls.KIND: cls for cls in (NodeRecord, AppSpec, OwnerRecord, Snapshot, Manifest, Chunk,
-                              Command, Reply, Event)
+    cls.KIND: cls for cls in (NodeRecord, AppSpec, OwnerRecord, Snapshot, Manifest, Command,
+                              Reply, Event)
 }
 
 

@@ -71,7 +71,7 @@ def test_every_wire_object_round_trips_through_cbor(obj: Any) -> None:
 @given(st.binary(max_size=300))
 def test_random_bytes_raise_only_wire_error(data: bytes) -> None:
     for cls in (wire.NodeRecord, wire.AppSpec, wire.OwnerRecord, wire.Snapshot, wire.Command,
-                wire.Event, wire.Reply, wire.Manifest, wire.Chunk):
+                wire.Event, wire.Reply, wire.Manifest):
         with contextlib.suppress(WireError):
             wire.decode(cls, data)
     with contextlib.suppress(WireError):
@@ -158,58 +158,44 @@ def test_json_encoding_of_replies_is_plain_json() -> None:
 
 
 @given(st.binary(max_size=10_000), st.integers(1, 3000), st.randoms())
-def test_chunks_reassemble_in_any_order(data: bytes, size: int, rng: random.Random) -> None:
+def test_chunks_join_in_any_order(data: bytes, size: int, rng: random.Random) -> None:
     manifest, parts = chunks.split(data, size)
     assert wire.decode(wire.Manifest, wire.encode(manifest)) == manifest
-    rng.shuffle(parts)
-    assembler = chunks.Assembler(manifest, max_size=len(data))
-    results = [assembler.add(wire.decode(wire.Chunk, wire.encode(part))) for part in parts]
-    assert results[-1:] == ([data] if parts else [])
-    assert all(result is None for result in results[:-1])
+    order = list(enumerate(parts))
+    rng.shuffle(order)
+    received: dict[int, bytes] = {}
+    for index, part in order[:-1]:
+        received[index] = part
+        assert chunks.join(manifest, received, len(data)) is None
+    received.update(order[-1:])
+    assert chunks.join(manifest, received, len(data)) == data
 
 
-def test_chunk_errors() -> None:
+def test_chunks_that_do_not_belong_are_not_joined() -> None:
     manifest, parts = chunks.split(b"x" * 100, 30)
+    _, old = chunks.split(b"o" * 100, 30)
     with pytest.raises(WireError, match="exceeds the limit"):
-        chunks.Assembler(manifest, max_size=99)
-    assembler = chunks.Assembler(manifest, max_size=100)
-    other, _ = chunks.split(b"y", 30)
-    with pytest.raises(WireError, match="belongs to blob"):
-        assembler.add(wire.Chunk(other.sha256, 0, b"y"))
-    with pytest.raises(WireError, match="out of range"):
-        assembler.add(wire.Chunk(manifest.sha256, 9, b"x"))
-    with pytest.raises(WireError, match="has 2 bytes, expected 30"):
-        assembler.add(wire.Chunk(manifest.sha256, 0, b"xx"))
-    for part in parts[:-1]:
-        assembler.add(part)
-    with pytest.raises(WireError, match="does not match its sha256"):
-        assembler.add(wire.Chunk(manifest.sha256, 3, b"z" * 10))
+        chunks.join(manifest, dict(enumerate(parts)), max_size=99)
+    assert chunks.join(manifest, {**dict(enumerate(parts)), 1: old[1]}, 100) is None
+    assert chunks.join(manifest, {**dict(enumerate(parts)), 3: b"xx"}, 100) is None
     with pytest.raises(WireError, match="count 9 does not match"):
         wire.Manifest(manifest.sha256, 100, 30, 9)
 
 
-def test_blob_collector_puts_blobs_together_only_when_asked() -> None:
-    collector = chunks.BlobCollector(max_size=1000)
-    collector.whole("b", b"small")
-    assert collector.ready("b")
-    assert collector.get("b") == b"small"
-    old_manifest, old_parts = chunks.split(b"o" * 95, 10)
+def test_retained_keeps_heads_and_chunks_as_they_come() -> None:
+    retained = chunks.Retained()
     manifest, parts = chunks.split(bytes(range(95)), 10)
-    for part in old_parts[:3]:  # stale chunks of an older blob, still retained
-        collector.chunk("b", str(part.index), wire.encode(part))
-    for part in parts[:5]:  # chunks may come before their manifest
-        collector.chunk("b", str(part.index), wire.encode(part))
-    collector.whole("b", wire.encode(manifest))
-    assert collector.get("b") is None
-    for part in parts[5:]:
-        collector.chunk("b", str(part.index), wire.encode(part))
-    assert collector.ready("b")
-    assert collector.get("b") == bytes(range(95))
-    assert old_manifest.sha256 != manifest.sha256
-    collector.whole("b", b"")
-    assert not collector.ready("b")
-    assert collector.get("b") is None
+    for index, part in enumerate(parts):
+        retained.chunk("b", str(index), part)
+    retained.whole("b", wire.encode(manifest))
+    head = retained.head("b")
+    assert head is not None
+    assert chunks.is_manifest(head) == manifest
+    assert chunks.join(manifest, retained.parts("b"), 1000) == bytes(range(95))
+    retained.whole("b", b"")
+    assert retained.head("b") is None
+    assert retained.parts("b") == {}
     with pytest.raises(WireError, match="chunk index 'x' is not a number"):
-        collector.chunk("b", "x", b"")
+        retained.chunk("b", "x", b"")
     with pytest.raises(WireError, match="not a number below 4096"):
-        collector.chunk("b", "99999", b"")
+        retained.chunk("b", "99999", b"")
