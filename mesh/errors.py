@@ -28,3 +28,7 @@ class AppError(MeshError):
 
 class SnapshotError(MeshError, ValueError):
     """A snapshot that is corrupt, truncated, or taken from another module."""
+
+
+class BrokerError(MeshError):
+    """The broker cannot be reached, refused us, or dropped the connection."""

@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import paho.mqtt.client as paho
 
@@ -105,7 +105,6 @@ class HostedApp:
         self.epoch = epoch
         self.state = "starting"
         self.failure: str | None = None
-        self.applied = 0
         self._seq = 0
         self._loop = asyncio.get_running_loop()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"app-{spec.app}")
@@ -289,7 +288,6 @@ class HostedApp:
 
         done, error = await self._run(deliver)
         self._unacked.extend((mid, qos) for mid, qos, _, _ in todo[:done])
-        self.applied += done
         if error is not None:
             await self._fail(str(error))
 
@@ -353,10 +351,6 @@ class HostedApp:
     def _ack(self, mid: int, qos: int) -> None:
         if qos and self._session is not None:
             self._session.ack(mid)
-
-    def status(self) -> dict[str, Any]:
-        return {"app": self.name, "state": self.state, "epoch": self.epoch,
-                "applied": self.applied, "failure": self.failure}
 
 
 async def publish_blob(conn: Connection, topic: str, data: bytes) -> None:

@@ -21,15 +21,11 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from mesh.errors import MeshError
+from mesh.errors import BrokerError
 
 log = logging.getLogger(__name__)
 
 Message = paho.MQTTMessage
-
-
-class BrokerError(MeshError):
-    """The broker cannot be reached, refused us, or dropped the connection."""
 
 
 @dataclass(frozen=True, slots=True)
