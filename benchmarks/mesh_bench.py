@@ -23,6 +23,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -119,6 +121,25 @@ def output_times(obs: Observer, app: str) -> list[float]:
     return list(obs.output_times.get(app, []))
 
 
+@contextmanager
+def feeding(obs: Observer, app: str, every_s: float) -> Iterator[None]:
+    """Publish a QoS 1 input to `app` every `every_s` seconds while the block runs."""
+    stop = threading.Event()
+
+    def feed() -> None:
+        while not stop.is_set():
+            obs.client.publish(f"mesh/apps/{app}/in", b"x", qos=1)
+            stop.wait(every_s)
+
+    feeder = threading.Thread(target=feed, name="feeder")
+    feeder.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        feeder.join()
+
+
 def runs_on(obs: Observer, app: str, node: str) -> bool:
     return obs.running(app) == node
 
@@ -130,17 +151,8 @@ def answered_more(obs: Observer, app: str, count: int) -> bool:
 def migration_downtime_ms(obs: Observer, broker: str, app: str, nodes: tuple[str, str],
                           rounds: int) -> float:
     """Inputs every 2 ms; downtime is the gap in the app's answers around each migration."""
-    stop = threading.Event()
-
-    def feed() -> None:
-        while not stop.is_set():
-            obs.client.publish(f"mesh/apps/{app}/in", b"x", qos=1)
-            stop.wait(0.002)
-
-    feeder = threading.Thread(target=feed)
-    feeder.start()
     gaps = []
-    try:
+    with feeding(obs, app, 0.002):
         for i in range(rounds):
             target = nodes[(i + 1) % 2]
             wait_until(lambda: len(output_times(obs, app)) > 20, 60, "answers")
@@ -150,9 +162,6 @@ def migration_downtime_ms(obs: Observer, broker: str, app: str, nodes: tuple[str
             wait_until(partial(answered_more, obs, app, before + 20), 60, "answers")
             times = output_times(obs, app)[before - 5:]
             gaps.append(max(b - a for a, b in itertools.pairwise(times)) * 1000)
-    finally:
-        stop.set()
-        feeder.join()
     return statistics.median(gaps)
 
 
@@ -199,25 +208,15 @@ def bench_failover(work: Path, quick: bool) -> None:
                     mesh("deploy", "counter", str(ROOT / "mesh/apps/counter.wat"), "--on",
                          "alpha", "--checkpoint-every", "1", broker=broker)
                     wait_until(lambda: obs.running("counter") == "alpha", 60, "deploy")
-                    stop = threading.Event()
-
-                    def feed(stop: threading.Event = stop) -> None:
-                        while not stop.is_set():
-                            obs.client.publish("mesh/apps/counter/in", b"x", qos=1)
-                            stop.wait(0.01)
-
-                    feeder = threading.Thread(target=feed)
-                    feeder.start()
-                    wait_until(lambda: len(output_times(obs, "counter")) > 10, 30, "answers")
-                    began = time.monotonic()
-                    cluster["alpha"].signal(signum)
-                    wait_until(lambda: obs.running("counter") == "beta", 60, "failover")
-                    seen = len(output_times(obs, "counter"))
-                    wait_until(partial(answered_more, obs, "counter", seen), 30,
-                               "answers from beta")
-                    times.append(obs.output_times["counter"][seen] - began)
-                    stop.set()
-                    feeder.join()
+                    with feeding(obs, "counter", 0.01):
+                        wait_until(partial(answered_more, obs, "counter", 10), 30, "answers")
+                        began = time.monotonic()
+                        cluster["alpha"].signal(signum)
+                        wait_until(partial(runs_on, obs, "counter", "beta"), 60, "failover")
+                        seen = len(output_times(obs, "counter"))
+                        wait_until(partial(answered_more, obs, "counter", seen), 30,
+                                   "answers from beta")
+                        times.append(obs.output_times["counter"][seen] - began)
                 finally:
                     if signum == signal.SIGSTOP:
                         cluster["alpha"].signal(signal.SIGCONT)

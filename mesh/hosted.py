@@ -32,7 +32,7 @@ import paho.mqtt.client as paho
 from mesh import chunks, wire
 from mesh.errors import MeshError
 from mesh.mqtt import BrokerAddress, Connection, Message
-from mesh.runtime import App, AppModule, Limits, Runtime
+from mesh.runtime import App, AppModule, Limits, LocalIO, Runtime
 from mesh.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -48,17 +48,15 @@ DEFAULT_CHECKPOINT_EVERY = 20
 
 
 @dataclass
-class AppHostIO:
-    """Where an app's publications, logs and sensor reads go: called on the worker thread.
+class AppHostIO(LocalIO):
+    """Where a hosted app's effects go; called on its worker thread.
 
     Publications are collected during a job on the worker and handed to the event loop in one
     go when it ends (`flush`): one wake-up of the loop per batch of inputs, not per output.
     """
 
-    name: str
-    loop: asyncio.AbstractEventLoop
-    send: Callable[[list[tuple[str, bytes]]], None]
-    sensors: dict[str, Callable[[], bytes]] = field(default_factory=dict)
+    loop: asyncio.AbstractEventLoop = field(kw_only=True)
+    send: Callable[[list[tuple[str, bytes]]], None] = field(kw_only=True)
     pending: list[tuple[str, bytes]] = field(default_factory=list)
 
     def publish(self, topic: str, payload: bytes) -> None:
@@ -68,17 +66,6 @@ class AppHostIO:
         if self.pending:
             self.loop.call_soon_threadsafe(self.send, self.pending)
             self.pending = []
-
-    def log(self, level: int, message: str) -> None:
-        levels = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
-        log.log(levels[max(0, min(level, 3))], "[%s] %s", self.name, message)
-
-    def read(self, name: str) -> bytes | None:
-        source = self.sensors.get(name)
-        return None if source is None else source()
-
-    def now_ms(self) -> int:
-        return int(time.time() * 1000)
 
 
 @dataclass
@@ -116,7 +103,8 @@ class HostedApp:
         self._tasks: list[asyncio.Task[None]] = []
         self._pausing = False
         self._in_prefix = ctx.topics.app(spec.app, "in")
-        self._io = AppHostIO(spec.app, self._loop, self._send_outputs, ctx.sensors)
+        self._io = AppHostIO(app=spec.app, sensors=ctx.sensors, loop=self._loop,
+                             send=self._send_outputs)
 
     @property
     def name(self) -> str:

@@ -61,28 +61,29 @@ def mosquitto(workdir: Path) -> Iterator[str]:
     port = free_port()
     conf = workdir / "mosquitto.conf"
     conf.write_text(MOSQUITTO_CONF.format(port=port))
-    with (workdir / "mosquitto.log").open("w") as log:
-        proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=log)
-    try:
-        wait_until(lambda: _accepts(port) or proc.poll() is not None, 10, "mosquitto")
-        assert proc.poll() is None, (workdir / "mosquitto.log").read_text()
+    with _serving(["mosquitto", "-c", str(conf)], port, workdir / "mosquitto.log"):
         yield f"mqtt://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @contextmanager
 def embedded_broker(workdir: Path) -> Iterator[str]:
     """The embedded broker (amqtt) as `mesh broker`, on a free port; yields its URL."""
     port = free_port()
-    with (workdir / "embedded-broker.log").open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "mesh", "broker", "--broker",
-                                 f"mqtt://127.0.0.1:{port}"], stdout=log, stderr=log)
+    url = f"mqtt://127.0.0.1:{port}"
+    with _serving([sys.executable, "-m", "mesh", "broker", "--broker", url], port,
+                  workdir / "embedded-broker.log"):
+        yield url
+
+
+@contextmanager
+def _serving(command: list[str], port: int, log_path: Path) -> Iterator[None]:
+    """Run a server process until the block ends; fail with its log if it does not listen."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=log)
     try:
-        wait_until(lambda: _accepts(port) or proc.poll() is not None, 20, "mesh broker")
-        assert proc.poll() is None, (workdir / "embedded-broker.log").read_text()
-        yield f"mqtt://127.0.0.1:{port}"
+        wait_until(lambda: _accepts(port) or proc.poll() is not None, 20, command[0])
+        assert proc.poll() is None, log_path.read_text()
+        yield
     finally:
         proc.terminate()
         proc.wait(10)
