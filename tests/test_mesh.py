@@ -11,6 +11,7 @@ import hashlib
 import json
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -365,3 +366,39 @@ def test_a_large_memory_moves_in_chunks_intact(broker: str, cluster: Cluster,
         second = obs.outputs["ballast"][1]
         assert int.from_bytes(second[:8], "little") == 2
         assert second[8:] == first[8:], "memory changed on the way"
+
+
+def test_events_stream_and_stop(broker: str, cluster: Cluster) -> None:
+    with Observer(broker) as obs:
+        mesh_of(obs, cluster, broker, "alpha")
+        events = subprocess.Popen([sys.executable, "-m", "mesh", "-q", "events", "--json",
+                                   "--broker", broker], stdout=subprocess.PIPE, text=True)
+        lines: list[dict[str, object]] = []
+        reader = threading.Thread(target=lambda: lines.extend(
+            json.loads(line) for line in events.stdout or ()), daemon=True)
+        reader.start()
+
+        def subscribed() -> bool:  # a bad command makes an event; once one shows, we listen
+            obs.publish("mesh/cmd", b"not a command")
+            return any(line["event"] == "rejected" for line in lines)
+
+        try:
+            wait_until(subscribed, 20, "mesh events to print an event")
+            deploy(broker, "counter")
+            wait_until(lambda: obs.running("counter"), 20, "counter running")
+            stopped = mesh_cli("stop", "counter", broker=broker)
+            assert stopped.returncode == 0, stopped.stderr
+            assert json.loads(stopped.stdout) == {"app": "counter", "state": "stopping"}
+            wait_until(lambda: not obs.running("counter"), 20, "counter gone")
+            assert json.loads(mesh_cli("apps", "--json", broker=broker).stdout) == []
+            wait_until(lambda: any(line["event"] == "stopped" for line in lines), 20,
+                       "the stopped event")
+        finally:
+            events.terminate()
+            events.wait(10)
+            reader.join(10)
+            if events.stdout:
+                events.stdout.close()
+        kinds = [line["event"] for line in lines if line["event"] != "rejected"]
+        assert kinds == ["deployed", "started", "stopped"]
+        assert all(line["node"] == "alpha" and line["kind"] == "event" for line in lines)
