@@ -112,11 +112,13 @@ class AppSpec:
         _check_name("pin", self.pin)
         _check_nonnegative(tick_ms=self.tick_ms, checkpoint_ms=self.checkpoint_ms,
                            checkpoint_every=self.checkpoint_every)
-        if self.memory_limit < 65536:
-            raise WireError(f"memory_limit must be at least one page (65536), "
+        if not 65536 <= self.memory_limit <= 1 << 32:
+            raise WireError(f"memory_limit must be from one page (65536) to 4 GiB, "
                             f"got {self.memory_limit}")
-        if self.timeout_ms <= 0:
-            raise WireError(f"timeout_ms must be positive, got {self.timeout_ms}")
+        if not 0 < self.timeout_ms <= 60_000:
+            raise WireError(f"timeout_ms must be from 1 to 60000, got {self.timeout_ms}")
+        if 0 < self.tick_ms < 10:
+            raise WireError(f"tick_ms must be 0 (no ticks) or at least 10, got {self.tick_ms}")
         for sub in self.subscriptions:
             _check_filter(sub)
 

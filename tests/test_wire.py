@@ -24,10 +24,11 @@ labels = st.dictionaries(texts, texts, max_size=4)
 
 specs = st.builds(wire.AppSpec, app=names, module=hashes,
                   requires=st.tuples(texts), prefers=labels,
-                  pin=st.none() | names, tick_ms=counts, checkpoint_ms=counts,
+                  pin=st.none() | names, tick_ms=st.just(0) | st.integers(10, 2**40),
+                  checkpoint_ms=counts,
                   checkpoint_every=counts,
                   memory_limit=st.integers(min_value=65536, max_value=2**32),
-                  timeout_ms=st.integers(min_value=1, max_value=10**6),
+                  timeout_ms=st.integers(min_value=1, max_value=60_000),
                   subscriptions=st.lists(filters, max_size=3).map(tuple),
                   signature=st.none() | st.binary(max_size=64))
 images = st.builds(wire.MemoryImage, size=counts, block_size=st.just(4096),
@@ -112,6 +113,10 @@ def test_a_command_from_mosquitto_pub_decodes_as_json() -> None:
     (b'{"op":"stop","app":"x",' + b'"p":' + b"[" * 5000 + b"]" * 5000 + b"}",
      "malformed JSON"),
     (b'{"op":"deploy","spec":{"app":"a"}}', "missing field 'module'"),
+    (b'{"op":"deploy","spec":{"app":"a","module":"' + b"0" * 64 + b'","tick_ms":1}}',
+     "tick_ms must be 0"),
+    (b'{"op":"deploy","spec":{"app":"a","module":"' + b"0" * 64 + b'","timeout_ms":99999999}}',
+     "timeout_ms must be from 1 to 60000"),
     (b'{"op":"deploy","spec":{"app":"a","module":"' + b"0" * 64 +
      b'","subscriptions":["a/#/b"]}}', "not a valid MQTT topic filter"),
 ])
