@@ -102,9 +102,11 @@ class Node:
         await control.connect()
         self._control = control
         t = self.topics
-        await control.subscribe(f"{t.root}/nodes/+", f"{t.root}/apps/+/spec",
-                                f"{t.root}/apps/+/owner", f"{t.root}/apps/+/snapshot",
-                                f"{t.root}/apps/+/snapshot/+", t.cmd, t.node_cmd(self.id))
+        # Checkpoints first: the broker sends retained messages filter by filter, so they are
+        # all here before the owner records that may make this node restore one.
+        await control.subscribe(f"{t.root}/apps/+/snapshot/+", f"{t.root}/apps/+/snapshot",
+                                f"{t.root}/nodes/+", f"{t.root}/apps/+/spec",
+                                f"{t.root}/apps/+/owner", t.cmd, t.node_cmd(self.id))
         await self._publish_record()
         self.event("joined", detail={"caps": ",".join(self.config.caps)})
         self._tasks = [asyncio.create_task(self._reconciler(), name="reconcile"),
@@ -403,7 +405,13 @@ class Node:
 
     async def _snapshot_for(self, name: str, spec: wire.AppSpec,
                             epoch: int | None) -> wire.Snapshot | None:
-        """The checkpoint to restore: the handover one for `epoch` (waited for), else newest."""
+        """The checkpoint to restore: the handover one for `epoch`, else the newest.
+
+        Waits while one is on its way (a header whose chunks are still arriving, or the handover
+        checkpoint), for as long as pieces keep coming; gives up after SNAPSHOT_WAIT_S of
+        silence and takes the newest complete one.
+        """
+        topic = self.topics.app(name, "snapshot")
         deadline = time.monotonic() + SNAPSHOT_WAIT_S
         waker = self._waking.setdefault(name, asyncio.Event())
         while True:
@@ -413,12 +421,14 @@ class Node:
                 log.warning("%s: its checkpoint is unusable: %s", name, exc)
                 snap = None
             usable = snap if snap is not None and snap.module == spec.module else None
-            if epoch is None or (usable and usable.epoch >= epoch) or \
-                    time.monotonic() >= deadline:
+            arriving = snap is None and self._retained.head(topic) is not None
+            wanted = epoch is not None and (usable is None or usable.epoch < epoch)
+            if not (arriving or wanted) or time.monotonic() >= deadline:
                 return usable
             waker.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waker.wait(), deadline - time.monotonic())
+                deadline = time.monotonic() + SNAPSHOT_WAIT_S  # news came: keep waiting
 
     async def _hand_over(self, hosted: HostedApp, target: str) -> None:
         """Planned migration: checkpoint for the next epoch, release, name the target owner."""
