@@ -17,13 +17,17 @@ from mesh.wire import Manifest, decode
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 MAX_CHUNKS = 4096
+# Checkpoints alternate between two ranges of chunk indices, so that a node that dies while
+# writing one leaves the previous checkpoint, which the retained header still names, intact.
+SLOT = MAX_CHUNKS // 2
 
 
-def split(data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[Manifest, list[bytes]]:
-    """Cut `data` into chunks of `chunk_size` bytes, described by a manifest."""
+def split(data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE,
+          first: int = 0) -> tuple[Manifest, list[bytes]]:
+    """Cut `data` into chunks of `chunk_size` bytes, to be published at indices from `first`."""
     digest = hashlib.sha256(data).hexdigest()
     parts = [data[offset:offset + chunk_size] for offset in range(0, len(data), chunk_size)]
-    return Manifest(digest, len(data), chunk_size, len(parts)), parts
+    return Manifest(digest, len(data), chunk_size, len(parts), first=first), parts
 
 
 def join(manifest: Manifest, parts: Mapping[int, bytes], max_size: int) -> bytes | None:
@@ -34,11 +38,12 @@ def join(manifest: Manifest, parts: Mapping[int, bytes], max_size: int) -> bytes
     """
     if manifest.size > max_size:
         raise WireError(f"blob of {manifest.size} bytes exceeds the limit of {max_size}")
-    if manifest.count > MAX_CHUNKS:
-        raise WireError(f"blob in {manifest.count} chunks exceeds the limit of {MAX_CHUNKS}")
+    if manifest.first + manifest.count > MAX_CHUNKS:
+        raise WireError(f"chunks up to index {manifest.first + manifest.count} exceed the "
+                        f"limit of {MAX_CHUNKS}")
     pieces = []
     for index in range(manifest.count):
-        piece = parts.get(index)
+        piece = parts.get(manifest.first + index)
         expected = min(manifest.chunk_size, manifest.size - index * manifest.chunk_size)
         if piece is None or len(piece) != expected:
             return None
@@ -79,7 +84,7 @@ class Retained:
 
     def chunk(self, base: str, index: str, payload: bytes) -> None:
         """A message at `base/<index>`."""
-        if not index.isdigit() or int(index) >= MAX_CHUNKS:
+        if not (index.isascii() and index.isdigit()) or int(index) >= MAX_CHUNKS:
             raise WireError(f"chunk index {index!r} is not a number below {MAX_CHUNKS}")
         parts = self._chunks.setdefault(base, {})
         if payload:

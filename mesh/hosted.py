@@ -102,6 +102,7 @@ class HostedApp:
         self._skip: set[int] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._pausing = False
+        self._closed = False
         self._in_prefix = ctx.topics.app(spec.app, "in")
         self._io = AppHostIO(app=spec.app, sensors=ctx.sensors, loop=self._loop,
                              send=self._send_outputs)
@@ -142,8 +143,8 @@ class HostedApp:
         session = Connection(self.ctx.broker, self.ctx.topics.app_session(self.name),
                              on_message=self._on_input, clean_session=False,
                              manual_ack=True, keepalive=self.ctx.keepalive)
+        self._session = session  # queued inputs may arrive as soon as it connects
         await session.connect()
-        self._session = session
         await session.subscribe(f"{self._in_prefix}/#", *self.spec.subscriptions,
                                 qos=1)  # in/# matches .../in itself too
         self.state = "running"
@@ -172,15 +173,18 @@ class HostedApp:
         await self.close()
 
     async def close(self) -> None:
-        """Stop at once: no checkpoint, unacknowledged inputs go back to the broker."""
+        """Stop at once: no checkpoint, unacknowledged inputs go back to the broker. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         if self.state in ("running", "starting"):
             self.state = "stopped"
         self._pausing = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for result in await asyncio.gather(*self._tasks, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.warning("%s: %s while stopping", self.name, result)
         self._tasks = []
         if self._session:
             await self._session.close()
@@ -211,7 +215,10 @@ class HostedApp:
     def _on_input(self, message: Message) -> None:
         topic = message.topic
         if self._app_topic(topic) is None:
-            return  # some brokers (amqtt) also send unrelated retained messages
+            # Some brokers (amqtt) also send unrelated retained messages, and the persistent
+            # session may still hold filters of an older spec. Ack, or they block the window.
+            self._ack(message.mid, message.qos)
+            return
         if message.retain:
             # Inputs are not retained; one that is would be applied again on every move.
             log.warning("%s: ignoring a retained input on %s", self.name, topic)
@@ -236,6 +243,8 @@ class HostedApp:
                     batch.append(item)
             if batch and not self._pausing:
                 await self._apply(batch)
+                if self.state == "failed":
+                    return
                 if deadline is None:
                     deadline = time.monotonic() + period
             if self._unacked and (len(self._unacked) >= every or
@@ -327,9 +336,10 @@ class HostedApp:
         assert app is not None
         assert session is not None
         held = list(self._unacked)
-        snap = await self._run(lambda: app.snapshot(
-            epoch=self.epoch, seq=self._seq + 1,
-            applied=tuple(mid for mid, qos in held if qos)))
+        # Restored ids not yet redelivered stay skippable for whoever restores this one.
+        applied = tuple(sorted({mid for mid, qos in held if qos} | self._skip))
+        snap = await self._run(lambda: app.snapshot(epoch=self.epoch, seq=self._seq + 1,
+                                                    applied=applied))
         await publish_snapshot(session, self.ctx.topics.app(self.name, "snapshot"), snap)
         self._seq += 1
         for mid, qos in held:
@@ -348,7 +358,7 @@ async def publish_blob(conn: Connection, topic: str, data: bytes) -> None:
         await conn.publish(topic, data, retain=True)
         return
     manifest, parts = chunks.split(data, MAX_PACKET)
-    await _publish_parts(conn, topic, parts)
+    await _publish_parts(conn, topic, parts, 0)
     await conn.publish(topic, wire.encode(manifest), retain=True)
 
 
@@ -356,13 +366,13 @@ async def publish_snapshot(conn: Connection, topic: str, snap: wire.Snapshot) ->
     """Publish a checkpoint retained; large memory goes as raw chunks before the header."""
     data = snap.memory.data
     if len(data) > MAX_PACKET - 64 * 1024:
-        manifest, parts = chunks.split(data, MAX_PACKET)
-        await _publish_parts(conn, topic, parts)
+        manifest, parts = chunks.split(data, MAX_PACKET, first=chunks.SLOT * (snap.seq % 2))
+        await _publish_parts(conn, topic, parts, manifest.first)
         snap = dataclasses.replace(snap, memory=dataclasses.replace(
             snap.memory, data=b"", external=manifest))
     await conn.publish(topic, wire.encode(snap), retain=True)
 
 
-async def _publish_parts(conn: Connection, topic: str, parts: list[bytes]) -> None:
-    await asyncio.gather(*(conn.publish(f"{topic}/{index}", part, retain=True)
+async def _publish_parts(conn: Connection, topic: str, parts: list[bytes], first: int) -> None:
+    await asyncio.gather(*(conn.publish(f"{topic}/{first + index}", part, retain=True)
                            for index, part in enumerate(parts)))

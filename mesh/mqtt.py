@@ -119,9 +119,11 @@ class Connection:
             self._client.disconnect()
             self._client.loop_write()  # sends DISCONNECT; paho then closes the socket
         sock = self._client.socket()
-        if sock is not None:
+        if sock is not None:  # DISCONNECT could not be written in full: drop the socket
             self._loop.remove_reader(sock)
             self._loop.remove_writer(sock)
+            with contextlib.suppress(OSError):
+                sock.close()
         if self._misc:
             self._misc.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -168,15 +170,18 @@ class Connection:
         self._client.ack(mid, 1)
 
     async def _wait(self, mid: int) -> None:
-        future = self._loop.create_future()
-        self._pending[mid] = future
         lost = self.lost
         if lost is None or lost.done():
             raise BrokerError("not connected")
-        done, _ = await asyncio.wait([future, lost], return_when=asyncio.FIRST_COMPLETED)
-        if future not in done:
-            self._pending.pop(mid, None)
-            raise BrokerError(f"connection lost: {lost.result()}")
+        future = self._loop.create_future()
+        self._pending[mid] = future
+        await asyncio.wait([future, lost], return_when=asyncio.FIRST_COMPLETED)
+        self._pending.pop(mid, None)
+        if future.done():
+            future.result()  # raises the BrokerError a lost connection set
+            return
+        future.cancel()
+        raise BrokerError(f"connection lost: {lost.result()}")
 
     async def _housekeeping(self) -> None:
         while True:

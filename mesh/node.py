@@ -81,6 +81,7 @@ class Node:
         self._control: Connection | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
+        self._busy = asyncio.Lock()  # one reconcile pass, or the leave, at a time
         self._ctx = HostContext(self.runtime, config.broker, self.topics, config.keepalive,
                                 config.sensors, self.event, self._app_lost)
 
@@ -130,6 +131,7 @@ class Node:
             with contextlib.suppress(MeshError):  # others stop placing apps here at once
                 await self._control.publish(self.topics.node(self.id), wire.encode(
                     replace(self._record(), leaving=True)), retain=True)
+        await self._busy.acquire()  # let a reconcile pass in progress finish; none after it
         others = Placement(m for m in self.members.values()
                            if m.id != self.id and not m.leaving)
         for name, hosted in list(self.hosted.items()):
@@ -318,8 +320,11 @@ class Node:
                 log.exception("reconciling failed; will retry on the next change")
 
     async def _reconcile(self) -> None:
-        if self._leaving:
-            return
+        async with self._busy:
+            if not self._leaving:
+                await self._reconcile_all()
+
+    async def _reconcile_all(self) -> None:
         members = self._live_members()
         placement = Placement(m for m in members.values() if not m.leaving)
         work = []
@@ -375,9 +380,12 @@ class Node:
 
     async def _claim(self, spec: wire.AppSpec, epoch: int, *, failover: bool) -> None:
         assert self._control is not None
-        await self._control.publish(self.topics.app(spec.app, "owner"),
-                                    wire.encode(wire.OwnerRecord(self.id, epoch)), retain=True)
-        self.owners[spec.app] = wire.OwnerRecord(self.id, epoch)
+        record = wire.OwnerRecord(self.id, epoch)
+        # Ours until the broker says otherwise: a rival claim that it orders after this one
+        # arrives after the publish completes, and must not be overwritten by it.
+        self.owners[spec.app] = record
+        await self._control.publish(self.topics.app(spec.app, "owner"), wire.encode(record),
+                                    retain=True)
         await self._start(spec, epoch, handover=False, failover=failover)
 
     async def _start(self, spec: wire.AppSpec, epoch: int, *, handover: bool,
@@ -393,6 +401,7 @@ class Node:
         try:
             await hosted.start(snap)
         except MeshError as exc:
+            await hosted.close()
             hosted.state, hosted.failure = "failed", str(exc)
             self.event("failed", app=name, reason=str(exc))
             return
@@ -437,7 +446,14 @@ class Node:
         epoch = max(hosted.epoch, self.owners.get(name, wire.OwnerRecord(self.id, 0)).epoch) + 1
         began = time.monotonic()
         self.event("migrating", app=name, detail={"to": target, "epoch": epoch})
-        await hosted.hand_over(epoch)
+        try:
+            await hosted.hand_over(epoch)
+        except MeshError:
+            # Stop it here; we still own it, so the next reconcile restores the newest checkpoint.
+            self.hosted.pop(name, None)
+            await hosted.close()
+            self._dirty.set()
+            raise
         self.hosted.pop(name, None)
         record = wire.OwnerRecord(target, epoch)
         self.owners[name] = record
@@ -508,6 +524,10 @@ class Node:
         except MeshError as exc:
             reply = wire.Reply(id=command.id or "-", ok=False, error=str(exc))
             self.event("rejected", app=command.app, reason=f"{command.op}: {exc}")
+        except Exception:
+            log.exception("command %s failed", command.op)
+            reply = wire.Reply(id=command.id or "-", ok=False,
+                               error=f"{command.op} failed inside the node; see its log")
         if command.id and self._control:
             data = wire.encode_json(reply) if as_json else wire.encode(reply)
             await self._control.publish(self.topics.reply(command.id), data)

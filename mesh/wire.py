@@ -148,9 +148,11 @@ class Manifest:
     chunk_size: int
     count: int
     signature: bytes | None = None  # Ed25519 over sha256; not checked yet (see AppSpec)
+    first: int = 0  # chunk topics are <base>/<first + i>
 
     def __post_init__(self) -> None:
         _check_sha256("sha256", self.sha256)
+        _check_nonnegative(first=self.first)
         if self.chunk_size <= 0 or self.size < 0:
             raise WireError("manifest sizes must be positive")
         if self.count != -(-self.size // self.chunk_size):
@@ -238,6 +240,10 @@ class Command:
         _check_name("id", self.id)
         _check_name("app", self.app)
         _check_name("to", self.to)
+        if self.topic is not None and (len(self.topic) > 256 or any(
+                c in self.topic for c in "+#\0") or "//" in self.topic or
+                self.topic.startswith("/")):
+            raise WireError(f"topic {self.topic[:40]!r} is not a valid sub-topic")
         needs_app = self.op in ("deploy", "stop", "migrate", "send")
         if needs_app and self.app is None and self.spec is None:
             raise WireError(f"op {self.op!r} needs an app")
