@@ -468,8 +468,10 @@ class Node:
             return
         await hosted.close()
         assert self._control is not None
-        for part in ("owner", "snapshot"):
-            await self._control.publish(self.topics.app(name, part), b"", retain=True)
+        snapshot = self.topics.app(name, "snapshot")
+        stale = [f"{snapshot}/{index}" for index in self._retained.parts(snapshot)]
+        for topic in (*stale, snapshot, self.topics.app(name, "owner")):
+            await self._control.publish(topic, b"", retain=True)  # forget it on the broker
         self.event("stopped", app=name)
 
     def _app_lost(self, hosted: HostedApp, reason: str) -> None:
