@@ -42,6 +42,7 @@ MAX_SNAPSHOT_BYTES = 1 << 30
 MODULE_WAIT_S = 30.0
 DEPLOY_MODULE_WAIT_S = 3.0
 SNAPSHOT_WAIT_S = 5.0
+RECONCILE_EVERY_S = 10.0
 
 
 @dataclass
@@ -305,12 +306,16 @@ class Node:
                 self._module_waiters.pop(sha256, None)
                 topic = self.topics.module(sha256)
                 await self._control.unsubscribe(topic, f"{topic}/+")
+                self._retained.whole(topic, b"")  # kept on disk now, not in memory
 
     # --- reconciling ------------------------------------------------------------------------
 
     async def _reconciler(self) -> None:
         while True:
-            await self._dirty.wait()
+            # On every change, and now and then anyway: a start that failed (a module not in
+            # the store yet) is tried again without waiting for an unrelated change.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), RECONCILE_EVERY_S)
             self._dirty.clear()
             await asyncio.sleep(0.005)  # let a burst of retained messages land first
             self._dirty.clear()
