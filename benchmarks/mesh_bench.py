@@ -29,7 +29,6 @@ from functools import partial
 from pathlib import Path
 
 import paho.mqtt.client as paho
-import wasmtime
 from paho.mqtt.enums import CallbackAPIVersion
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,36 +36,10 @@ sys.path.insert(0, str(ROOT))
 
 from mesh.placement import assign  # noqa: E402
 from mesh.wire import AppSpec, NodeRecord  # noqa: E402
-from tests.harness import Cluster, Observer, mosquitto, wait_until  # noqa: E402
+from tests.harness import Cluster, Observer, ballast_wasm, mosquitto, wait_until  # noqa: E402
 
 MIB = 1 << 20
 CHUNK = 1_900_000 - 1024
-
-# Fills its whole memory with pseudo-random bytes at start (so a snapshot carries all of it);
-# counts messages and publishes the count.
-BALLAST = """(module
-  (import "mesh" "publish" (func $publish (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") {pages})
-  (global $count (mut i64) (i64.const 0))
-  (data (i32.const 0) "n")
-  (func (export "mesh_alloc") (param i32) (result i32) (i32.const 64))
-  (func (export "mesh_init")
-    (local $at i32) (local $x i32)
-    (local.set $at (i32.const 1024))
-    (local.set $x (i32.const 2463534242))
-    (block $done (loop $next
-      (br_if $done (i32.ge_u (local.get $at) (i32.mul (memory.size) (i32.const 65536))))
-      (local.set $x (i32.xor (local.get $x) (i32.shl (local.get $x) (i32.const 13))))
-      (local.set $x (i32.xor (local.get $x) (i32.shr_u (local.get $x) (i32.const 17))))
-      (local.set $x (i32.xor (local.get $x) (i32.shl (local.get $x) (i32.const 5))))
-      (i32.store (local.get $at) (local.get $x))
-      (local.set $at (i32.add (local.get $at) (i32.const 4)))
-      (br $next))))
-  (func (export "mesh_on_message") (param i32 i32 i32 i32)
-    (global.set $count (i64.add (global.get $count) (i64.const 1)))
-    (i64.store (i32.const 8) (global.get $count))
-    (drop (call $publish (i32.const 0) (i32.const 1) (i32.const 8) (i32.const 8)))))"""
-
 
 def mesh(*args: str, broker: str) -> None:
     subprocess.run([sys.executable, "-m", "mesh", "-q", *args, "--broker", broker],
@@ -75,7 +48,7 @@ def mesh(*args: str, broker: str) -> None:
 
 def app_file(work: Path, size: int) -> Path:
     path = work / f"ballast-{size // MIB}.wasm"
-    path.write_bytes(bytes(wasmtime.wat2wasm(BALLAST.format(pages=size // 65536))))
+    path.write_bytes(ballast_wasm(size // 65536))
     return path
 
 

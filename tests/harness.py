@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+import wasmtime
 from paho.mqtt.enums import CallbackAPIVersion
 
 from mesh import wire
@@ -238,6 +239,46 @@ class Observer:
 def mesh_cli(*args: str, broker: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "mesh", "-q", *args, "--broker", broker],
                           capture_output=True, text=True, timeout=timeout, check=False)
+
+
+# Fills all of its memory with pseudo-random bytes at start (so that a checkpoint carries all of
+# it). Each message adds one to a count and publishes it (8 bytes, little-endian) followed by
+# the sum of the 32-bit words in [1024, checksum_end), also 8 bytes.
+BALLAST = """(module
+  (import "mesh" "publish" (func $publish (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") {pages})
+  (global $count (mut i64) (i64.const 0))
+  (data (i32.const 0) "n")
+  (func (export "mesh_alloc") (param i32) (result i32) (i32.const 64))
+  (func (export "mesh_init")
+    (local $at i32) (local $x i32)
+    (local.set $at (i32.const 1024))
+    (local.set $x (i32.const 2463534242))
+    (block $done (loop $next
+      (br_if $done (i32.ge_u (local.get $at) (i32.mul (memory.size) (i32.const 65536))))
+      (local.set $x (i32.xor (local.get $x) (i32.shl (local.get $x) (i32.const 13))))
+      (local.set $x (i32.xor (local.get $x) (i32.shr_u (local.get $x) (i32.const 17))))
+      (local.set $x (i32.xor (local.get $x) (i32.shl (local.get $x) (i32.const 5))))
+      (i32.store (local.get $at) (local.get $x))
+      (local.set $at (i32.add (local.get $at) (i32.const 4)))
+      (br $next))))
+  (func (export "mesh_on_message") (param i32 i32 i32 i32)
+    (local $at i32) (local $sum i64)
+    (global.set $count (i64.add (global.get $count) (i64.const 1)))
+    (local.set $at (i32.const 1024))
+    (block $done (loop $next
+      (br_if $done (i32.ge_u (local.get $at) (i32.const {checksum_end})))
+      (local.set $sum (i64.add (local.get $sum) (i64.load32_u (local.get $at))))
+      (local.set $at (i32.add (local.get $at) (i32.const 4)))
+      (br $next)))
+    (i64.store (i32.const 8) (global.get $count))
+    (i64.store (i32.const 16) (local.get $sum))
+    (drop (call $publish (i32.const 0) (i32.const 1) (i32.const 8) (i32.const 16)))))"""
+
+
+def ballast_wasm(pages: int, checksum_end: int = 1024) -> bytes:
+    """An app with `pages` of dense memory; see BALLAST (1024: no checksum)."""
+    return bytes(wasmtime.wat2wasm(BALLAST.format(pages=pages, checksum_end=checksum_end)))
 
 
 def counter_hash(payloads: list[bytes]) -> int:

@@ -24,6 +24,7 @@ from tests.conftest import COUNTER_WAT, require_tool
 from tests.harness import (
     Cluster,
     Observer,
+    ballast_wasm,
     counter_hash,
     embedded_broker,
     mesh_cli,
@@ -314,44 +315,10 @@ def test_apps_receive_the_topics_their_spec_subscribes_to(broker: str,
             f"2 {counter_hash([b'21.5', b'direct'])}".encode()
 
 
-# 4 MiB of pseudo-random memory (so its checkpoint travels in chunks); every message publishes
-# the count of messages and a checksum of all of memory.
-BALLAST = """(module
-  (import "mesh" "publish" (func $publish (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 64)
-  (global $count (mut i64) (i64.const 0))
-  (data (i32.const 0) "n")
-  (func (export "mesh_alloc") (param i32) (result i32) (i32.const 64))
-  (func (export "mesh_init")
-    (local $at i32) (local $x i32)
-    (local.set $at (i32.const 1024))
-    (local.set $x (i32.const 2463534242))
-    (block $done (loop $next
-      (br_if $done (i32.ge_u (local.get $at) (i32.const 4194304)))
-      (local.set $x (i32.xor (local.get $x) (i32.shl (local.get $x) (i32.const 13))))
-      (local.set $x (i32.xor (local.get $x) (i32.shr_u (local.get $x) (i32.const 17))))
-      (local.set $x (i32.xor (local.get $x) (i32.shl (local.get $x) (i32.const 5))))
-      (i32.store (local.get $at) (local.get $x))
-      (local.set $at (i32.add (local.get $at) (i32.const 4)))
-      (br $next))))
-  (func (export "mesh_on_message") (param i32 i32 i32 i32)
-    (local $at i32) (local $sum i64)
-    (global.set $count (i64.add (global.get $count) (i64.const 1)))
-    (local.set $at (i32.const 1024))
-    (block $done (loop $next
-      (br_if $done (i32.ge_u (local.get $at) (i32.const 4194304)))
-      (local.set $sum (i64.add (local.get $sum) (i64.load32_u (local.get $at))))
-      (local.set $at (i32.add (local.get $at) (i32.const 4)))
-      (br $next)))
-    (i64.store (i32.const 8) (global.get $count))
-    (i64.store (i32.const 16) (local.get $sum))
-    (drop (call $publish (i32.const 0) (i32.const 1) (i32.const 8) (i32.const 16)))))"""
-
-
 def test_a_large_memory_moves_in_chunks_intact(broker: str, cluster: Cluster,
                                                tmp_path: Path) -> None:
     app = tmp_path / "ballast.wasm"
-    app.write_bytes(bytes(wasmtime.wat2wasm(BALLAST)))
+    app.write_bytes(ballast_wasm(64, checksum_end=4 << 20))
     with Observer(broker) as obs:
         mesh_of(obs, cluster, broker, "alpha", "beta")
         result = mesh_cli("deploy", "ballast", str(app), "--on", "alpha", broker=broker)
