@@ -18,6 +18,8 @@ BLOCK_SIZE = 4096
 _CHUNK = 1 << 20  # scanned at a time; a multiple of every block size we use
 _ZEROS = bytes(_CHUNK)
 _LEVEL = 1
+_SAMPLE = 32 * 1024
+_SAMPLE_ABOVE = 1 << 20  # smaller images are compressed without asking
 
 
 def nonzero_runs(memory: Buffer, block_size: int = BLOCK_SIZE) -> list[tuple[int, int]]:
@@ -48,14 +50,33 @@ def nonzero_runs(memory: Buffer, block_size: int = BLOCK_SIZE) -> list[tuple[int
 
 
 def capture(memory: Buffer, block_size: int = BLOCK_SIZE) -> MemoryImage:
-    """The image of `memory`: its size, where its non-zero runs are, and their bytes."""
+    """The image of `memory`: its size, where its non-zero runs are, and their bytes.
+
+    The bytes are zstd-compressed unless samples of them do not compress (random or already
+    compressed data), where compressing would cost time and save nothing.
+    """
     view = memoryview(memory).cast("B")
     runs = nonzero_runs(view, block_size)
+    pieces = [view[first * block_size:(first + count) * block_size] for first, count in runs]
+    if not _compressible(pieces):
+        return MemoryImage(len(view), block_size, tuple(runs), b"".join(pieces), codec="raw")
     compressor = zstandard.ZstdCompressor(level=_LEVEL).compressobj()
-    parts = [compressor.compress(view[first * block_size:(first + count) * block_size])
-             for first, count in runs]
+    parts = [compressor.compress(piece) for piece in pieces]
     parts.append(compressor.flush())
     return MemoryImage(len(view), block_size, tuple(runs), b"".join(parts))
+
+
+def _compressible(pieces: list[memoryview]) -> bool:
+    """Whether zstd saves at least a tenth on samples from the start, middle and end."""
+    total = sum(len(piece) for piece in pieces)
+    if total < _SAMPLE_ABOVE:
+        return True
+    data = pieces[0] if len(pieces) == 1 else memoryview(b"".join(pieces[:1] + pieces[-1:]))
+    samples = [data[at:at + _SAMPLE] for at in (0, len(data) // 2, max(0, len(data) - _SAMPLE))]
+    raw = sum(len(sample) for sample in samples)
+    packed = sum(len(zstandard.ZstdCompressor(level=_LEVEL).compress(sample))
+                 for sample in samples)
+    return packed < 0.9 * raw
 
 
 def _run_spans(image: MemoryImage, max_size: int) -> list[tuple[int, int]]:
@@ -72,6 +93,9 @@ def _run_spans(image: MemoryImage, max_size: int) -> list[tuple[int, int]]:
             raise SnapshotError("memory image runs overlap, are empty or lie outside memory")
         end = first + count
         spans.append((first * block, min(count * block, size - first * block)))
+    needed = sum(length for _, length in spans)
+    if image.codec == "raw" and len(image.data) != needed:
+        raise SnapshotError(f"memory image holds {len(image.data)} bytes, its runs need {needed}")
     return spans
 
 
@@ -94,6 +118,9 @@ def restore_into(image: MemoryImage, memory: Buffer, max_size: int) -> None:
         _zero(view[at:offset])
         at = offset + length
     needed = sum(length for _, length in spans)
+    if image.codec == "raw":
+        _copy_raw(image.data, view, spans)
+        return
     try:
         with zstandard.ZstdDecompressor().stream_reader(image.data) as reader:
             done = 0
@@ -106,6 +133,14 @@ def restore_into(image: MemoryImage, memory: Buffer, max_size: int) -> None:
         raise SnapshotError(f"memory image does not decompress: {exc}") from None
     if done != needed:
         raise SnapshotError(f"memory image holds {done} bytes, its runs need {needed}")
+
+
+def _copy_raw(data: bytes, view: memoryview, spans: list[tuple[int, int]]) -> None:
+    source = memoryview(data)
+    at = 0
+    for offset, length in spans:
+        view[offset:offset + length] = source[at:at + length]
+        at += length
 
 
 def _zero(view: memoryview) -> None:

@@ -173,6 +173,11 @@ class MemoryImage:
     runs: tuple[tuple[int, int], ...]
     data: bytes
     external: Manifest | None = None
+    codec: str = "zstd"  # or "raw" for data that does not compress
+
+    def __post_init__(self) -> None:
+        if self.codec not in ("zstd", "raw"):
+            raise WireError(f"unknown memory codec {self.codec!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh import snapshot, wire
-from mesh.errors import SnapshotError
+from mesh.errors import SnapshotError, WireError
 
 PAGE = 65536
 
@@ -96,3 +97,17 @@ def test_random_image_data_raises_only_snapshot_error(data: bytes) -> None:
     image = dataclasses.replace(good_image(), data=data)
     with pytest.raises(SnapshotError):
         restore(image)
+
+
+def test_data_that_does_not_compress_is_stored_raw() -> None:
+    noise = bytearray(random.Random(7).randbytes(3 << 20)) + bytearray(1 << 20)
+    image = snapshot.capture(bytes(noise))
+    assert image.codec == "raw"
+    assert len(image.data) == 3 << 20
+    assert rebuild(image) == noise
+    text = bytearray((b"liquid mesh " * 400_000)[:4 << 20])
+    assert snapshot.capture(bytes(text)).codec == "zstd"
+    with pytest.raises(SnapshotError, match="its runs need"):
+        restore(dataclasses.replace(image, data=image.data[:-1]))
+    with pytest.raises(WireError, match="unknown memory codec 'lz4'"):
+        dataclasses.replace(image, codec="lz4")
