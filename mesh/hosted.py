@@ -147,6 +147,8 @@ class HostedApp:
         await session.connect()
         await session.subscribe(f"{self._in_prefix}/#", *self.spec.subscriptions,
                                 qos=1)  # in/# matches .../in itself too
+        if self._closed:
+            raise MeshError(f"app {self.name} was stopped while it started")
         self.state = "running"
         self._tasks = [asyncio.create_task(self._process(), name=f"{self.name}-inputs"),
                        asyncio.create_task(self._watch(session), name=f"{self.name}-session")]
