@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh import chunks, wire
-from mesh.errors import MeshError, WireError
+from mesh.errors import BrokerError, MeshError, WireError
 from mesh.hosted import HostContext, HostedApp, publish_blob
 from mesh.mqtt import BrokerAddress, Connection, Message
 from mesh.placement import Placement
@@ -405,7 +405,12 @@ class Node:
         self.hosted[name] = hosted
         try:
             await hosted.start(snap)
-        except MeshError as exc:
+        except BrokerError as exc:  # the broker, not the app: try again on a later pass
+            self.hosted.pop(name, None)
+            await hosted.close()
+            log.warning("%s: could not start: %s", name, exc)
+            return
+        except MeshError as exc:  # the app itself (a trap, a bad checkpoint): it stays failed
             await hosted.close()
             hosted.state, hosted.failure = "failed", str(exc)
             self.event("failed", app=name, reason=str(exc))
