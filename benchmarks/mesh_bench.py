@@ -52,9 +52,23 @@ def app_file(work: Path, size: int) -> Path:
     return path
 
 
+def bare_client(broker: str, client_id: str, subscribe: str | None = None,
+                on_message: paho.CallbackOnMessage | None = None) -> paho.Client:
+    """A plain paho client on its own thread: the baseline the mesh is compared with."""
+    host, port = broker.removeprefix("mqtt://").split(":")
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+    client.on_message = on_message
+    client.connect(host, int(port))
+    if subscribe:
+        client.subscribe(subscribe, 1)
+    client.loop_start()
+    if subscribe:
+        time.sleep(0.3)  # let the subscription settle before timing
+    return client
+
+
 def bare_transfer_ms(broker: str, size: int, rounds: int) -> float:
     """Baseline: the same bytes, chunked like a snapshot, from one paho client to another."""
-    host, port = broker.removeprefix("mqtt://").split(":")
     received = threading.Event()
     got = [0]
 
@@ -63,15 +77,8 @@ def bare_transfer_ms(broker: str, size: int, rounds: int) -> float:
         if got[0] >= size:
             received.set()
 
-    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-sub")
-    sub.on_message = on_message
-    sub.connect(host, int(port))
-    sub.subscribe("bench/blob/#", 1)
-    sub.loop_start()
-    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub")
-    pub.connect(host, int(port))
-    pub.loop_start()
-    time.sleep(0.3)  # let the subscription settle before timing
+    sub = bare_client(broker, "bench-sub", "bench/blob/#", on_message)
+    pub = bare_client(broker, "bench-pub")
     blob = bytes(size)
     times = []
     for _ in range(rounds):
@@ -201,7 +208,6 @@ def bench_failover(work: Path, quick: bool) -> None:
 def bench_throughput(work: Path, quick: bool) -> None:
     count = 2000 if quick else 10000
     with mosquitto(work) as broker, Observer(broker) as obs:
-        host, port = broker.removeprefix("mqtt://").split(":")
         cluster = Cluster(work)
         try:
             cluster.start("alpha", broker)
@@ -209,9 +215,7 @@ def bench_throughput(work: Path, quick: bool) -> None:
             mesh("deploy", "counter", str(ROOT / "mesh/apps/counter.wat"),
                  "--checkpoint-every", "100", broker=broker)
             wait_until(lambda: obs.running("counter") == "alpha", 60, "deploy")
-            publisher = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub")
-            publisher.connect(host, int(port))
-            publisher.loop_start()
+            publisher = bare_client(broker, "bench-pub")
 
             def blast(topic: str) -> float:
                 began = time.perf_counter()
@@ -231,12 +235,7 @@ def bench_throughput(work: Path, quick: bool) -> None:
                 if seen[0] >= count:
                     got.set()
 
-            bare = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-bare")
-            bare.on_message = on_message
-            bare.connect(host, int(port))
-            bare.subscribe("bench/in", 1)
-            bare.loop_start()
-            time.sleep(0.3)  # let the subscription settle before timing
+            bare = bare_client(broker, "bench-bare", "bench/in", on_message)
             began = blast("bench/in")
             got.wait(300)
             bare_rate = count / (time.perf_counter() - began)
