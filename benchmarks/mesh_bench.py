@@ -1,6 +1,6 @@
 """Mesh benchmarks on a real Mosquitto with nodes as processes, next to bare paho baselines.
 
-    .venv/bin/python benchmarks/mesh_bench.py [--quick]
+    .venv/bin/python benchmarks/mesh_bench.py [--quick] [--only NAME] [--sizes MIB ...]
 
 - migration downtime (last input applied on the source -> first applied on the target) for
   1, 16 and 64 MiB of app memory, next to moving the same bytes with bare paho publish/subscribe
@@ -39,6 +39,7 @@ from mesh.wire import AppSpec, NodeRecord  # noqa: E402
 from tests.harness import Cluster, Observer, ballast_wasm, mosquitto, wait_until  # noqa: E402
 
 MIB = 1 << 20
+BENCHES = ("migration", "failover", "throughput", "placement")
 CHUNK = 1_900_000 - 1024
 
 def mesh(*args: str, broker: str) -> None:
@@ -145,8 +146,8 @@ def migration_downtime_ms(obs: Observer, broker: str, app: str, nodes: tuple[str
     return statistics.median(gaps)
 
 
-def bench_migration(work: Path, quick: bool) -> None:
-    sizes = [1 * MIB, 16 * MIB] if quick else [1 * MIB, 16 * MIB, 64 * MIB]
+def bench_migration(work: Path, quick: bool, mib: list[int] | None = None) -> None:
+    sizes = [m * MIB for m in mib or ([1, 16] if quick else [1, 16, 64])]
     rounds = 2 if quick else 5
     print("| app memory | migration downtime ms | bare paho transfer ms | ratio |")
     print("|---|---:|---:|---:|")
@@ -271,13 +272,22 @@ def bench_placement() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rounds, smaller sizes")
+    parser.add_argument("--only", choices=BENCHES, action="append",
+                        help="run just this benchmark (repeatable)")
+    parser.add_argument("--sizes", type=int, nargs="+", metavar="MIB",
+                        help="app memory sizes for the migration benchmark")
     args = parser.parse_args()
+    chosen = args.only or BENCHES
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        bench_migration(work, args.quick)
-        bench_failover(work, args.quick)
-        bench_throughput(work, args.quick)
-    bench_placement()
+        if "migration" in chosen:
+            bench_migration(work, args.quick, args.sizes)
+        if "failover" in chosen:
+            bench_failover(work, args.quick)
+        if "throughput" in chosen:
+            bench_throughput(work, args.quick)
+    if "placement" in chosen:
+        bench_placement()
     return 0
 
 

@@ -10,9 +10,10 @@ blob from a mix of old and new chunks. Pure code: no I/O.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 from mesh.errors import WireError
+from mesh.snapshot import Buffer
 from mesh.wire import Manifest, decode
 
 DEFAULT_CHUNK_SIZE = 1 << 20
@@ -22,12 +23,34 @@ MAX_CHUNKS = 4096
 SLOT = MAX_CHUNKS // 2
 
 
+def describe(pieces: Sequence[Buffer], chunk_size: int = DEFAULT_CHUNK_SIZE,
+             first: int = 0) -> Manifest:
+    """The manifest of the blob made of `pieces`, cut into chunks from index `first`."""
+    size = sum(len(piece) for piece in pieces)
+    return Manifest(_sha256(pieces), size, chunk_size, -(-size // chunk_size), first=first)
+
+
+def cut(pieces: Sequence[Buffer], chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[bytes]:
+    """The blob made of `pieces`, in chunks of `chunk_size` bytes, each copied when asked for."""
+    parts: list[memoryview] = []
+    held = 0
+    for piece in pieces:
+        view = memoryview(piece).cast("B")
+        while view:
+            step = min(len(view), chunk_size - held)
+            parts.append(view[:step])
+            view, held = view[step:], held + step
+            if held == chunk_size:
+                yield b"".join(parts)
+                parts, held = [], 0
+    if parts:
+        yield b"".join(parts)
+
+
 def split(data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE,
           first: int = 0) -> tuple[Manifest, list[bytes]]:
     """Cut `data` into chunks of `chunk_size` bytes, to be published at indices from `first`."""
-    digest = hashlib.sha256(data).hexdigest()
-    parts = [data[offset:offset + chunk_size] for offset in range(0, len(data), chunk_size)]
-    return Manifest(digest, len(data), chunk_size, len(parts), first=first), parts
+    return describe([data], chunk_size, first), list(cut([data], chunk_size))
 
 
 def join(manifest: Manifest, parts: Mapping[int, bytes], max_size: int) -> bytes | None:
@@ -35,6 +58,17 @@ def join(manifest: Manifest, parts: Mapping[int, bytes], max_size: int) -> bytes
 
     A chunk of the wrong size, or chunks that do not hash to the manifest's sha256 (an older
     blob's chunk not yet replaced), also give None: the right ones may still be on their way.
+    """
+    pieces = collect(manifest, parts, max_size)
+    return b"".join(pieces) if pieces is not None and matches(manifest, pieces) else None
+
+
+def collect(manifest: Manifest, parts: Mapping[int, bytes],
+            max_size: int) -> list[bytes] | None:
+    """The blob's chunks in order once each is here with the right size, else None.
+
+    Whether they are the right ones is `matches`: that hashes them all, so callers may run it
+    off the event loop.
     """
     if manifest.size > max_size:
         raise WireError(f"blob of {manifest.size} bytes exceeds the limit of {max_size}")
@@ -48,8 +82,19 @@ def join(manifest: Manifest, parts: Mapping[int, bytes], max_size: int) -> bytes
         if piece is None or len(piece) != expected:
             return None
         pieces.append(piece)
-    blob = b"".join(pieces)
-    return blob if hashlib.sha256(blob).hexdigest() == manifest.sha256 else None
+    return pieces
+
+
+def matches(manifest: Manifest, pieces: Sequence[Buffer]) -> bool:
+    """Whether the pieces hash to the manifest's sha256."""
+    return _sha256(pieces) == manifest.sha256
+
+
+def _sha256(pieces: Sequence[Buffer]) -> str:
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece)
+    return digest.hexdigest()
 
 
 def is_manifest(payload: bytes) -> Manifest | None:

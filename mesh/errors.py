@@ -30,5 +30,9 @@ class SnapshotError(MeshError, ValueError):
     """A snapshot that is corrupt, truncated, or taken from another module."""
 
 
+class SnapshotIncomplete(SnapshotError):
+    """A snapshot's memory chunks are not all its own yet (some are of an older one)."""
+
+
 class BrokerError(MeshError):
     """The broker cannot be reached, refused us, or dropped the connection."""

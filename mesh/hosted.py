@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -30,9 +30,10 @@ from typing import TypeVar
 import paho.mqtt.client as paho
 
 from mesh import chunks, wire
-from mesh.errors import MeshError
+from mesh.errors import MeshError, SnapshotIncomplete
 from mesh.mqtt import BrokerAddress, Connection, Message
 from mesh.runtime import App, AppModule, Limits, LocalIO, Runtime
+from mesh.snapshot import Buffer
 from mesh.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ T = TypeVar("T")
 MAX_INPUT_BYTES = 256 * 1024
 MAX_PACKET = 1_900_000  # under Mosquitto's default max_packet_size of 2,000,000
 BATCH = 64
+CHUNK_WINDOW = 8  # chunks published but not yet acknowledged
 DEFAULT_CHECKPOINT_MS = 1000
 # Mosquitto's default max_inflight_messages: a broker sends no more unacknowledged QoS 1 messages
 # than this, so by default a checkpoint (which acknowledges them) comes at least this often.
@@ -122,8 +124,13 @@ class HostedApp:
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    async def start(self, snapshot: wire.Snapshot | None) -> None:
-        """Instantiate and either start fresh or restore `snapshot`; then take the session."""
+    async def start(self, snapshot: wire.Snapshot | None, pieces: Sequence[bytes] | None = None,
+                    check: Callable[[], bool] | None = None) -> None:
+        """Instantiate and either start fresh or restore `snapshot`; then take the session.
+
+        `pieces` hold the snapshot's memory bytes when they came as chunks; `check` tells
+        whether they are the right ones (it hashes them, on another thread while restoring).
+        """
         io = self._io
         limits = Limits(memory_bytes=self.spec.memory_limit,
                         timeout_s=self.spec.timeout_ms / 1000)
@@ -133,10 +140,14 @@ class HostedApp:
             if snapshot is None:
                 app.start()
             else:
-                app.restore(snapshot)
+                app.restore(snapshot, pieces)
             return app
 
+        checking = asyncio.ensure_future(asyncio.to_thread(check)) if check else None
         self._app = await self._run(instantiate)
+        if checking and not await checking:
+            raise SnapshotIncomplete(f"the memory chunks of {self.name}'s checkpoint are not "
+                                     "all its own")
         if snapshot is not None:
             self._skip = set(snapshot.applied)
             self._seq = snapshot.seq
@@ -156,15 +167,14 @@ class HostedApp:
             self._tasks.append(asyncio.create_task(self._ticks(), name=f"{self.name}-ticks"))
 
     async def hand_over(self, epoch: int) -> None:
-        """Planned migration, source side: pause, checkpoint for `epoch`, release the session.
+        """Planned migration, source side: pause and checkpoint for `epoch`; `close` next.
 
         Inputs received but not applied stay unacknowledged: the broker hands them to the
         session's next holder.
         """
         await self._pause()
         self.epoch = epoch
-        await self.checkpoint()
-        await self.close()
+        await self.checkpoint(final=True)
 
     async def shutdown(self) -> None:
         """Stop without handing over: a last checkpoint if the session is still ours."""
@@ -332,17 +342,27 @@ class HostedApp:
 
     # --- checkpoints -------------------------------------------------------------------------
 
-    async def checkpoint(self) -> None:
-        """Store the app's state (retained, via the app's session), then ack what it holds."""
+    async def checkpoint(self, *, final: bool = False) -> None:
+        """Store the app's state (retained, via the app's session), then ack what it holds.
+
+        `final`: the app runs no more (a handover), so memory is sent straight from the
+        instance, not copied first.
+        """
         app, session = self._app, self._session
         assert app is not None
         assert session is not None
         held = list(self._unacked)
         # Restored ids not yet redelivered stay skippable for whoever restores this one.
         applied = tuple(sorted({mid for mid, qos in held if qos} | self._skip))
-        snap = await self._run(lambda: app.snapshot(epoch=self.epoch, seq=self._seq + 1,
-                                                    applied=applied))
-        await publish_snapshot(session, self.ctx.topics.app(self.name, "snapshot"), snap)
+        epoch, seq = self.epoch, self._seq + 1
+        pieces: Sequence[Buffer]
+        if final:
+            snap, pieces = await self._run(
+                lambda: app.snapshot_pieces(epoch=epoch, seq=seq, applied=applied))
+        else:
+            snap = await self._run(lambda: app.snapshot(epoch=epoch, seq=seq, applied=applied))
+            pieces = [snap.memory.data]
+        await publish_snapshot(session, self.ctx.topics.app(self.name, "snapshot"), snap, pieces)
         self._seq += 1
         for mid, qos in held:
             self._ack(mid, qos)
@@ -364,17 +384,44 @@ async def publish_blob(conn: Connection, topic: str, data: bytes) -> None:
     await conn.publish(topic, wire.encode(manifest), retain=True)
 
 
-async def publish_snapshot(conn: Connection, topic: str, snap: wire.Snapshot) -> None:
-    """Publish a checkpoint retained; large memory goes as raw chunks before the header."""
-    data = snap.memory.data
-    if len(data) > MAX_PACKET - 64 * 1024:
-        manifest, parts = chunks.split(data, MAX_PACKET, first=chunks.SLOT * (snap.seq % 2))
-        await _publish_parts(conn, topic, parts, manifest.first)
-        snap = dataclasses.replace(snap, memory=dataclasses.replace(
-            snap.memory, data=b"", external=manifest))
+async def publish_snapshot(conn: Connection, topic: str, snap: wire.Snapshot,
+                           pieces: Sequence[Buffer]) -> None:
+    """Publish a checkpoint retained, its memory bytes being `pieces` (its own `data` is
+    ignored); large memory goes as raw chunks before the header."""
+    if sum(len(piece) for piece in pieces) <= MAX_PACKET - 64 * 1024:
+        data = b"".join(pieces)
+        external = None
+    else:
+        # Hashed on another thread while the chunks go out: the header, sent last, names it.
+        first = chunks.SLOT * (snap.seq % 2)
+        hashing = asyncio.ensure_future(
+            asyncio.to_thread(chunks.describe, pieces, MAX_PACKET, first))
+        try:
+            await _publish_parts(conn, topic, chunks.cut(pieces, MAX_PACKET), first)
+        finally:
+            external = await hashing  # done with `pieces`, which may be views of app memory
+        data = b""
+    snap = dataclasses.replace(snap, memory=dataclasses.replace(snap.memory, data=data,
+                                                                external=external))
     await conn.publish(topic, wire.encode(snap), retain=True)
 
 
-async def _publish_parts(conn: Connection, topic: str, parts: list[bytes], first: int) -> None:
-    await asyncio.gather(*(conn.publish(f"{topic}/{first + index}", part, retain=True)
-                           for index, part in enumerate(parts)))
+async def _publish_parts(conn: Connection, topic: str, parts: Iterable[bytes],
+                         first: int) -> None:
+    """Publish chunks at `topic/<first + i>`, a few unacknowledged at a time: each is copied
+    (`parts` may be lazy) only shortly before it goes out."""
+    sending: set[asyncio.Task[None]] = set()
+    try:
+        for index, part in enumerate(parts):
+            if len(sending) >= CHUNK_WINDOW:
+                done, sending = await asyncio.wait(sending,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()
+            sending.add(asyncio.create_task(
+                conn.publish(f"{topic}/{first + index}", part, retain=True)))
+        for task in sending:
+            await task
+    finally:
+        for task in sending:
+            task.cancel()

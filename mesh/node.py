@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh import chunks, wire
-from mesh.errors import BrokerError, MeshError, WireError
+from mesh.errors import BrokerError, MeshError, SnapshotIncomplete, WireError
 from mesh.hosted import HostContext, HostedApp, publish_blob
 from mesh.mqtt import BrokerAddress, Connection, Message
 from mesh.placement import Placement
@@ -43,6 +43,22 @@ MODULE_WAIT_S = 30.0
 DEPLOY_MODULE_WAIT_S = 3.0
 SNAPSHOT_WAIT_S = 5.0
 RECONCILE_EVERY_S = 10.0
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """An app's newest checkpoint as this node holds it."""
+
+    head: bytes  # the retained message it was decoded from
+    snap: wire.Snapshot
+    pieces: list[bytes] | None = None  # its memory bytes, when they came as chunks
+
+    def matches(self) -> bool:
+        """Whether the chunks are this checkpoint's own (they hash right); takes a while."""
+        external = self.snap.memory.external
+        if external is None:
+            return True
+        return self.pieces is not None and chunks.matches(external, self.pieces)
 
 
 @dataclass
@@ -68,7 +84,7 @@ class Node:
         self.members: dict[str, wire.NodeRecord] = {}
         self.specs: dict[str, wire.AppSpec] = {}
         self.owners: dict[str, wire.OwnerRecord] = {}
-        self._decoded: dict[str, tuple[bytes, wire.Snapshot]] = {}
+        self._decoded: dict[str, Checkpoint | bytes] = {}  # or the head of a bad one
         self.hosted: dict[str, HostedApp] = {}
         self.stopped: asyncio.Event = asyncio.Event()
         self._leaving = False
@@ -199,9 +215,11 @@ class Node:
                 self._set(self.owners, app, payload, wire.OwnerRecord)
             case ("apps", app, "snapshot"):  # kept as is; put together only when needed
                 self._retained.whole(self.topics.app(app, "snapshot"), payload)
+                self._decoded.pop(app, None)
                 self._wake(app)
             case ("apps", app, "snapshot", index):
                 self._retained.chunk(self.topics.app(app, "snapshot"), index, payload)
+                self._decoded.pop(app, None)
                 self._wake(app)
             case ("modules", sha256):
                 self._retained.whole(self.topics.module(sha256), payload)
@@ -253,24 +271,27 @@ class Node:
         else:
             waiter.set_result(blob)
 
-    def snapshot(self, app: str) -> wire.Snapshot | None:
-        """The newest checkpoint of `app` on the broker, once all of it has arrived."""
+    def checkpoint(self, app: str) -> Checkpoint | None:
+        """The newest checkpoint of `app` on the broker, once all its chunks have arrived.
+
+        Whether they are its own (and not some of an older one) is `Checkpoint.matches`.
+        """
+        cached = self._decoded.get(app)  # until a piece of a newer one comes
+        if cached is not None:
+            return cached if isinstance(cached, Checkpoint) else None
         topic = self.topics.app(app, "snapshot")
         head = self._retained.head(topic)
         if head is None:
             return None
-        cached = self._decoded.get(app)
-        if cached is not None and cached[0] is head:
-            return cached[1]
         snap = wire.decode(wire.Snapshot, head)
         external = snap.memory.external
-        if external is not None:
-            data = chunks.join(external, self._retained.parts(topic), MAX_SNAPSHOT_BYTES)
-            if data is None:
+        pieces = None
+        if external is not None:  # its memory is in chunks, restored straight from them
+            pieces = chunks.collect(external, self._retained.parts(topic), MAX_SNAPSHOT_BYTES)
+            if pieces is None:
                 return None
-            snap = replace(snap, memory=replace(snap.memory, data=data, external=None))
-        self._decoded[app] = (head, snap)
-        return snap
+        checkpoint = self._decoded[app] = Checkpoint(head, snap, pieces)
+        return checkpoint
 
     # --- modules ----------------------------------------------------------------------------
 
@@ -398,17 +419,24 @@ class Node:
         name = spec.app
         began = time.monotonic()
         module = await self.module(spec.module)
-        snap = await self._snapshot_for(name, spec, epoch if handover else None)
+        checkpoint = await self._checkpoint_for(name, spec, epoch if handover else None)
+        snap = checkpoint.snap if checkpoint else None
         if name in self.hosted or self.owners.get(name) != wire.OwnerRecord(self.id, epoch):
             return  # things moved on while we waited
         hosted = HostedApp(self._ctx, spec, module, epoch)
         self.hosted[name] = hosted
         try:
-            await hosted.start(snap)
-        except BrokerError as exc:  # the broker, not the app: try again on a later pass
+            if checkpoint:
+                await hosted.start(snap, checkpoint.pieces, checkpoint.matches)
+            else:
+                await hosted.start(None)
+        except (BrokerError, SnapshotIncomplete) as exc:  # not the app: try again later
             self.hosted.pop(name, None)
             await hosted.close()
             log.warning("%s: could not start: %s", name, exc)
+            if checkpoint and isinstance(exc, SnapshotIncomplete):
+                self._decoded[name] = checkpoint.head  # wait for the rest of it
+                self._dirty.set()
             return
         except MeshError as exc:  # the app itself (a trap, a bad checkpoint): it stays failed
             await hosted.close()
@@ -422,8 +450,8 @@ class Node:
         log.info("%s: %s here at epoch %d%s", name, kind, epoch,
                  f" from checkpoint {snap.seq}" if snap else "")
 
-    async def _snapshot_for(self, name: str, spec: wire.AppSpec,
-                            epoch: int | None) -> wire.Snapshot | None:
+    async def _checkpoint_for(self, name: str, spec: wire.AppSpec,
+                              epoch: int | None) -> Checkpoint | None:
         """The checkpoint to restore: the handover one for `epoch`, else the newest.
 
         Waits while one is on its way (a header whose chunks are still arriving, or the handover
@@ -435,13 +463,13 @@ class Node:
         waker = self._waking.setdefault(name, asyncio.Event())
         while True:
             try:
-                snap = self.snapshot(name)
+                checkpoint = self.checkpoint(name)
             except WireError as exc:
                 log.warning("%s: its checkpoint is unusable: %s", name, exc)
-                snap = None
-            usable = snap if snap is not None and snap.module == spec.module else None
-            arriving = snap is None and self._retained.head(topic) is not None
-            wanted = epoch is not None and (usable is None or usable.epoch < epoch)
+                checkpoint = None
+            usable = checkpoint if checkpoint and checkpoint.snap.module == spec.module else None
+            arriving = checkpoint is None and self._retained.head(topic) is not None
+            wanted = epoch is not None and (usable is None or usable.snap.epoch < epoch)
             if not (arriving or wanted) or time.monotonic() >= deadline:
                 return usable
             waker.clear()
@@ -467,8 +495,11 @@ class Node:
         self.hosted.pop(name, None)
         record = wire.OwnerRecord(target, epoch)
         self.owners[name] = record
-        await self._control.publish(self.topics.app(name, "owner"), wire.encode(record),
-                                    retain=True)
+        try:  # the target starts on this; the app here is closed meanwhile
+            await self._control.publish(self.topics.app(name, "owner"), wire.encode(record),
+                                        retain=True)
+        finally:
+            await hosted.close()
         log.info("%s: handed over to %s at epoch %d in %.1f ms", name, target, epoch,
                  (time.monotonic() - began) * 1000)
 

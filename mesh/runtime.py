@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import dataclasses
 import hashlib
 import importlib.metadata
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -552,18 +553,32 @@ class App:
     def snapshot(self, *, epoch: int = 0, seq: int = 0,
                  applied: tuple[int, ...] = ()) -> Snapshot:
         """The app's complete state. Take it between calls, on the app's thread."""
+        snap, pieces = self.snapshot_pieces(epoch=epoch, seq=seq, applied=applied)
+        return dataclasses.replace(snap, memory=dataclasses.replace(
+            snap.memory, data=b"".join(pieces)))
+
+    def snapshot_pieces(self, *, epoch: int = 0, seq: int = 0, applied: tuple[int, ...] = ()
+                        ) -> tuple[Snapshot, list[memimage.Buffer]]:
+        """`snapshot` with the memory bytes left in pieces (the image's `data` is empty).
+
+        Pieces may be views of linear memory itself, saving a copy of it: they are valid until
+        the next call into the app, or `close`.
+        """
         if self.failure:
             raise AppError(f"app {self.name} has failed ({self.failure}): its state is not "
                            "consistent and cannot be snapshotted")
         values = tuple(GlobalValue(gname, gtype, handle.value(self._store))
                        for gname, gtype, handle in self._globals)
-        memory = memimage.capture(self._live_memory())
+        memory, pieces = memimage.capture_pieces(self._live_memory())
         return Snapshot(app=self.name, module=self.module.sha256, memory=memory,
                         globals=values, host=self.host, epoch=epoch, seq=seq,
-                        taken_ms=int(time.time() * 1000), applied=applied)
+                        taken_ms=int(time.time() * 1000), applied=applied), pieces
 
-    def restore(self, snap: Snapshot) -> None:
-        """Continue from `snap` in this fresh instance (instead of `start`)."""
+    def restore(self, snap: Snapshot, pieces: Sequence[memimage.Buffer] | None = None) -> None:
+        """Continue from `snap` in this fresh instance (instead of `start`).
+
+        `pieces` are its memory bytes, in order, when they travelled apart from it (chunks).
+        """
         if snap.module != self.module.sha256:
             raise SnapshotError(f"snapshot is of module {snap.module[:12]}, not "
                                 f"{self.module.sha256[:12]}; refusing to restore it")
@@ -573,10 +588,11 @@ class App:
         got = {(g.name, g.type) for g in snap.globals}
         if expected != got:
             raise SnapshotError("snapshot globals do not match the module's")
-        memimage.check(snap.memory, self.limits.memory_bytes)
+        memimage.check(snap.memory, self.limits.memory_bytes, pieces)
         self._set_memory_size(snap.memory.size)
         try:
-            memimage.restore_into(snap.memory, self._live_memory(), self.limits.memory_bytes)
+            memimage.restore_into(snap.memory, self._live_memory(), self.limits.memory_bytes,
+                                  pieces)
         except SnapshotError as exc:
             self.failure = f"a restore failed half-way: {exc}"
             raise

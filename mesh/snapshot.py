@@ -7,6 +7,9 @@ memory, so nothing is copied first) and `restore_into` writes one back exactly.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+
 import zstandard
 
 from mesh.errors import SnapshotError
@@ -55,23 +58,34 @@ def capture(memory: Buffer, block_size: int = BLOCK_SIZE) -> MemoryImage:
     The bytes are zstd-compressed unless samples of them do not compress (random or already
     compressed data), where compressing would cost time and save nothing.
     """
+    image, pieces = capture_pieces(memory, block_size)
+    return dataclasses.replace(image, data=b"".join(pieces))
+
+
+def capture_pieces(memory: Buffer,
+                   block_size: int = BLOCK_SIZE) -> tuple[MemoryImage, list[Buffer]]:
+    """`capture` with the data left in pieces, in order (the image's own `data` is empty).
+
+    Raw pieces are views of `memory` itself: they are valid only while it stays unchanged.
+    """
     view = memoryview(memory).cast("B")
     runs = nonzero_runs(view, block_size)
-    pieces = [view[first * block_size:(first + count) * block_size] for first, count in runs]
+    pieces: list[Buffer] = [view[first * block_size:(first + count) * block_size]
+                            for first, count in runs]
     if not _compressible(pieces):
-        return MemoryImage(len(view), block_size, tuple(runs), b"".join(pieces), codec="raw")
+        return MemoryImage(len(view), block_size, tuple(runs), b"", codec="raw"), pieces
     compressor = zstandard.ZstdCompressor(level=_LEVEL).compressobj()
-    parts = [compressor.compress(piece) for piece in pieces]
-    parts.append(compressor.flush())
-    return MemoryImage(len(view), block_size, tuple(runs), b"".join(parts))
+    packed: list[Buffer] = [compressor.compress(piece) for piece in pieces]
+    packed.append(compressor.flush())
+    return MemoryImage(len(view), block_size, tuple(runs), b""), packed
 
 
-def _compressible(pieces: list[memoryview]) -> bool:
+def _compressible(pieces: list[Buffer]) -> bool:
     """Whether zstd saves at least a tenth on samples from the start, middle and end."""
     total = sum(len(piece) for piece in pieces)
     if total < _SAMPLE_ABOVE:
         return True
-    data = pieces[0] if len(pieces) == 1 else memoryview(b"".join(pieces[:1] + pieces[-1:]))
+    data = memoryview(pieces[0] if len(pieces) == 1 else b"".join(pieces[:1] + pieces[-1:]))
     samples = [data[at:at + _SAMPLE] for at in (0, len(data) // 2, max(0, len(data) - _SAMPLE))]
     raw = sum(len(sample) for sample in samples)
     packed = sum(len(zstandard.ZstdCompressor(level=_LEVEL).compress(sample))
@@ -79,7 +93,8 @@ def _compressible(pieces: list[memoryview]) -> bool:
     return packed < 0.9 * raw
 
 
-def _run_spans(image: MemoryImage, max_size: int) -> list[tuple[int, int]]:
+def _run_spans(image: MemoryImage, max_size: int,
+               held: int | None = None) -> list[tuple[int, int]]:
     """(offset, length) of each run, after checking that the image is well formed."""
     size, block = image.size, image.block_size
     if size > max_size:
@@ -94,22 +109,26 @@ def _run_spans(image: MemoryImage, max_size: int) -> list[tuple[int, int]]:
         end = first + count
         spans.append((first * block, min(count * block, size - first * block)))
     needed = sum(length for _, length in spans)
-    if image.codec == "raw" and len(image.data) != needed:
-        raise SnapshotError(f"memory image holds {len(image.data)} bytes, its runs need {needed}")
+    held = len(image.data) if held is None else held
+    if image.codec == "raw" and held != needed:
+        raise SnapshotError(f"memory image holds {held} bytes, its runs need {needed}")
     return spans
 
 
-def check(image: MemoryImage, max_size: int) -> None:
+def check(image: MemoryImage, max_size: int, pieces: Sequence[Buffer] | None = None) -> None:
     """Raise SnapshotError unless the image's layout is valid (its data is checked on restore)."""
-    _run_spans(image, max_size)
+    _run_spans(image, max_size, None if pieces is None else sum(len(p) for p in pieces))
 
 
-def restore_into(image: MemoryImage, memory: Buffer, max_size: int) -> None:
+def restore_into(image: MemoryImage, memory: Buffer, max_size: int,
+                 pieces: Sequence[Buffer] | None = None) -> None:
     """Make `memory` (writable, exactly `image.size` bytes) equal to the captured memory.
 
+    The image's bytes are its `data`, or `pieces` (in order) when they travelled apart from it.
     Raises SnapshotError; if that happens after writing began, `memory` is left half-written.
     """
-    spans = _run_spans(image, max_size)
+    pieces = [image.data] if pieces is None else pieces
+    spans = _run_spans(image, max_size, sum(len(piece) for piece in pieces))
     view = memoryview(memory).cast("B")
     if len(view) != image.size:
         raise SnapshotError(f"memory image is {image.size} bytes, the target {len(view)}")
@@ -119,10 +138,10 @@ def restore_into(image: MemoryImage, memory: Buffer, max_size: int) -> None:
         at = offset + length
     needed = sum(length for _, length in spans)
     if image.codec == "raw":
-        _copy_raw(image.data, view, spans)
+        _copy_raw(pieces, view, spans)
         return
     try:
-        with zstandard.ZstdDecompressor().stream_reader(image.data) as reader:
+        with zstandard.ZstdDecompressor().stream_reader(b"".join(pieces)) as reader:
             done = 0
             for offset, length in spans:
                 done += _read_exactly(reader, view[offset:offset + length])
@@ -135,12 +154,19 @@ def restore_into(image: MemoryImage, memory: Buffer, max_size: int) -> None:
         raise SnapshotError(f"memory image holds {done} bytes, its runs need {needed}")
 
 
-def _copy_raw(data: bytes, view: memoryview, spans: list[tuple[int, int]]) -> None:
-    source = memoryview(data)
-    at = 0
+def _copy_raw(pieces: Sequence[Buffer], view: memoryview,
+              spans: list[tuple[int, int]]) -> None:
+    """Copy the bytes of `pieces`, in order, into the spans of `view` (lengths match)."""
+    sources = iter(pieces)
+    source = memoryview(b"")
     for offset, length in spans:
-        view[offset:offset + length] = source[at:at + length]
-        at += length
+        at, end = offset, offset + length
+        while at < end:
+            if not source:
+                source = memoryview(next(sources)).cast("B")
+            step = min(end - at, len(source))
+            view[at:at + step] = source[:step]
+            source, at = source[step:], at + step
 
 
 def _zero(view: memoryview) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 from typing import Any
 
@@ -111,3 +112,26 @@ def test_data_that_does_not_compress_is_stored_raw() -> None:
         restore(dataclasses.replace(image, data=image.data[:-1]))
     with pytest.raises(WireError, match="unknown memory codec 'lz4'"):
         dataclasses.replace(image, codec="lz4")
+
+
+@pytest.mark.parametrize("fill", ["noise", "text"])
+@given(cuts=st.lists(st.integers(0, 5 << 20), max_size=6))
+def test_an_image_restores_from_its_bytes_in_any_pieces(fill: str, cuts: list[int]) -> None:
+    """Chunked snapshots restore straight from their chunks, wherever the cuts fall."""
+    rng = random.Random(fill)
+    body = rng.randbytes(2 << 20) if fill == "noise" else b"liquid mesh " * 180_000
+    memory = bytearray(6 << 20)
+    memory[4096:4096 + len(body)] = body
+    memory[5 << 20:(5 << 20) + 9] = b"far apart"
+    image, pieces = snapshot.capture_pieces(memory)
+    assert image.data == b""
+    assert image.codec == ("raw" if fill == "noise" else "zstd")
+    data = b"".join(pieces)
+    assert snapshot.capture(memory).data == data
+    bounds = sorted({0, len(data), *(cut % (len(data) + 1) for cut in cuts)})
+    cut_up = [data[a:b] for a, b in itertools.pairwise(bounds)]
+    target = bytearray(b"\xff" * len(memory))
+    snapshot.restore_into(image, target, len(memory), cut_up)
+    assert target == memory
+    with pytest.raises(SnapshotError):
+        snapshot.restore_into(image, target, len(memory), [data[:-1]])

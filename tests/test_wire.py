@@ -205,3 +205,22 @@ def test_retained_keeps_heads_and_chunks_as_they_come() -> None:
         retained.chunk("b", "x", b"")
     with pytest.raises(WireError, match="not a number below 4096"):
         retained.chunk("b", "99999", b"")
+
+
+@given(st.lists(st.binary(max_size=700), max_size=8), st.integers(1, 500))
+def test_chunks_cut_from_pieces_match_chunks_of_the_whole(pieces: list[bytes],
+                                                           size: int) -> None:
+    """Snapshot memory is cut into chunks straight from its pieces, never joined first."""
+    whole = b"".join(pieces)
+    manifest, parts = chunks.split(whole, size, first=7)
+    assert chunks.describe(pieces, size, first=7) == manifest
+    assert list(chunks.cut(pieces, size)) == parts
+    held = {7 + index: part for index, part in enumerate(parts)}
+    collected = chunks.collect(manifest, held, len(whole))
+    assert collected == parts
+    assert chunks.matches(manifest, collected)
+    if parts and parts[0].strip(b"\0"):
+        stale = {**held, 7: bytes(len(parts[0]))}
+        stale_parts = chunks.collect(manifest, stale, len(whole))
+        assert stale_parts is not None
+        assert not chunks.matches(manifest, stale_parts)
