@@ -164,14 +164,23 @@ def _add_run(sub: Subparsers) -> None:
 
 
 def _add_node(sub: Subparsers) -> None:
-    node = sub.add_parser("node", help="run a mesh node on this device")
-    node.add_argument("--id", help="this node's id (default: from the host name)")
-    node.add_argument("--state-dir", type=Path, help="modules and compiled code "
-                      "(default: ~/.local/state/liquid-mesh/ID)")
-    node.add_argument("--keepalive", type=int, default=5, metavar="S",
-                      help="MQTT keepalive; a crash is noticed within 1.5x this")
+    node = sub.add_parser("node", help="run a mesh node on this device",
+                          description="Run this device's mesh node. With no arguments it "
+                          "finds the mesh's broker on the LAN (mDNS), or hosts one if there "
+                          "is none, and keeps its identity in its state directory.")
+    node.add_argument("--id", help="this node's id (default: from the profile, else one "
+                      "chosen on the first start and kept in the state directory)")
+    node.add_argument("--profile", type=Path, metavar="FILE.toml",
+                      help="device profile: id, caps, labels, sensors, limits (see devices/)")
+    node.add_argument("--state-dir", type=Path, help="identity, modules and compiled code "
+                      "(default: $MESH_STATE_DIR, /var/lib/liquid-mesh as root, else "
+                      "~/.local/state/liquid-mesh; then /ID or /device)")
+    node.add_argument("--keepalive", type=int, metavar="S",
+                      help="MQTT keepalive, default 5; a crash is noticed within 1.5x this")
     node.add_argument("--embedded-broker", action="store_true",
                       help="serve MQTT in-process (amqtt) at the --broker address")
+    node.add_argument("--no-mdns", action="store_true",
+                      help="neither announce this node nor look for brokers on the LAN")
     node.add_argument("--cap", action="append", default=[], help="a capability (repeatable)")
     node.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                       help="a label apps can prefer (repeatable)")
@@ -188,7 +197,8 @@ def _add_node(sub: Subparsers) -> None:
 
 def _add_broker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", metavar="URL",
-                        help="mqtt://host:port (default: $MESH_BROKER or mqtt://127.0.0.1:1883)")
+                        help="mqtt://host:port (default: $MESH_BROKER, else found on the LAN "
+                        "with mDNS, else mqtt://127.0.0.1:1883)")
     parser.add_argument("--root", default="mesh", help=argparse.SUPPRESS)
 
 

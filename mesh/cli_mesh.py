@@ -11,34 +11,22 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
-import socket
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from mesh import wire
+from mesh import profile, wire
 from mesh.broker import LIMITS_WARNING, EmbeddedBroker
 from mesh.cli import read_module
 from mesh.client import MeshClient, broker_from
 from mesh.demo import run_demo
-from mesh.errors import BrokerError, MeshError
+from mesh.device import Device
+from mesh.errors import MeshError
 from mesh.mqtt import BrokerAddress
-from mesh.node import Node, NodeConfig
+from mesh.node import NodeConfig
 
 log = logging.getLogger("mesh")
-
-
-def default_node_id() -> str:
-    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname().split(".")[0])
-    return name.strip("-_.")[:64] or "node"
-
-
-def default_state_dir(node_id: str) -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(base) / "liquid-mesh" / node_id
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -60,54 +48,42 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    node_id = args.id or default_node_id()
-    config = NodeConfig(node_id=node_id, broker=broker_from(args.broker),
-                        state_dir=args.state_dir or default_state_dir(node_id),
-                        root=args.root, caps=tuple(args.cap),
-                        labels=_pairs(args.label, "--label"),
-                        sensors=dict(args.sensor), keepalive=args.keepalive)
-    return asyncio.run(run_node(config, embedded=args.embedded_broker))
+    kit = profile.load(args.profile) if args.profile else profile.Profile()
+    configured = args.id or kit.id
+    state_dir = args.state_dir or kit.state_dir or profile.default_state_dir(configured)
+    url = args.broker or os.environ.get("MESH_BROKER") or kit.broker
+    broker = BrokerAddress.parse(url) if url else None
+    if args.embedded_broker and broker is None:
+        broker = broker_from(None)
+    config = NodeConfig(node_id=profile.identity(state_dir, configured),
+                        broker=broker or broker_from(None), state_dir=state_dir, root=args.root,
+                        caps=(*kit.caps, *(c for c in args.cap if c not in kit.caps)),
+                        labels={**kit.labels, **_pairs(args.label, "--label")},
+                        sensors={**kit.sensors, **dict(args.sensor)},
+                        keepalive=args.keepalive or kit.keepalive or 5,
+                        app_memory_bytes=kit.app_memory_bytes,
+                        call_timeout_ms=kit.call_timeout_ms)
+    device = Device(config, broker=broker, mdns=not args.no_mdns)
+    return asyncio.run(run_device(device, embedded=args.embedded_broker))
 
 
-async def run_node(config: NodeConfig, *, embedded: bool) -> int:
+async def run_device(device: Device, *, embedded: bool) -> int:
+    """Run the device until SIGTERM/SIGINT (its apps are handed over first)."""
     # Apps run on worker threads that call into wasmtime through ctypes, releasing the GIL on
     # every call; a short switch interval keeps them from waiting 5 ms to get it back.
     sys.setswitchinterval(0.0002)
-    async with contextlib.AsyncExitStack() as stack:
-        if embedded:
-            await stack.enter_async_context(EmbeddedBroker(config.broker.host,
-                                                           config.broker.port))
-            log.warning("%s", LIMITS_WARNING)
-        await _serve(config)
-    return 0
-
-
-async def _serve(config: NodeConfig) -> None:
-    """Run the node until SIGTERM/SIGINT; when the broker is lost or absent, join again."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    current: list[Node] = []
-    leaving: list[asyncio.Task[None]] = []
-
-    def stop() -> None:
-        stopping.set()
-        leaving.extend(loop.create_task(node.leave()) for node in current)
-
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop)
-    backoff = 1.0
-    while not stopping.is_set():
-        try:
-            async with Node(config) as node:
-                current[:] = [node]
-                backoff = 1.0
-                await node.stopped.wait()
-        except BrokerError as exc:
-            log.warning("%s; trying again in %.0f s", exc, backoff)
-        current.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), backoff)
-        backoff = min(backoff * 2, 30.0)
+        loop.add_signal_handler(signum, stopping.set)
+    log.info("node %s, state in %s", device.config.node_id, device.config.state_dir)
+    async with contextlib.AsyncExitStack() as stack:
+        if embedded:
+            address = device.config.broker
+            await stack.enter_async_context(EmbeddedBroker(address.host, address.port))
+            log.warning("%s", LIMITS_WARNING)
+        await device.run(stopping)
+    return 0
 
 
 def cmd_broker(args: argparse.Namespace) -> int:

@@ -94,7 +94,8 @@ async def _nodes(broker: BrokerAddress,
         log = (workdir / f"{name}.log").open("wb")
         procs[name] = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "mesh", "node", "--id", name, "--broker", str(broker),
-            "--state-dir", str(workdir / name), "--keepalive", "2", stdout=log, stderr=log)
+            "--no-mdns", "--state-dir", str(workdir / name), "--keepalive", "2",
+            stdout=log, stderr=log)
         log.close()
     try:
         yield procs

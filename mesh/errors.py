@@ -34,5 +34,9 @@ class SnapshotIncomplete(SnapshotError):
     """A snapshot's memory chunks are not all its own yet (some are of an older one)."""
 
 
+class ConfigError(MeshError, ValueError):
+    """A device profile or option that is malformed or contradicts itself."""
+
+
 class BrokerError(MeshError):
     """The broker cannot be reached, refused us, or dropped the connection."""

@@ -81,6 +81,8 @@ class HostContext:
     sensors: dict[str, Callable[[], bytes]]
     event: Callable[..., None]
     lost: Callable[[HostedApp, str], None]
+    app_memory_bytes: int | None = None  # this device's caps on what one app may use
+    call_timeout_ms: int | None = None
 
 
 class HostedApp:
@@ -132,8 +134,11 @@ class HostedApp:
         whether they are the right ones (it hashes them, on another thread while restoring).
         """
         io = self._io
-        limits = Limits(memory_bytes=self.spec.memory_limit,
-                        timeout_s=self.spec.timeout_ms / 1000)
+        ctx = self.ctx
+        limits = Limits(memory_bytes=min(self.spec.memory_limit,
+                                         ctx.app_memory_bytes or self.spec.memory_limit),
+                        timeout_s=min(self.spec.timeout_ms,
+                                      ctx.call_timeout_ms or self.spec.timeout_ms) / 1000)
 
         def instantiate() -> App:
             app = App(self.ctx.runtime, self.module, name=self.name, io=io, limits=limits)
@@ -175,6 +180,19 @@ class HostedApp:
         await self._pause()
         self.epoch = epoch
         await self.checkpoint(final=True)
+
+    async def suspend(self) -> wire.Snapshot | None:
+        """The broker is gone: stop, keeping the app's state here (a snapshot) for the next."""
+        await self._pause()
+        snap = None
+        app = self._app
+        if self.state == "running" and app is not None:
+            try:
+                snap = await self._run(lambda: app.snapshot(epoch=self.epoch, seq=self._seq))
+            except MeshError as exc:
+                log.warning("%s: cannot keep its state: %s", self.name, exc)
+        await self.close()
+        return snap
 
     async def shutdown(self) -> None:
         """Stop without handing over: a last checkpoint if the session is still ours."""

@@ -29,7 +29,7 @@ from typing import Any
 
 from mesh import chunks, wire
 from mesh.errors import BrokerError, MeshError, SnapshotIncomplete, WireError
-from mesh.hosted import HostContext, HostedApp, publish_blob
+from mesh.hosted import HostContext, HostedApp, publish_blob, publish_snapshot
 from mesh.mqtt import BrokerAddress, Connection, Message
 from mesh.placement import Placement
 from mesh.runtime import AppModule, Runtime
@@ -43,6 +43,7 @@ MODULE_WAIT_S = 30.0
 DEPLOY_MODULE_WAIT_S = 3.0
 SNAPSHOT_WAIT_S = 5.0
 RECONCILE_EVERY_S = 10.0
+REJOIN_GRACE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,23 @@ class Checkpoint:
 
 
 @dataclass
+class Carry:
+    """What a node held when it lost its broker, for the next one (which may hold none of it).
+
+    The next broker may be a new one that a survivor just started: it gets the specs, the
+    owner records and the modules back from the nodes, which keep running the apps they ran
+    (from the state they had, `suspended`) and bring back the apps of a lost device from the
+    newest checkpoint they hold (`retained`).
+    """
+
+    members: set[str]
+    specs: dict[str, wire.AppSpec]
+    owners: dict[str, wire.OwnerRecord]
+    retained: chunks.Retained
+    suspended: dict[str, wire.Snapshot] = field(default_factory=dict)
+
+
+@dataclass
 class NodeConfig:
     node_id: str
     broker: BrokerAddress
@@ -71,13 +89,17 @@ class NodeConfig:
     labels: dict[str, str] = field(default_factory=dict)
     sensors: dict[str, Callable[[], bytes]] = field(default_factory=dict)
     keepalive: int = 5
+    app_memory_bytes: int | None = None
+    call_timeout_ms: int | None = None
 
 
 class Node:
     """`async with Node(config) as node: await node.stopped` runs a mesh node."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, carry: Carry | None = None) -> None:
         self.config = config
+        self.carried = carry
+        self.carry: Carry | None = None  # set when the broker is lost
         self.id = config.node_id
         self.topics = Topics(config.root)
         self.runtime = Runtime(cache_dir=config.state_dir / "compiled")
@@ -91,7 +113,8 @@ class Node:
         self._started_ms = int(time.time() * 1000)
         self._modules: dict[str, AppModule] = {}
         self._module_waiters: dict[str, asyncio.Future[bytes]] = {}
-        self._retained = chunks.Retained()
+        self._retained = carry.retained if carry else chunks.Retained()
+        self._claim_after = 0.0  # after a broker change, claims of others' apps wait this long
         self._dirty = asyncio.Event()
         self._waking: dict[str, asyncio.Event] = {}
         self._unplaceable: set[str] = set()
@@ -100,7 +123,8 @@ class Node:
         self._background: set[asyncio.Task[None]] = set()
         self._busy = asyncio.Lock()  # one reconcile pass, or the leave, at a time
         self._ctx = HostContext(self.runtime, config.broker, self.topics, config.keepalive,
-                                config.sensors, self.event, self._app_lost)
+                                config.sensors, self.event, self._app_lost,
+                                config.app_memory_bytes, config.call_timeout_ms)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -125,7 +149,9 @@ class Node:
         await control.subscribe(f"{t.root}/apps/+/snapshot/+", f"{t.root}/apps/+/snapshot",
                                 f"{t.root}/nodes/+", f"{t.root}/apps/+/spec",
                                 f"{t.root}/apps/+/owner", t.cmd, t.node_cmd(self.id))
-        await self._publish_record()
+        await self._publish_record()  # answered after the retained messages: all here now
+        if self.carried is not None:
+            await self._rebuild(self.carried)
         self.event("joined", detail={"caps": ",".join(self.config.caps)})
         self._tasks = [asyncio.create_task(self._reconciler(), name="reconcile"),
                        asyncio.create_task(self._watch_control(control), name="control")]
@@ -186,13 +212,65 @@ class Node:
     async def _watch_control(self, control: Connection) -> None:
         assert control.lost is not None
         reason = await asyncio.shield(control.lost)
-        log.error("node %s lost the broker (%s): stopping every app, then joining again",
+        log.error("node %s lost the broker (%s): suspending every app, then joining again",
                   self.id, reason)
         self._leaving = True
-        for hosted in list(self.hosted.values()):
-            await hosted.close()
+        suspended = {}
+        for name, hosted in list(self.hosted.items()):
+            snap = await hosted.suspend()
+            if snap is not None:
+                suspended[name] = snap
         self.hosted.clear()
+        self.carry = Carry(set(self.members) - {self.id}, dict(self.specs), dict(self.owners),
+                           self._retained, suspended)
         self.stopped.set()
+
+    async def _rebuild(self, carry: Carry) -> None:
+        """Joined after losing a broker: give this one back what it lacks of what we held."""
+        assert self._control is not None
+        control, t = self._control, self.topics
+        for name, spec in carry.specs.items():
+            if name not in self.specs:
+                await control.publish(t.app(name, "spec"), wire.encode(spec), retain=True)
+                await self._republish_module(spec.module)
+        for name, kept in carry.suspended.items():  # ours: they go on from where they were
+            owner = self.owners.get(name)
+            if owner is not None and (owner.node != self.id or owner.epoch > kept.epoch):
+                continue  # another node took it over meanwhile
+            epoch = kept.epoch + 1
+            snap = replace(kept, epoch=epoch, seq=kept.seq + 1, applied=())
+            await publish_snapshot(control, t.app(name, "snapshot"), snap, [snap.memory.data])
+            record = self.owners[name] = wire.OwnerRecord(self.id, epoch)
+            await control.publish(t.app(name, "owner"), wire.encode(record), retain=True)
+        for name, owner in carry.owners.items():  # the epochs a takeover must go past
+            if name not in self.owners and name not in carry.suspended:
+                self.owners[name] = owner
+                await control.publish(t.app(name, "owner"), wire.encode(owner), retain=True)
+        # Others come back too, each with its own apps: give them a moment before taking
+        # over an app whose owner has not come back yet.
+        self._claim_after = time.monotonic() + REJOIN_GRACE_S
+        self._spawn(self._wake_after(REJOIN_GRACE_S), "rejoin-grace")
+        log.info("node %s rebuilt the mesh state: %d specs, %d apps of its own", self.id,
+                 len(carry.specs), len(carry.suspended))
+
+    async def _republish_module(self, sha256: str) -> None:
+        path = self.config.state_dir / "modules" / f"{sha256}.wasm"
+        if path.exists():
+            assert self._control is not None
+            await publish_blob(self._control, self.topics.module(sha256), path.read_bytes())
+
+    async def _wake_after(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        self._dirty.set()
+
+    def peer_gone(self, node_id: str) -> None:
+        """A peer said goodbye on the LAN: place nothing more there, as if it were leaving."""
+        record = self.members.get(node_id)
+        if record is not None and not record.leaving:
+            log.info("node %s said goodbye", node_id)
+            self.members[node_id] = replace(record, leaving=True)
+            self.event("peer-left", detail={"peer": node_id})
+            self._dirty.set()
 
     # --- messages ---------------------------------------------------------------------------
 
@@ -401,6 +479,8 @@ class Node:
         if owner is not None and owner.node == self.id:
             await self._start(spec, owner.epoch, handover=True)
         elif target == self.id and (owner is None or owner.node not in members):
+            if owner is not None and time.monotonic() < self._claim_after:
+                return  # its owner may still be on its way back from a lost broker
             epoch = (owner.epoch if owner else 0) + 1
             await self._claim(spec, epoch, failover=owner is not None)
 

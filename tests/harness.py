@@ -117,7 +117,7 @@ class NodeProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mesh", "-v", "node", "--id", self.node_id,
                  "--broker", self.broker, "--state-dir", str(self.workdir / self.node_id),
-                 "--keepalive", "2", *self.args],
+                 "--keepalive", "2", "--no-mdns", *self.args],
                 stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         return self
 

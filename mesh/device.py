@@ -1,0 +1,186 @@
+"""A device: its mesh node, and the broker it finds, or hosts when there is none.
+
+With a broker given, the device just runs its node there, joining again whenever it loses it.
+Without one it looks on the LAN (mDNS, `mesh.discovery`) for a short while; if no broker
+answers, it starts the embedded one and announces it. When two devices did that at the same
+moment, the one `mesh.election` ranks lower shuts its broker, and its node, like every node that
+used it, finds the other. When the broker's device is lost, the survivors elect a new host and
+bring the mesh back on it from what they hold (`mesh.node.Carry`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import replace
+from typing import Any
+
+from mesh import election
+from mesh.broker import LIMITS_WARNING, EmbeddedBroker
+from mesh.discovery import BROKER_SERVICE, Discovery, first_answering, free_port, local_addresses
+from mesh.election import BrokerAd
+from mesh.errors import BrokerError
+from mesh.mqtt import BrokerAddress
+from mesh.node import Carry, Node, NodeConfig
+
+log = logging.getLogger(__name__)
+
+SEARCH_S = 1.5  # how long a device that boots looks for a broker before it hosts one
+LOOK_EVERY_S = 0.25
+RETRY_S = (1.0, 30.0)  # backoff when a given broker cannot be reached
+
+
+class Device:
+    """`await Device(config, ...).run(stopping)` runs until `stopping` is set."""
+
+    def __init__(self, config: NodeConfig, *, broker: BrokerAddress | None, mdns: bool = True,
+                 broker_port: int = 1883) -> None:
+        self.config = config
+        self.broker = broker  # given: use only this one
+        self.mdns = mdns
+        self.broker_port = broker_port
+        self.lan: Discovery | None = None
+        self.node: Node | None = None
+        self._hosted: EmbeddedBroker | None = None
+        self._hosted_ad: BrokerAd | None = None
+        self._watching: asyncio.Task[None] | None = None
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            if self.mdns:
+                self.lan = await stack.enter_async_context(
+                    Discovery(self.config.node_id, self.config.root, on_goodbye=self._goodbye))
+            stack.push_async_callback(self._stop_hosting)
+            carry: Carry | None = None
+            lost: BrokerAd | None = None
+            backoff = RETRY_S[0]
+            while not stopping.is_set():
+                choice = await self._choose(carry, lost, stopping)
+                if choice is None:
+                    return
+                address, ad = choice
+                node = Node(replace(self.config, broker=address), carry)
+                try:
+                    async with node:
+                        self.node = node
+                        backoff = RETRY_S[0]
+                        if self.lan:
+                            await self.lan.advertise_node(self.config.caps,
+                                                          self._public_url(address))
+                        await _first(node.stopped.wait(), stopping.wait())
+                        if stopping.is_set():
+                            await node.leave()
+                except BrokerError as exc:
+                    if ad is None:
+                        log.warning("%s; trying again in %.0f s", exc, backoff)
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stopping.wait(), backoff)
+                        backoff = min(backoff * 2, RETRY_S[1])
+                finally:
+                    self.node = None
+                if node.carry is not None and self.broker is None:
+                    # Lost a broker found on the LAN: the next one may be a new one, to give
+                    # back what we held. A given broker outlives us (others may have taken
+                    # our apps over meanwhile): we start again from what it holds.
+                    carry, lost = node.carry, ad
+
+    # --- choosing a broker ------------------------------------------------------------------
+
+    async def _choose(self, carry: Carry | None, lost: BrokerAd | None,
+                      stopping: asyncio.Event) -> tuple[BrokerAddress, BrokerAd | None] | None:
+        """The broker to join (and its announcement, if it was found on the LAN)."""
+        if self.broker is not None:
+            return self.broker, None
+        if self._hosted is not None and self._hosted_ad is not None:
+            return BrokerAddress("127.0.0.1", self._hosted_ad.port), self._hosted_ad
+        lan = self.lan
+        if lan is None:
+            raise BrokerError("no broker given and mDNS is off: use --broker")
+        if carry is None:
+            wait = SEARCH_S
+        else:
+            wait = election.host_wait_s(self.config.node_id, carry.members,
+                                        lost.node if lost else None)
+            log.info("node %s looks for a new broker (hosting one in %.1f s if none answers)",
+                     self.config.node_id, wait)
+        deadline = time.monotonic() + wait
+        while not stopping.is_set():
+            seen = [ad for ad in lan.brokers.values() if ad != lost]
+            found = await first_answering(election.ranked(seen))
+            if found is not None:
+                ad, host = found
+                log.info("using the broker %s at %s:%d", ad.name, host, ad.port)
+                return BrokerAddress(host, ad.port), ad
+            if time.monotonic() >= deadline:
+                return await self._host()
+            lan.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lan.changed.wait(),
+                                       min(LOOK_EVERY_S, deadline - time.monotonic()))
+        return None
+
+    async def _host(self) -> tuple[BrokerAddress, BrokerAd]:
+        """Start the embedded broker here and announce it."""
+        assert self.lan is not None
+        port = free_port(preferred=self.broker_port)
+        broker = EmbeddedBroker("0.0.0.0", port)
+        await broker.__aenter__()
+        self._hosted = broker
+        started = int(time.time() * 1000)
+        log.warning("no broker on the LAN: hosting one on port %d; %s", port, LIMITS_WARNING)
+        await self.lan.advertise_broker(port, started)
+        self._hosted_ad = BrokerAd(f"{self.config.node_id}.{BROKER_SERVICE}",
+                                   tuple(local_addresses()), port, self.config.node_id, started)
+        self._watching = asyncio.create_task(self._watch_rivals(), name="rival-brokers")
+        return BrokerAddress("127.0.0.1", port), self._hosted_ad
+
+    async def _watch_rivals(self) -> None:
+        """While hosting: yield to a broker that wins over ours (see `mesh.election`)."""
+        lan, mine = self.lan, self._hosted_ad
+        assert lan is not None
+        assert mine is not None
+        while True:
+            better = election.outranked_by(mine, lan.brokers.values())
+            if better is not None and await first_answering([better]) is not None:
+                log.warning("the broker of %s wins over ours: closing ours and joining it",
+                            better.node or better.name)
+                await self._stop_hosting(watcher=False)
+                return
+            lan.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lan.changed.wait(), 5.0)
+
+    async def _stop_hosting(self, *, watcher: bool = True) -> None:
+        if watcher and self._watching is not None:
+            self._watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watching
+        self._watching = None
+        if self.lan is not None:
+            await self.lan.withdraw(BROKER_SERVICE)
+        broker, self._hosted, self._hosted_ad = self._hosted, None, None
+        if broker is not None:
+            await broker.__aexit__(None, None, None)
+
+    def _public_url(self, address: BrokerAddress) -> str:
+        """The broker as other devices reach it (ours is local to us)."""
+        if self._hosted_ad is not None:
+            return f"mqtt://{self._hosted_ad.hosts[0]}:{self._hosted_ad.port}"
+        return str(address)
+
+    def _goodbye(self, node_id: str) -> None:
+        if self.node is not None:
+            self.node.peer_gone(node_id)
+
+
+async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
+    """Wait until the first of these coroutines finishes; cancel the rest."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
