@@ -19,7 +19,7 @@ from typing import Any
 from mesh import profile, wire
 from mesh.broker import LIMITS_WARNING, EmbeddedBroker
 from mesh.cli import read_module
-from mesh.client import MeshClient, broker_from
+from mesh.client import MeshClient, broker_from, find_broker
 from mesh.demo import run_demo
 from mesh.device import Device
 from mesh.errors import MeshError
@@ -115,7 +115,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 async def _client(args: argparse.Namespace) -> int:
-    async with MeshClient(broker_from(args.broker), args.root) as mesh:
+    async with MeshClient(await find_broker(args.broker, args.root), args.root) as mesh:
         if args.command == "events":
             async for event in mesh.events():
                 print(_event_line(event, as_json=args.json), flush=True)

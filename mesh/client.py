@@ -8,24 +8,46 @@ at `<root>/modules/<sha256>`, commands go to `<root>/cmd` as JSON or CBOR, repli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from mesh import wire
+from mesh import election, wire
+from mesh.discovery import Discovery, first_answering
 from mesh.errors import MeshError
 from mesh.mqtt import BrokerAddress, Connection, Message
 from mesh.node import publish_module
 from mesh.topics import Topics
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+DISCOVERY_S = 2.0
 
 
 def broker_from(url: str | None) -> BrokerAddress:
     """`--broker`, else `MESH_BROKER`, else the local default."""
     return BrokerAddress.parse(url or os.environ.get("MESH_BROKER") or DEFAULT_BROKER)
+
+
+async def find_broker(url: str | None, root: str = "mesh",
+                      look_s: float = DISCOVERY_S) -> BrokerAddress:
+    """`--broker`, else `MESH_BROKER`, else the mesh's broker found on the LAN with mDNS (the
+    one its nodes elected), else the local default."""
+    given = url or os.environ.get("MESH_BROKER")
+    if given:
+        return BrokerAddress.parse(given)
+    async with Discovery(f"cli-{uuid.uuid4().hex[:8]}", root) as lan:
+        deadline = asyncio.get_running_loop().time() + look_s
+        while (left := deadline - asyncio.get_running_loop().time()) > 0:
+            found = await first_answering(election.ranked(lan.brokers.values()))
+            if found is not None:
+                return BrokerAddress(found[1], found[0].port)
+            lan.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lan.changed.wait(), left)
+    return BrokerAddress.parse(DEFAULT_BROKER)
 
 
 class MeshClient:

@@ -131,17 +131,19 @@ class Device:
         self._hosted = broker
         started = int(time.time() * 1000)
         log.warning("no broker on the LAN: hosting one on port %d; %s", port, LIMITS_WARNING)
-        await self.lan.advertise_broker(port, started)
         self._hosted_ad = BrokerAd(f"{self.config.node_id}.{BROKER_SERVICE}",
                                    tuple(local_addresses()), port, self.config.node_id, started)
-        self._watching = asyncio.create_task(self._watch_rivals(), name="rival-brokers")
+        self._watching = asyncio.create_task(self._announce_and_watch(port, started),
+                                             name="hosted-broker")
         return BrokerAddress("127.0.0.1", port), self._hosted_ad
 
-    async def _watch_rivals(self) -> None:
-        """While hosting: yield to a broker that wins over ours (see `mesh.election`)."""
+    async def _announce_and_watch(self, port: int, started: int) -> None:
+        """While hosting: announce our broker (our node joins it meanwhile), and yield to a
+        broker that wins over ours (see `mesh.election`)."""
         lan, mine = self.lan, self._hosted_ad
         assert lan is not None
         assert mine is not None
+        await lan.advertise_broker(port, started)
         while True:
             better = election.outranked_by(mine, lan.brokers.values())
             if better is not None and await first_answering([better]) is not None:

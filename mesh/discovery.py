@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -214,15 +215,26 @@ class Discovery:
 
 
 async def answers(address: str, port: int, timeout: float = 1.0) -> bool:
-    """Whether something accepts TCP connections at address:port within `timeout`."""
+    """Whether an MQTT broker answers at address:port within `timeout` (a CONNACK to a
+    CONNECT; refusing us still counts as answering)."""
+    client_id = f"mesh-probe-{secrets.token_hex(4)}".encode()
+    connect = (b"\x00\x04MQTT\x04\x02\x00\x05" + len(client_id).to_bytes(2, "big")
+               + client_id)
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
-    except (OSError, TimeoutError):
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(address, port)
+            try:
+                writer.write(bytes([0x10, len(connect)]) + connect)
+                reply = await reader.readexactly(4)
+                writer.write(b"\xe0\x00")  # DISCONNECT
+                await writer.drain()
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
         return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
+    return reply[:2] == b"\x20\x02"
 
 
 async def first_answering(ads: list[BrokerAd], timeout: float = 1.0) -> tuple[BrokerAd,

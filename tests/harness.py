@@ -236,6 +236,17 @@ class Observer:
         self.client.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(10)
 
 
+def count_of(output: bytes | None) -> int:
+    return int(output.split()[0]) if output else 0
+
+
+def wait_count(obs: Observer, app: str, count: int, timeout: float = 30) -> bytes:
+    output: bytes = wait_until(
+        lambda: (out := obs.last_output(app)) is not None and count_of(out) >= count and out,
+        timeout, f"{app} to reach {count}")
+    return output
+
+
 def mesh_cli(*args: str, broker: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "mesh", "-q", *args, "--broker", broker],
                           capture_output=True, text=True, timeout=timeout, check=False)

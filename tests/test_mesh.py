@@ -25,10 +25,12 @@ from tests.harness import (
     Cluster,
     Observer,
     ballast_wasm,
+    count_of,
     counter_hash,
     embedded_broker,
     mesh_cli,
     mosquitto,
+    wait_count,
     wait_until,
 )
 
@@ -65,17 +67,6 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 def deploy(broker: str, app: str, *args: str) -> None:
     result = mesh_cli("deploy", app, str(COUNTER_WAT), *args, broker=broker)
     assert result.returncode == 0, result.stderr
-
-
-def count_of(output: bytes | None) -> int:
-    return int(output.split()[0]) if output else 0
-
-
-def wait_count(obs: Observer, app: str, count: int, timeout: float = 30) -> bytes:
-    output: bytes = wait_until(
-        lambda: (out := obs.last_output(app)) is not None and count_of(out) >= count and out,
-        timeout, f"{app} to reach {count}")
-    return output
 
 
 def mesh_of(obs: Observer, cluster: Cluster, broker: str, *ids: str) -> None:

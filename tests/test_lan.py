@@ -1,0 +1,209 @@
+"""Devices on a LAN (network namespaces and a bridge, real multicast): plugged in with nothing
+configured, they find each other with mDNS, elect one broker, and keep their apps running when
+devices, or the broker's device, go away. Needs root; CI runs as root."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mesh.client import find_broker
+from mesh.discovery import answers
+from tests.conftest import COUNTER_WAT
+from tests.harness import Observer, count_of, counter_hash, wait_count, wait_until
+from tests.lan import Device, Lan, can_build_lans
+
+pytestmark = pytest.mark.skipif(bool(can_build_lans()), reason=can_build_lans() or "")
+
+
+@pytest.fixture
+def lan() -> Iterator[Lan]:
+    with Lan() as built:
+        yield built
+
+
+def boot(lan: Lan, work: Path, name: str, *args: str) -> Device:
+    """Plug in a device (if it is not yet) and start `mesh node` on it, as its boot would."""
+    device = lan.devices.get(name) or lan.plug(name)
+    device.start(sys.executable, "-m", "mesh", "-v", "node", "--keepalive", "2", *args,
+                 log=work / f"{name}.log", env={"MESH_STATE_DIR": str(work / name)})
+    return device
+
+
+def node_id(work: Path, name: str) -> str:
+    """The id a device chose for itself on its first start."""
+    path = work / name / "device" / "node-id"
+    return str(wait_until(lambda: path.exists() and path.read_text().strip(), 20,
+                          f"{name} to choose its id"))
+
+
+def logs(work: Path) -> str:
+    return "\n".join(f"----- {p.name} -----\n{p.read_text(errors='replace')}"
+                     for p in sorted(work.glob("*.log")))
+
+
+def discovered_broker(viewer: Device) -> str:
+    """The broker the mesh elected, found from `viewer` with mDNS as `mesh apps` finds it."""
+    with viewer.inside():
+        address = asyncio.run(find_broker(None))
+    return str(address)
+
+
+@contextlib.contextmanager
+def observing(viewer: Device, nodes: set[str], work: Path) -> Iterator[Observer]:
+    """An observer on the one broker the mesh settled on, which all of `nodes` have joined."""
+    def settled() -> Observer | None:
+        broker = discovered_broker(viewer)
+        try:
+            with viewer.inside():
+                obs = Observer(broker).__enter__()
+        except OSError:  # nothing found yet (the default address), or a broker going away
+            return None
+        try:
+            wait_until(lambda: set(obs.nodes) >= nodes, 4, f"{sorted(nodes)} on {broker}")
+        except AssertionError:
+            obs.__exit__()
+            return None
+        return obs
+
+    obs = wait_until(settled, 40, f"one mesh of {sorted(nodes)}\n{logs(work)}")
+    try:
+        yield obs
+    finally:
+        obs.__exit__()
+
+
+def cli(viewer: Device, *args: str) -> str:
+    """The `mesh` command on a device of the LAN, finding the broker by itself."""
+    done = viewer.run(sys.executable, "-m", "mesh", "-q", *args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def brokers_answering(viewer: Device, devices: list[Device]) -> list[str]:
+    with viewer.inside():
+        return [d.name for d in devices if asyncio.run(answers(d.address, 1883))]
+
+
+def feed(obs: Observer, app: str, payloads: list[bytes]) -> None:
+    for payload in payloads:
+        obs.publish(f"mesh/apps/{app}/in", payload)
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_devices_booting_together_with_nothing_configured_form_one_mesh(
+        lan: Lan, tmp_path: Path, count: int) -> None:
+    names = ["kitchen", "hall", "garage"][:count]
+    devices = [boot(lan, tmp_path, name) for name in names]
+    viewer = lan.plug("laptop")
+    ids = {node_id(tmp_path, name) for name in names}
+    assert len(ids) == count
+    with observing(viewer, ids, tmp_path) as obs:
+        assert set(obs.nodes) == ids
+        wait_until(lambda: len(brokers_answering(viewer, devices)) == 1, 15,
+                   f"one broker left\n{logs(tmp_path)}")
+        # The mesh works: an app deployed from the laptop runs and answers.
+        cli(viewer, "deploy", "counter", str(COUNTER_WAT))
+        wait_until(lambda: obs.running("counter"), 30, f"counter running\n{logs(tmp_path)}")
+        feed(obs, "counter", [b"hello"])
+        assert wait_count(obs, "counter", 1) == f"1 {counter_hash([b'hello'])}".encode()
+
+
+def test_a_device_plugged_in_joins_and_its_share_of_apps_moves_to_it_live(
+        lan: Lan, tmp_path: Path) -> None:
+    viewer = lan.plug("laptop")
+    boot(lan, tmp_path, "kitchen", "--id", "kitchen")
+    boot(lan, tmp_path, "hall", "--id", "hall")
+    apps = [f"app{i}" for i in range(8)]
+    with observing(viewer, {"kitchen", "hall"}, tmp_path) as obs:
+        for app in apps:
+            cli(viewer, "deploy", app, str(COUNTER_WAT), "--checkpoint-every", "1")
+        wait_until(lambda: all(obs.running(app) for app in apps), 60,
+                   f"apps running\n{logs(tmp_path)}")
+        sent = [b"one", b"two"]
+        for app in apps:
+            feed(obs, app, sent)
+        for app in apps:
+            wait_count(obs, app, 2)
+        started = time.monotonic()
+        boot(lan, tmp_path, "garage", "--id", "garage")
+        wait_until(lambda: "garage" in obs.nodes, 20, f"garage to join\n{logs(tmp_path)}")
+        joined_s = time.monotonic() - started
+        moved = wait_until(lambda: [a for a in apps if obs.running(a) == "garage"], 60,
+                           f"apps to move to garage\n{logs(tmp_path)}")
+        assert 0 < len(moved) < len(apps)
+        for app in moved:
+            assert obs.has_event("migrated", app=app, node="garage"), f"{app} moved live"
+        for app in apps:
+            feed(obs, app, [b"three"])
+        for app in apps:
+            out = wait_count(obs, app, 3)
+            assert out == f"3 {counter_hash([*sent, b'three'])}".encode(), app
+        assert joined_s < 20
+
+
+def test_an_unplugged_device_s_apps_go_on_elsewhere(lan: Lan, tmp_path: Path) -> None:
+    viewer = lan.plug("laptop")
+    kitchen = boot(lan, tmp_path, "kitchen", "--id", "kitchen")  # hosts the broker
+    with observing(viewer, {"kitchen"}, tmp_path):
+        pass
+    boot(lan, tmp_path, "hall", "--id", "hall")
+    garage = boot(lan, tmp_path, "garage", "--id", "garage")
+    with observing(viewer, {"kitchen", "hall", "garage"}, tmp_path) as obs:
+        assert brokers_answering(viewer, [kitchen, garage]) == ["kitchen"]
+        cli(viewer, "deploy", "counter", str(COUNTER_WAT), "--on", "garage",
+            "--checkpoint-every", "1")
+        wait_until(lambda: obs.running("counter") == "garage", 30, logs(tmp_path))
+        sent = [b"a", b"b", b"c"]
+        feed(obs, "counter", sent)
+        wait_count(obs, "counter", 3)
+        garage.unplug()
+        host = wait_until(lambda: obs.running("counter") not in (None, "garage") and
+                          obs.running("counter"), 30, f"counter elsewhere\n{logs(tmp_path)}")
+        assert host in ("kitchen", "hall")
+        feed(obs, "counter", [b"d"])
+        assert wait_count(obs, "counter", 4) == f"4 {counter_hash([*sent, b'd'])}".encode()
+
+
+def test_when_the_broker_s_device_dies_a_new_broker_takes_over_and_apps_go_on(
+        lan: Lan, tmp_path: Path) -> None:
+    viewer = lan.plug("laptop")
+    kitchen = boot(lan, tmp_path, "kitchen", "--id", "kitchen")  # boots first: hosts
+    with observing(viewer, {"kitchen"}, tmp_path):
+        pass
+    hall = boot(lan, tmp_path, "hall", "--id", "hall")
+    garage = boot(lan, tmp_path, "garage", "--id", "garage")
+    everyone = {"kitchen", "hall", "garage"}
+    with observing(viewer, everyone, tmp_path) as obs:
+        assert brokers_answering(viewer, [kitchen, hall, garage]) == ["kitchen"]
+        cli(viewer, "deploy", "survivor", str(COUNTER_WAT), "--on", "hall")
+        cli(viewer, "deploy", "orphan", str(COUNTER_WAT), "--on", "kitchen",
+            "--checkpoint-every", "1")
+        wait_until(lambda: obs.running("survivor") == "hall" and
+                   obs.running("orphan") == "kitchen", 30, logs(tmp_path))
+        sent = [b"x", b"y"]
+        feed(obs, "survivor", sent)
+        feed(obs, "orphan", sent)
+        wait_count(obs, "survivor", 2)
+        wait_count(obs, "orphan", 2)
+        kitchen.procs[0].send_signal(signal.SIGKILL)
+    with observing(viewer, {"hall", "garage"}, tmp_path) as obs:
+        assert brokers_answering(viewer, [hall, garage]) != []
+        wait_until(lambda: obs.running("survivor") == "hall" and
+                   obs.running("orphan") in ("hall", "garage"), 30,
+                   f"apps running again\n{logs(tmp_path)}")
+        feed(obs, "survivor", [b"z"])
+        feed(obs, "orphan", [b"z"])
+        # The survivor went on from the state it had; the orphan from its newest checkpoint,
+        # which held every input (one checkpoint per input).
+        expected = f"3 {counter_hash([*sent, b'z'])}".encode()
+        assert wait_count(obs, "survivor", 3) == expected
+        assert wait_count(obs, "orphan", 3) == expected
+        assert count_of(obs.last_output("survivor")) == 3
