@@ -9,14 +9,30 @@ no-loss guarantees, use Mosquitto (see broker-config/mosquitto.conf).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 from amqtt.broker import Broker
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 
 from mesh.mqtt import BrokerAddress
 
 log = logging.getLogger(__name__)
+
+# Past a client's keepalive, amqtt waits this much longer for a packet before it drops the
+# client and publishes its Last Will (the spec's 1.5x keepalive, for a keepalive of 4 s).
+SILENCE_GRACE_S = 2
+
+
+def _drop_silent_client(handler: BrokerProtocolHandler) -> None:
+    """amqtt 0.12 notices that a client went silent (a read timeout) and does nothing, so a
+    device whose cable is pulled keeps its session and no Last Will is sent: drop it, as the
+    MQTT spec says, which publishes the will."""
+    asyncio.ensure_future(handler.handle_connection_closed())
+
+
+BrokerProtocolHandler.handle_read_timeout = _drop_silent_client
 
 LIMITS_WARNING = (
     "embedded broker (amqtt): inputs published while an app migrates, or between a crash and "
@@ -30,6 +46,7 @@ class EmbeddedBroker:
         self.address = BrokerAddress(host, port)
         config: dict[str, Any] = {
             "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+            "timeout_disconnect_delay": SILENCE_GRACE_S,
             "plugins": {
                 "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
             },

@@ -596,11 +596,22 @@ class Node:
         self.event("stopped", app=name)
 
     def _app_lost(self, hosted: HostedApp, reason: str) -> None:
-        """The app's session ended under us: most likely another node took it over."""
+        """The app's session ended under us: another node took it over, or the broker is gone."""
+        if self.hosted.get(hosted.name) is hosted:
+            self._spawn(self._fence_if_taken(hosted, reason), f"{hosted.name}-lost")
+
+    async def _fence_if_taken(self, hosted: HostedApp, reason: str) -> None:
+        assert self._control is not None
+        try:  # the broker still answers us: the app was taken over, so it stops here
+            await asyncio.wait_for(self._control.publish(
+                self.topics.node(self.id), wire.encode(self._record()), retain=True),
+                self.config.keepalive)
+        except (BrokerError, TimeoutError):
+            return  # the broker is gone: the node keeps the app's state for the next one
         if self.hosted.get(hosted.name) is hosted:
             log.warning("%s: lost its session (%s); stopping it here", hosted.name, reason)
             self.hosted.pop(hosted.name, None)
-            self._spawn(hosted.close(), f"{hosted.name}-close")
+            await hosted.close()
             self.event("fenced", app=hosted.name, reason=f"session lost: {reason}")
             self._dirty.set()
 

@@ -92,6 +92,14 @@ def brokers_answering(viewer: Device, devices: list[Device]) -> list[str]:
         return [d.name for d in devices if asyncio.run(answers(d.address, 1883))]
 
 
+def reach(obs: Observer, app: str, count: int, work: Path) -> bytes:
+    """The app's answer once it has counted `count` inputs (the logs if it does not)."""
+    try:
+        return wait_count(obs, app, count)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{logs(work)}") from None
+
+
 def feed(obs: Observer, app: str, payloads: list[bytes]) -> None:
     for payload in payloads:
         obs.publish(f"mesh/apps/{app}/in", payload)
@@ -113,7 +121,7 @@ def test_devices_booting_together_with_nothing_configured_form_one_mesh(
         cli(viewer, "deploy", "counter", str(COUNTER_WAT))
         wait_until(lambda: obs.running("counter"), 30, f"counter running\n{logs(tmp_path)}")
         feed(obs, "counter", [b"hello"])
-        assert wait_count(obs, "counter", 1) == f"1 {counter_hash([b'hello'])}".encode()
+        assert reach(obs, "counter", 1, tmp_path) == f"1 {counter_hash([b'hello'])}".encode()
 
 
 def test_a_device_plugged_in_joins_and_its_share_of_apps_moves_to_it_live(
@@ -131,7 +139,7 @@ def test_a_device_plugged_in_joins_and_its_share_of_apps_moves_to_it_live(
         for app in apps:
             feed(obs, app, sent)
         for app in apps:
-            wait_count(obs, app, 2)
+            reach(obs, app, 2, tmp_path)
         started = time.monotonic()
         boot(lan, tmp_path, "garage", "--id", "garage")
         wait_until(lambda: "garage" in obs.nodes, 20, f"garage to join\n{logs(tmp_path)}")
@@ -144,7 +152,7 @@ def test_a_device_plugged_in_joins_and_its_share_of_apps_moves_to_it_live(
         for app in apps:
             feed(obs, app, [b"three"])
         for app in apps:
-            out = wait_count(obs, app, 3)
+            out = reach(obs, app, 3, tmp_path)
             assert out == f"3 {counter_hash([*sent, b'three'])}".encode(), app
         assert joined_s < 20
 
@@ -163,13 +171,13 @@ def test_an_unplugged_device_s_apps_go_on_elsewhere(lan: Lan, tmp_path: Path) ->
         wait_until(lambda: obs.running("counter") == "garage", 30, logs(tmp_path))
         sent = [b"a", b"b", b"c"]
         feed(obs, "counter", sent)
-        wait_count(obs, "counter", 3)
+        reach(obs, "counter", 3, tmp_path)
         garage.unplug()
         host = wait_until(lambda: obs.running("counter") not in (None, "garage") and
                           obs.running("counter"), 30, f"counter elsewhere\n{logs(tmp_path)}")
         assert host in ("kitchen", "hall")
         feed(obs, "counter", [b"d"])
-        assert wait_count(obs, "counter", 4) == f"4 {counter_hash([*sent, b'd'])}".encode()
+        assert reach(obs, "counter", 4, tmp_path) == f"4 {counter_hash([*sent, b'd'])}".encode()
 
 
 def test_when_the_broker_s_device_dies_a_new_broker_takes_over_and_apps_go_on(
@@ -191,8 +199,8 @@ def test_when_the_broker_s_device_dies_a_new_broker_takes_over_and_apps_go_on(
         sent = [b"x", b"y"]
         feed(obs, "survivor", sent)
         feed(obs, "orphan", sent)
-        wait_count(obs, "survivor", 2)
-        wait_count(obs, "orphan", 2)
+        reach(obs, "survivor", 2, tmp_path)
+        reach(obs, "orphan", 2, tmp_path)
         kitchen.procs[0].send_signal(signal.SIGKILL)
     with observing(viewer, {"hall", "garage"}, tmp_path) as obs:
         assert brokers_answering(viewer, [hall, garage]) != []
@@ -204,6 +212,6 @@ def test_when_the_broker_s_device_dies_a_new_broker_takes_over_and_apps_go_on(
         # The survivor went on from the state it had; the orphan from its newest checkpoint,
         # which held every input (one checkpoint per input).
         expected = f"3 {counter_hash([*sent, b'z'])}".encode()
-        assert wait_count(obs, "survivor", 3) == expected
-        assert wait_count(obs, "orphan", 3) == expected
+        assert reach(obs, "survivor", 3, tmp_path) == expected
+        assert reach(obs, "orphan", 3, tmp_path) == expected
         assert count_of(obs.last_output("survivor")) == 3
