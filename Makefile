@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEBS := mosquitto mosquitto-clients clang lld wasi-libc libclang-rt-14-dev-wasm32
+DEBS := mosquitto mosquitto-clients clang lld wasi-libc libclang-rt-14-dev-wasm32 iproute2
 
 .PHONY: demo test check bench examples system-deps clean
 

@@ -29,7 +29,12 @@ def _drop_silent_client(handler: BrokerProtocolHandler) -> None:
     """amqtt 0.12 notices that a client went silent (a read timeout) and does nothing, so a
     device whose cable is pulled keeps its session and no Last Will is sent: drop it, as the
     MQTT spec says, which publishes the will."""
-    asyncio.ensure_future(handler.handle_connection_closed())
+    closing = asyncio.ensure_future(handler.handle_connection_closed())
+    _closing.add(closing)
+    closing.add_done_callback(_closing.discard)
+
+
+_closing: set[asyncio.Future[None]] = set()
 
 
 BrokerProtocolHandler.handle_read_timeout = _drop_silent_client

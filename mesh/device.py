@@ -145,8 +145,9 @@ class Device:
         assert mine is not None
         await lan.advertise_broker(port, started)
         while True:
-            better = election.outranked_by(mine, lan.brokers.values())
-            if better is not None and await first_answering([better]) is not None:
+            found = await first_answering(election.better_than(mine, lan.brokers.values()))
+            if found is not None:
+                better = found[0]
                 log.warning("the broker of %s wins over ours: closing ours and joining it",
                             better.node or better.name)
                 await self._stop_hosting(watcher=False)

@@ -38,10 +38,9 @@ def ranked(ads: Iterable[BrokerAd]) -> list[BrokerAd]:
     return sorted(ads, key=BrokerAd.key)
 
 
-def outranked_by(mine: BrokerAd, ads: Iterable[BrokerAd]) -> BrokerAd | None:
-    """The best broker that wins over `mine` (whose host should then shut it), if any."""
-    better = [ad for ad in ads if ad.key() < mine.key() and ad.name != mine.name]
-    return ranked(better)[0] if better else None
+def better_than(mine: BrokerAd, ads: Iterable[BrokerAd]) -> list[BrokerAd]:
+    """The brokers that win over `mine`, best first: if one of them answers, `mine` yields."""
+    return ranked(ad for ad in ads if ad.key() < mine.key() and ad.name != mine.name)
 
 
 def host_wait_s(me: str, members: Iterable[str], lost: str | None) -> float:

@@ -26,18 +26,20 @@ def test_a_broker_set_up_on_purpose_comes_first() -> None:
 
 def test_two_devices_booting_together_agree_who_yields() -> None:
     kitchen, hall = embedded("kitchen", 1000), embedded("hall", 1000)
-    assert election.outranked_by(kitchen, [hall]) == hall  # same start: lower id wins
-    assert election.outranked_by(hall, [kitchen]) is None
+    assert election.better_than(kitchen, [hall]) == [hall]  # same start: lower id wins
+    assert election.better_than(hall, [kitchen]) == []
     older = embedded("kitchen", 999)
-    assert election.outranked_by(hall, [older]) == older  # started first wins
-    assert election.outranked_by(hall, [hall]) is None
+    assert election.better_than(hall, [older, kitchen]) == [older]  # started first wins
+    assert election.better_than(hall, [hall]) == []
+    mosquitto = BrokerAd("Mosquitto._mqtt._tcp.local.", ("10.0.0.9",), 1883)
+    assert election.better_than(kitchen, [hall, mosquitto]) == [mosquitto, hall]
 
 
 @given(st.lists(st.tuples(st.sampled_from("abcdef"), st.integers(0, 3)), min_size=1,
                 max_size=6, unique_by=lambda host: host[0]))
 def test_every_device_ends_up_with_the_same_broker(hosts: list[tuple[str, int]]) -> None:
     ads = [embedded(node, started) for node, started in hosts]
-    keepers = [ad for ad in ads if election.outranked_by(ad, ads) is None]
+    keepers = [ad for ad in ads if not election.better_than(ad, ads)]
     assert keepers == [election.ranked(ads)[0]]
 
 

@@ -215,3 +215,51 @@ def test_when_the_broker_s_device_dies_a_new_broker_takes_over_and_apps_go_on(
         assert reach(obs, "survivor", 3, tmp_path) == expected
         assert reach(obs, "orphan", 3, tmp_path) == expected
         assert count_of(obs.last_output("survivor")) == 3
+
+
+INTRUDER = """
+import asyncio, socket, sys
+from zeroconf import ServiceInfo
+from zeroconf.asyncio import AsyncZeroconf
+
+async def main(address: str) -> None:
+    zc = AsyncZeroconf()
+    ads = [
+        # A broker set up on purpose would win, but nothing answers there.
+        ("_mqtt._tcp.local.", "Silent broker", 1883, {"note": "nothing listens"}),
+        ("_mqtt._tcp.local.", "Garbage broker", 1883, {"node": "../../etc", "started": "soon"}),
+        ("_liquid-mesh._tcp.local.", "Garbage node", 1, {"id": "not an id!"}),
+        ("_liquid-mesh._tcp.local.", "Impostor", 1, {"id": "kitchen", "caps": "x" * 200}),
+    ]
+    for kind, name, port, txt in ads:
+        info = ServiceInfo(kind, f"{name}.{kind}", port=port, properties=txt,
+                           addresses=[socket.inet_aton(address)], server="intruder.local.")
+        await (await zc.async_register_service(info))
+    print("announced", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_hostile_mdns_records_are_ignored_and_the_mesh_forms(lan: Lan, tmp_path: Path) -> None:
+    viewer = lan.plug("laptop")
+    intruder = lan.plug("intruder")
+    script = tmp_path / "intruder.py"
+    script.write_text(INTRUDER)
+    intruder.start(sys.executable, str(script), intruder.address, log=tmp_path / "intruder.out")
+    wait_until(lambda: "announced" in (tmp_path / "intruder.out").read_text(), 20,
+               "the intruder's records")
+    boot(lan, tmp_path, "kitchen", "--id", "kitchen")
+    boot(lan, tmp_path, "hall", "--id", "hall")
+    with observing(viewer, {"kitchen", "hall"}, tmp_path) as obs:
+        cli(viewer, "deploy", "counter", str(COUNTER_WAT))
+        wait_until(lambda: obs.running("counter"), 30, f"counter running\n{logs(tmp_path)}")
+        feed(obs, "counter", [b"still fine"])
+        reach(obs, "counter", 1, tmp_path)
+    kitchen_log = (tmp_path / "kitchen.log").read_text()
+    assert "ignoring the mDNS record Garbage broker._mqtt._tcp.local.: bad node id" in kitchen_log
+    assert "ignoring the mDNS record Garbage node._liquid-mesh._tcp.local.: bad node id" \
+        in kitchen_log
+    assert "another device on the LAN calls itself 'kitchen'" in kitchen_log
+    assert "Traceback" not in kitchen_log + (tmp_path / "hall.log").read_text()
