@@ -21,8 +21,8 @@ from mesh.mqtt import BrokerAddress
 log = logging.getLogger(__name__)
 
 # Past a client's keepalive, amqtt waits this much longer for a packet before it drops the
-# client and publishes its Last Will (the spec's 1.5x keepalive, for a keepalive of 4 s).
-SILENCE_GRACE_S = 2
+# client and publishes its Last Will; 1.5x keepalive, as the MQTT spec says, for the mesh's.
+DEFAULT_KEEPALIVE_S = 5
 
 
 def _drop_silent_client(handler: BrokerProtocolHandler) -> None:
@@ -47,11 +47,12 @@ LIMITS_WARNING = (
 class EmbeddedBroker:
     """`async with EmbeddedBroker(host, port) as broker:` serves MQTT until the block ends."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883,
+                 keepalive: int = DEFAULT_KEEPALIVE_S) -> None:
         self.address = BrokerAddress(host, port)
         config: dict[str, Any] = {
             "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-            "timeout_disconnect_delay": SILENCE_GRACE_S,
+            "timeout_disconnect_delay": max(1, round(keepalive / 2)),
             "plugins": {
                 "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
             },

@@ -80,7 +80,8 @@ async def run_device(device: Device, *, embedded: bool) -> int:
     async with contextlib.AsyncExitStack() as stack:
         if embedded:
             address = device.config.broker
-            await stack.enter_async_context(EmbeddedBroker(address.host, address.port))
+            await stack.enter_async_context(EmbeddedBroker(address.host, address.port,
+                                                           device.config.keepalive))
             log.warning("%s", LIMITS_WARNING)
         await device.run(stopping)
     return 0

@@ -20,7 +20,14 @@ from typing import Any
 
 from mesh import election
 from mesh.broker import LIMITS_WARNING, EmbeddedBroker
-from mesh.discovery import BROKER_SERVICE, Discovery, first_answering, free_port, local_addresses
+from mesh.discovery import (
+    BROKER_SERVICE,
+    NODE_SERVICE,
+    Discovery,
+    first_answering,
+    free_port,
+    local_addresses,
+)
 from mesh.election import BrokerAd
 from mesh.errors import BrokerError
 from mesh.mqtt import BrokerAddress
@@ -71,8 +78,9 @@ class Device:
                             await self.lan.advertise_node(self.config.caps,
                                                           self._public_url(address))
                         await _first(node.stopped.wait(), stopping.wait())
-                        if stopping.is_set():
-                            await node.leave()
+                        if stopping.is_set():  # goodbye on the LAN and on the broker at once
+                            await asyncio.gather(node.leave(), *(
+                                [self.lan.withdraw(NODE_SERVICE)] if self.lan else []))
                 except BrokerError as exc:
                     if ad is None:
                         log.warning("%s; trying again in %.0f s", exc, backoff)
@@ -126,7 +134,7 @@ class Device:
         """Start the embedded broker here and announce it."""
         assert self.lan is not None
         port = free_port(preferred=self.broker_port)
-        broker = EmbeddedBroker("0.0.0.0", port)
+        broker = EmbeddedBroker("0.0.0.0", port, self.config.keepalive)
         await broker.__aenter__()
         self._hosted = broker
         started = int(time.time() * 1000)

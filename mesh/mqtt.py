@@ -184,8 +184,10 @@ class Connection:
         raise BrokerError(f"connection lost: {lost.result()}")
 
     async def _housekeeping(self) -> None:
+        # Pings go out at most this late, well inside the broker's grace past the keepalive.
+        every = min(1.0, self.keepalive / 4)
         while True:
-            await asyncio.sleep(1)
+            await asyncio.sleep(every)
             if self._client.loop_misc() != paho.MQTT_ERR_SUCCESS:
                 self._set_lost("keepalive failed")
                 return

@@ -265,11 +265,11 @@ class Node:
 
     def peer_gone(self, node_id: str) -> None:
         """A peer said goodbye on the LAN: place nothing more there, as if it were leaving."""
+        log.info("node %s said goodbye on the LAN", node_id)
+        self.event("peer-left", detail={"peer": node_id})
         record = self.members.get(node_id)
         if record is not None and not record.leaving:
-            log.info("node %s said goodbye", node_id)
             self.members[node_id] = replace(record, leaving=True)
-            self.event("peer-left", detail={"peer": node_id})
             self._dirty.set()
 
     # --- messages ---------------------------------------------------------------------------
