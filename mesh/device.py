@@ -32,6 +32,7 @@ from mesh.election import BrokerAd
 from mesh.errors import BrokerError
 from mesh.mqtt import BrokerAddress
 from mesh.node import Carry, Node, NodeConfig
+from mesh.store import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,14 @@ class Device:
                 self.lan = await stack.enter_async_context(
                     Discovery(self.config.node_id, self.config.root, on_goodbye=self._goodbye))
             stack.push_async_callback(self._stop_hosting)
-            carry: Carry | None = None
+            # What we give a broker that lacks it: first what this device kept on disk, then
+            # what it held when it lost a broker.
+            carry = Carry.from_disk(StateStore(self.config.state_dir), self.config.node_id)
+            known: set[str] | None = None  # the members we last knew, once we lost a broker
             lost: BrokerAd | None = None
             backoff = RETRY_S[0]
             while not stopping.is_set():
-                choice = await self._choose(carry, lost, stopping)
+                choice = await self._choose(known, lost, stopping)
                 if choice is None:
                     return
                 address, ad = choice
@@ -82,24 +86,29 @@ class Device:
                             await asyncio.gather(node.leave(), *(
                                 [self.lan.withdraw(NODE_SERVICE)] if self.lan else []))
                 except BrokerError as exc:
-                    if ad is None:
-                        log.warning("%s; trying again in %.0f s", exc, backoff)
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(stopping.wait(), backoff)
-                        backoff = min(backoff * 2, RETRY_S[1])
+                    log.warning("%s; trying again in %.0f s", exc, backoff)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stopping.wait(), backoff)
+                    backoff = min(backoff * 2, RETRY_S[1])
                 finally:
                     self.node = None
-                if node.carry is not None and self.broker is None:
+                if node.carry is None:
+                    continue
+                if self.broker is None:
                     # Lost a broker found on the LAN: the next one may be a new one, to give
-                    # back what we held. A given broker outlives us (others may have taken
-                    # our apps over meanwhile): we start again from what it holds.
-                    carry, lost = node.carry, ad
+                    # back what we held.
+                    carry, known, lost = node.carry, node.carry.members, ad
+                else:
+                    # A given broker outlives us (others may have taken our apps over
+                    # meanwhile): we start again from what it holds, unless it lost it all.
+                    carry = replace(node.carry, only_if_empty=True)
 
     # --- choosing a broker ------------------------------------------------------------------
 
-    async def _choose(self, carry: Carry | None, lost: BrokerAd | None,
+    async def _choose(self, known: set[str] | None, lost: BrokerAd | None,
                       stopping: asyncio.Event) -> tuple[BrokerAddress, BrokerAd | None] | None:
-        """The broker to join (and its announcement, if it was found on the LAN)."""
+        """The broker to join (and its announcement, if it was found on the LAN); `known`
+        are the members we knew when we lost the last one (None on the first start)."""
         if self.broker is not None:
             return self.broker, None
         if self._hosted is not None and self._hosted_ad is not None:
@@ -107,11 +116,10 @@ class Device:
         lan = self.lan
         if lan is None:
             raise BrokerError("no broker given and mDNS is off: use --broker")
-        if carry is None:
+        if known is None:
             wait = SEARCH_S
         else:
-            wait = election.host_wait_s(self.config.node_id, carry.members,
-                                        lost.node if lost else None)
+            wait = election.host_wait_s(self.config.node_id, known, lost.node if lost else None)
             log.info("node %s looks for a new broker (hosting one in %.1f s if none answers)",
                      self.config.node_id, wait)
         deadline = time.monotonic() + wait

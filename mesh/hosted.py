@@ -83,6 +83,7 @@ class HostContext:
     lost: Callable[[HostedApp, str], None]
     app_memory_bytes: int | None = None  # this device's caps on what one app may use
     call_timeout_ms: int | None = None
+    kept: Callable[[wire.Snapshot], None] = lambda snap: None  # a checkpoint was stored
 
 
 class HostedApp:
@@ -381,6 +382,8 @@ class HostedApp:
             snap = await self._run(lambda: app.snapshot(epoch=epoch, seq=seq, applied=applied))
             pieces = [snap.memory.data]
         await publish_snapshot(session, self.ctx.topics.app(self.name, "snapshot"), snap, pieces)
+        if not final:
+            self.ctx.kept(snap)
         self._seq += 1
         for mid, qos in held:
             self._ack(mid, qos)

@@ -33,6 +33,7 @@ from mesh.hosted import HostContext, HostedApp, publish_blob, publish_snapshot
 from mesh.mqtt import BrokerAddress, Connection, Message
 from mesh.placement import Placement
 from mesh.runtime import AppModule, Runtime
+from mesh.store import StateStore
 from mesh.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ DEPLOY_MODULE_WAIT_S = 3.0
 SNAPSHOT_WAIT_S = 5.0
 RECONCILE_EVERY_S = 10.0
 REJOIN_GRACE_S = 3.0
+KEEP_EVERY_S = 5.0  # how often an app's newest checkpoint is also written to this device's disk
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,17 @@ class Carry:
     owners: dict[str, wire.OwnerRecord]
     retained: chunks.Retained
     suspended: dict[str, wire.Snapshot] = field(default_factory=dict)
+    # Given back only to a broker that holds no app at all (one that lost everything, as an
+    # embedded broker does when it restarts); a broker that has apps is the mesh's memory.
+    only_if_empty: bool = False
+
+    @classmethod
+    def from_disk(cls, store: StateStore, node_id: str) -> Carry:
+        """What this device kept on disk (see `mesh.store`)."""
+        kept = store.checkpoints()
+        return cls(set(), store.specs(), {app: wire.OwnerRecord(node_id, snap.epoch)
+                                          for app, snap in kept.items()},
+                   chunks.Retained(), kept, only_if_empty=True)
 
 
 @dataclass
@@ -113,7 +126,9 @@ class Node:
         self._started_ms = int(time.time() * 1000)
         self._modules: dict[str, AppModule] = {}
         self._module_waiters: dict[str, asyncio.Future[bytes]] = {}
-        self._retained = carry.retained if carry else chunks.Retained()
+        self._retained = chunks.Retained()
+        self.store = StateStore(config.state_dir)
+        self._kept_at: dict[str, float] = {}  # when each app's checkpoint was last kept on disk
         self._claim_after = 0.0  # after a broker change, claims of others' apps wait this long
         self._dirty = asyncio.Event()
         self._waking: dict[str, asyncio.Event] = {}
@@ -124,7 +139,7 @@ class Node:
         self._busy = asyncio.Lock()  # one reconcile pass, or the leave, at a time
         self._ctx = HostContext(self.runtime, config.broker, self.topics, config.keepalive,
                                 config.sensors, self.event, self._app_lost,
-                                config.app_memory_bytes, config.call_timeout_ms)
+                                config.app_memory_bytes, config.call_timeout_ms, self._keep)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -220,6 +235,7 @@ class Node:
             snap = await hosted.suspend()
             if snap is not None:
                 suspended[name] = snap
+                await asyncio.to_thread(self.store.save_checkpoint, snap)
         self.hosted.clear()
         self.carry = Carry(set(self.members) - {self.id}, dict(self.specs), dict(self.owners),
                            self._retained, suspended)
@@ -229,6 +245,9 @@ class Node:
         """Joined after losing a broker: give this one back what it lacks of what we held."""
         assert self._control is not None
         control, t = self._control, self.topics
+        if carry.only_if_empty and self.specs:
+            return
+        self._retained.adopt(carry.retained)
         for name, spec in carry.specs.items():
             if name not in self.specs:
                 await control.publish(t.app(name, "spec"), wire.encode(spec), retain=True)
@@ -237,6 +256,8 @@ class Node:
             owner = self.owners.get(name)
             if owner is not None and (owner.node != self.id or owner.epoch > kept.epoch):
                 continue  # another node took it over meanwhile
+            if name not in carry.specs and name not in self.specs:
+                continue  # stopped meanwhile
             epoch = kept.epoch + 1
             snap = replace(kept, epoch=epoch, seq=kept.seq + 1, applied=())
             await publish_snapshot(control, t.app(name, "snapshot"), snap, [snap.memory.data])
@@ -262,6 +283,18 @@ class Node:
     async def _wake_after(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
         self._dirty.set()
+
+    def _keep(self, snap: wire.Snapshot) -> None:
+        """A checkpoint of an app here was stored: keep it on disk too, now and then."""
+        now = time.monotonic()
+        if now - self._kept_at.get(snap.app, -KEEP_EVERY_S) >= KEEP_EVERY_S:
+            self._kept_at[snap.app] = now
+            self._spawn(asyncio.to_thread(self.store.save_checkpoint, snap), f"{snap.app}-keep")
+
+    def _gone_from_here(self, name: str) -> None:
+        """An app no longer runs here: what this device kept of it is stale now."""
+        self._kept_at.pop(name, None)
+        self.store.forget_checkpoint(name)
 
     def peer_gone(self, node_id: str) -> None:
         """A peer said goodbye on the LAN: place nothing more there, as if it were leaving."""
@@ -289,6 +322,11 @@ class Node:
                 self._set(self.members, node_id, payload, wire.NodeRecord)
             case ("apps", app, "spec"):
                 self._set(self.specs, app, payload, wire.AppSpec)
+                spec = self.specs.get(app)
+                if spec is not None:
+                    self.store.save_spec(spec)
+                else:
+                    self.store.forget_spec(app)
             case ("apps", app, "owner"):
                 self._set(self.owners, app, payload, wire.OwnerRecord)
             case ("apps", app, "snapshot"):  # kept as is; put together only when needed
@@ -466,6 +504,7 @@ class Node:
                 log.warning("%s: %s owns it at epoch %d; stopping it here", name, owner.node,
                             owner.epoch)
                 self.hosted.pop(name, None)
+                self._gone_from_here(name)
                 await hosted.close()
                 self.event("fenced", app=name, detail={"owner": owner.node,
                                                        "epoch": owner.epoch})
@@ -573,6 +612,7 @@ class Node:
             self._dirty.set()
             raise
         self.hosted.pop(name, None)
+        self._gone_from_here(name)
         record = wire.OwnerRecord(target, epoch)
         self.owners[name] = record
         try:  # the target starts on this; the app here is closed meanwhile
@@ -587,6 +627,7 @@ class Node:
         hosted = self.hosted.pop(name, None)
         if hosted is None:
             return
+        self._gone_from_here(name)
         await hosted.close()
         assert self._control is not None
         snapshot = self.topics.app(name, "snapshot")
@@ -611,6 +652,7 @@ class Node:
         if self.hosted.get(hosted.name) is hosted:
             log.warning("%s: lost its session (%s); stopping it here", hosted.name, reason)
             self.hosted.pop(hosted.name, None)
+            self._gone_from_here(hosted.name)
             await hosted.close()
             self.event("fenced", app=hosted.name, reason=f"session lost: {reason}")
             self._dirty.set()

@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from mesh.errors import ConfigError
+from mesh.wire import NAME_RE
 
-NODE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+NODE_ID = NAME_RE  # a node id names topics and its state directory: no "..", no "/"
 MAX_READING_BYTES = 4096
 COMMAND_TIMEOUT_S = 2.0
 
@@ -76,7 +77,8 @@ def parse(data: dict[str, Any], base: Path = Path()) -> Profile:
                      "limits"})
     node_id = _get(data, "id", str)
     if node_id is not None and not NODE_ID.fullmatch(node_id):
-        raise ConfigError(f"id {node_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        raise ConfigError(f"id {node_id!r} must be 1-64 letters, digits, '.', '_' or '-', "
+                          "starting with a letter or digit")
     caps = _get(data, "caps", list) or []
     if not all(isinstance(cap, str) and cap for cap in caps):
         raise ConfigError("caps must be a list of names")
@@ -188,7 +190,7 @@ def identity(state_dir: Path, configured: str | None) -> str:
     if configured is not None:
         if not NODE_ID.fullmatch(configured):
             raise ConfigError(f"node id {configured!r} must be 1-64 letters, digits, '.', '_' "
-                              "or '-'")
+                              "or '-', starting with a letter or digit")
         return configured
     path = state_dir / "node-id"
     try:

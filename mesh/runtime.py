@@ -349,8 +349,12 @@ class App:
         self._store.set_wasi(wasi)
         _open_apps.add(self)
         self._mem: wasmtime.Memory | None = None
-        with self._calling("instantiation"):
-            instance = module.pre.instantiate(self._store)
+        try:  # a data segment that does not fit, a memory above the limit: it never runs
+            with self._calling("instantiation"):
+                instance = module.pre.instantiate(self._store)
+        except AppError:
+            self.close()  # nothing of it may outlive the interpreter (see _close_open_apps)
+            raise
         exports = instance.exports(self._store)
         memory = exports["memory"]
         assert isinstance(memory, wasmtime.Memory)

@@ -263,3 +263,28 @@ def test_hostile_mdns_records_are_ignored_and_the_mesh_forms(lan: Lan, tmp_path:
         in kitchen_log
     assert "another device on the LAN calls itself 'kitchen'" in kitchen_log
     assert "Traceback" not in kitchen_log + (tmp_path / "hall.log").read_text()
+
+
+def test_a_device_rebooted_alone_is_the_same_device_with_its_apps(lan: Lan,
+                                                                  tmp_path: Path) -> None:
+    """Power cut: the device and the broker it hosted go down; it comes back as itself, gives
+    the new broker its apps back, and they go on from the checkpoint it kept on disk."""
+    viewer = lan.plug("laptop")
+    device = boot(lan, tmp_path, "kitchen")
+    first_id = node_id(tmp_path, "kitchen")
+    kept = tmp_path / "kitchen" / "device" / "apps" / "counter.cbor"
+    with observing(viewer, {first_id}, tmp_path) as obs:
+        cli(viewer, "deploy", "counter", str(COUNTER_WAT), "--checkpoint-every", "1")
+        wait_until(lambda: obs.running("counter"), 30, f"counter running\n{logs(tmp_path)}")
+        feed(obs, "counter", [b"before"])
+        reach(obs, "counter", 1, tmp_path)
+        wait_until(kept.exists, 10, "the checkpoint kept on disk")
+    device.procs[0].send_signal(signal.SIGKILL)
+    device.procs[0].wait(10)
+    boot(lan, tmp_path, "kitchen")
+    with observing(viewer, {first_id}, tmp_path) as obs:
+        wait_until(lambda: obs.running("counter") == first_id, 30,
+                   f"counter back\n{logs(tmp_path)}")
+        feed(obs, "counter", [b"after"])
+        assert reach(obs, "counter", 2, tmp_path) == \
+            f"2 {counter_hash([b'before', b'after'])}".encode()

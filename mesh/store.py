@@ -1,0 +1,71 @@
+"""What a device keeps on its own disk about the mesh, for when the whole mesh lost power.
+
+The embedded broker keeps nothing across a restart. So each device keeps, in its state
+directory, the app specs it knows (`specs/<app>.cbor`) and the newest checkpoint of each app it
+runs (`apps/<app>.cbor`, written at most every few seconds). A device that starts and finds a
+broker holding no apps at all gives it these back (see `mesh.node.Carry`); a broker that has
+apps is the mesh's memory and wins. Files are wire-encoded; a damaged one is logged and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TypeVar
+
+from mesh import wire
+from mesh.errors import WireError
+
+log = logging.getLogger(__name__)
+
+
+class StateStore:
+    """The mesh state kept under a device's state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.specs_dir = state_dir / "specs"
+        self.apps_dir = state_dir / "apps"
+
+    def save_spec(self, spec: wire.AppSpec) -> None:
+        _write(self.specs_dir / f"{spec.app}.cbor", wire.encode(spec))
+
+    def forget_spec(self, app: str) -> None:
+        (self.specs_dir / f"{app}.cbor").unlink(missing_ok=True)
+
+    def save_checkpoint(self, snap: wire.Snapshot) -> None:
+        """Keep `snap` (its memory held in it, not in chunks) as the app's newest here."""
+        _write(self.apps_dir / f"{snap.app}.cbor", wire.encode(snap))
+
+    def forget_checkpoint(self, app: str) -> None:
+        (self.apps_dir / f"{app}.cbor").unlink(missing_ok=True)
+
+    def specs(self) -> dict[str, wire.AppSpec]:
+        return {spec.app: spec for spec in _read_all(self.specs_dir, wire.AppSpec)}
+
+    def checkpoints(self) -> dict[str, wire.Snapshot]:
+        return {snap.app: snap for snap in _read_all(self.apps_dir, wire.Snapshot)}
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = path.with_name(path.name + ".tmp")
+    fresh.write_bytes(data)
+    fresh.replace(path)
+
+
+T = TypeVar("T", wire.AppSpec, wire.Snapshot)
+
+
+def _read_all(folder: Path, cls: type[T]) -> list[T]:
+    found = []
+    for path in sorted(folder.glob("*.cbor")):
+        try:
+            value = wire.decode(cls, path.read_bytes())
+        except (OSError, WireError) as exc:
+            log.warning("skipping %s: %s", path, exc)
+            continue
+        if path.stem != value.app:
+            log.warning("skipping %s: it holds app %r", path, value.app)
+            continue
+        found.append(value)
+    return found
