@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import itertools
 import os
+import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +24,19 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _count = itertools.count(1)
 
 
+@functools.cache
 def can_build_lans() -> str | None:
     """Why this machine cannot run LAN tests, or None if it can."""
     if os.geteuid() != 0:
         return "needs root, to create network namespaces (CI runs as root)"
-    if subprocess.run(["ip", "-V"], capture_output=True, check=False).returncode != 0:
+    if shutil.which("ip") is None:
         return "needs the ip command (Debian package iproute2)"
+    probe = f"lmprobe{os.getpid()}"
+    try:
+        _ip("netns", "add", probe)
+    except RuntimeError as exc:
+        return f"cannot create network namespaces here ({exc})"
+    _ip("netns", "del", probe)
     return None
 
 
@@ -127,7 +135,3 @@ class Lan:
         for netns in [*(d.netns for d in self.devices.values()), self.switch]:
             with contextlib.suppress(RuntimeError):
                 _ip("netns", "del", netns)
-
-
-def python() -> str:
-    return sys.executable
