@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Any
 
 from amqtt.broker import Broker
@@ -21,7 +22,8 @@ from mesh.mqtt import BrokerAddress
 log = logging.getLogger(__name__)
 
 # Past a client's keepalive, amqtt waits this much longer for a packet before it drops the
-# client and publishes its Last Will; 1.5x keepalive, as the MQTT spec says, for the mesh's.
+# client and publishes its Last Will: at least 1.5x the mesh's keepalive, as the MQTT spec says
+# (amqtt takes whole seconds).
 DEFAULT_KEEPALIVE_S = 5
 
 
@@ -52,7 +54,7 @@ class EmbeddedBroker:
         self.address = BrokerAddress(host, port)
         config: dict[str, Any] = {
             "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-            "timeout_disconnect_delay": max(1, round(keepalive / 2)),
+            "timeout_disconnect_delay": math.ceil(keepalive / 2),
             "plugins": {
                 "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
             },

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 SEARCH_S = 1.5  # how long a device that boots looks for a broker before it hosts one
 LOOK_EVERY_S = 0.25
-RETRY_S = (1.0, 30.0)  # backoff when a given broker cannot be reached
+RETRY_S = (1.0, 30.0)  # backoff when a broker cannot be reached
 
 
 class Device:
@@ -60,11 +60,13 @@ class Device:
         async with contextlib.AsyncExitStack() as stack:
             if self.mdns:
                 self.lan = await stack.enter_async_context(
-                    Discovery(self.config.node_id, self.config.root, on_goodbye=self._goodbye))
+                    Discovery(self.config.node_id, self.config.root, on_goodbye=self._goodbye,
+                              on_hello=self._hello))
             stack.push_async_callback(self._stop_hosting)
             # What we give a broker that lacks it: first what this device kept on disk, then
             # what it held when it lost a broker.
-            carry = Carry.from_disk(StateStore(self.config.state_dir), self.config.node_id)
+            carry: Carry | None = await asyncio.to_thread(
+                Carry.from_disk, StateStore(self.config.state_dir), self.config.node_id)
             known: set[str] | None = None  # the members we last knew, once we lost a broker
             lost: BrokerAd | None = None
             backoff = RETRY_S[0]
@@ -77,6 +79,7 @@ class Device:
                 try:
                     async with node:
                         self.node = node
+                        carry = None  # given to this broker (if it needed it): let it go
                         backoff = RETRY_S[0]
                         if self.lan:
                             await self.lan.advertise_node(self.config.caps,
@@ -193,6 +196,10 @@ class Device:
     def _goodbye(self, node_id: str) -> None:
         if self.node is not None:
             self.node.peer_gone(node_id)
+
+    def _hello(self, node_id: str) -> None:
+        if self.node is not None:
+            self.node.peer_back(node_id)
 
 
 async def _first(*waits: Coroutine[Any, Any, Any]) -> None:

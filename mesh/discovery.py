@@ -42,8 +42,11 @@ class PeerAd:
 
     name: str
     node: str
-    caps: tuple[str, ...]
-    broker: str | None
+
+    @property
+    def genuine(self) -> bool:
+        """Whether it is announced under its own id's name (what a goodbye must come from)."""
+        return self.name == f"{self.node}.{NODE_SERVICE}"
 
 
 def local_addresses() -> list[str]:
@@ -72,12 +75,10 @@ def parse_broker(name: str, addresses: list[str], port: int | None,
 
 def parse_peer(name: str, txt: Mapping[bytes, bytes | None]) -> PeerAd:
     """A `_liquid-mesh._tcp` record as a PeerAd; WireError when it makes no sense."""
-    fields = _text(txt)
-    node = fields.get("id", "")
+    node = _text(txt).get("id", "")
     if not NODE_ID.fullmatch(node):
         raise WireError(f"bad node id {node[:40]!r}")
-    caps = tuple(cap for cap in fields.get("caps", "").split(",") if cap)
-    return PeerAd(name, node, caps, fields.get("broker"))
+    return PeerAd(name, node)
 
 
 def _text(txt: Mapping[bytes, bytes | None]) -> dict[str, str]:
@@ -95,14 +96,17 @@ class Discovery:
 
     `brokers` and `peers` hold what is announced now (this node's own records excluded);
     `changed` is set whenever they change; `on_goodbye(node_id)` is called when a peer's
-    record goes away (an mDNS goodbye, or its records expired).
+    record goes away (an mDNS goodbye, or its records expired), `on_hello(node_id)` when one
+    is announced.
     """
 
     def __init__(self, node_id: str, root: str = "mesh", *,
-                 on_goodbye: Callable[[str], None] | None = None) -> None:
+                 on_goodbye: Callable[[str], None] | None = None,
+                 on_hello: Callable[[str], None] | None = None) -> None:
         self.node_id = node_id
         self.root = root
         self.on_goodbye = on_goodbye
+        self.on_hello = on_hello
         self.brokers: dict[str, BrokerAd] = {}
         self.peers: dict[str, PeerAd] = {}
         self.changed = asyncio.Event()
@@ -197,6 +201,8 @@ class Discovery:
                               peer.node)
                     return
                 self.peers[name] = peer
+                if peer.genuine and self.on_hello is not None:
+                    self.on_hello(peer.node)
         except WireError as exc:
             if name not in self._refused:
                 self._refused.add(name)
@@ -210,13 +216,13 @@ class Discovery:
         peer = self.peers.pop(name, None)
         if broker or peer:
             self.changed.set()
-        if peer is not None and self.on_goodbye is not None:
+        if peer is not None and peer.genuine and self.on_goodbye is not None:
             self.on_goodbye(peer.node)
 
 
 async def answers(address: str, port: int, timeout: float = 1.0) -> bool:
-    """Whether an MQTT broker answers at address:port within `timeout` (a CONNACK to a
-    CONNECT; refusing us still counts as answering)."""
+    """Whether an MQTT broker at address:port accepts an anonymous client within `timeout`
+    (a broker that wants a password is not one this device can use without being told)."""
     client_id = f"mesh-probe-{secrets.token_hex(4)}".encode()
     connect = (b"\x00\x04MQTT\x04\x02\x00\x05" + len(client_id).to_bytes(2, "big")
                + client_id)
@@ -234,17 +240,18 @@ async def answers(address: str, port: int, timeout: float = 1.0) -> bool:
                     await writer.wait_closed()
     except (OSError, TimeoutError, asyncio.IncompleteReadError):
         return False
-    return reply[:2] == b"\x20\x02"
+    return reply[:2] == b"\x20\x02" and reply[3] == 0
 
 
 async def first_answering(ads: list[BrokerAd], timeout: float = 1.0) -> tuple[BrokerAd,
                                                                               str] | None:
-    """The first broker (in the given order) with an address that answers, and that address."""
-    for ad in ads:
-        for host in ad.hosts:
-            if await answers(host, ad.port, timeout):
-                return ad, host
-    return None
+    """The first broker (in the given order) with an address that answers, and that address.
+
+    All are asked at once, so a silent one costs `timeout` once, not once per broker.
+    """
+    tried = [(ad, host) for ad in ads for host in ad.hosts]
+    answered = await asyncio.gather(*(answers(host, ad.port, timeout) for ad, host in tried))
+    return next((pair for pair, ok in zip(tried, answered, strict=True) if ok), None)
 
 
 def free_port(host: str = "0.0.0.0", preferred: int = 1883) -> int:

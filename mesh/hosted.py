@@ -106,6 +106,7 @@ class HostedApp:
         self._unacked: list[tuple[int, int]] = []  # (packet id, QoS) applied, not yet acked
         self._skip: set[int] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._final: asyncio.Future[None] | None = None  # a handover's checkpoint
         self._pausing = False
         self._closed = False
         self._in_prefix = ctx.topics.app(spec.app, "in")
@@ -143,14 +144,24 @@ class HostedApp:
 
         def instantiate() -> App:
             app = App(self.ctx.runtime, self.module, name=self.name, io=io, limits=limits)
-            if snapshot is None:
-                app.start()
-            else:
-                app.restore(snapshot, pieces)
+            try:
+                if snapshot is None:
+                    app.start()
+                else:
+                    app.restore(snapshot, pieces)
+            except BaseException:
+                app.close()
+                raise
             return app
 
         checking = asyncio.ensure_future(asyncio.to_thread(check)) if check else None
-        self._app = await self._run(instantiate)
+        try:
+            self._app = await self._run(instantiate)
+        except MeshError:  # chunks of an older checkpoint may not even decompress
+            if checking and not await checking:
+                raise SnapshotIncomplete(f"the memory chunks of {self.name}'s checkpoint are "
+                                         "not all its own") from None
+            raise
         if checking and not await checking:
             raise SnapshotIncomplete(f"the memory chunks of {self.name}'s checkpoint are not "
                                      "all its own")
@@ -180,7 +191,9 @@ class HostedApp:
         """
         await self._pause()
         self.epoch = epoch
-        await self.checkpoint(final=True)
+        # Sent straight from the app's memory: `close` lets it finish before freeing that.
+        self._final = asyncio.ensure_future(self.checkpoint(final=True))
+        await self._final
 
     async def suspend(self) -> wire.Snapshot | None:
         """The broker is gone: stop, keeping the app's state here (a snapshot) for the next."""
@@ -211,9 +224,10 @@ class HostedApp:
         if self.state in ("running", "starting"):
             self.state = "stopped"
         self._pausing = True
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._final] if self._final else [])]
+        for task in tasks:
             task.cancel()
-        for result in await asyncio.gather(*self._tasks, return_exceptions=True):
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
             if isinstance(result, Exception):
                 log.warning("%s: %s while stopping", self.name, result)
         self._tasks = []
@@ -230,8 +244,12 @@ class HostedApp:
         self._inbox.put_nowait(None)
         for task in self._tasks:
             if task.get_name().endswith("-inputs"):
-                with contextlib.suppress(asyncio.CancelledError):
+                try:
                     await task
+                except asyncio.CancelledError:
+                    pass
+                except MeshError as exc:  # e.g. a checkpoint the lost broker did not take
+                    log.warning("%s: %s", self.name, exc)
             else:
                 task.cancel()
 
@@ -406,9 +424,10 @@ async def publish_blob(conn: Connection, topic: str, data: bytes) -> None:
 
 
 async def publish_snapshot(conn: Connection, topic: str, snap: wire.Snapshot,
-                           pieces: Sequence[Buffer]) -> None:
-    """Publish a checkpoint retained, its memory bytes being `pieces` (its own `data` is
-    ignored); large memory goes as raw chunks before the header."""
+                           pieces: Sequence[Buffer] | None = None) -> None:
+    """Publish a checkpoint retained, its memory bytes being `pieces` if given (else its
+    `data`); large memory goes as raw chunks before the header."""
+    pieces = [snap.memory.data] if pieces is None else pieces
     if sum(len(piece) for piece in pieces) <= MAX_PACKET - 64 * 1024:
         data = b"".join(pieces)
         external = None
@@ -420,7 +439,10 @@ async def publish_snapshot(conn: Connection, topic: str, snap: wire.Snapshot,
         try:
             await _publish_parts(conn, topic, chunks.cut(pieces, MAX_PACKET), first)
         finally:
-            external = await hashing  # done with `pieces`, which may be views of app memory
+            while not hashing.done():  # `pieces` may be views of app memory: see it read out
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(hashing)
+        external = hashing.result()
         data = b""
     snap = dataclasses.replace(snap, memory=dataclasses.replace(snap.memory, data=data,
                                                                 external=external))
@@ -446,3 +468,4 @@ async def _publish_parts(conn: Connection, topic: str, parts: Iterable[bytes],
     finally:
         for task in sending:
             task.cancel()
+        await asyncio.gather(*sending, return_exceptions=True)

@@ -44,7 +44,7 @@ MODULE_WAIT_S = 30.0
 DEPLOY_MODULE_WAIT_S = 3.0
 SNAPSHOT_WAIT_S = 5.0
 RECONCILE_EVERY_S = 10.0
-REJOIN_GRACE_S = 3.0
+REJOIN_GRACE_S = 1.0  # plus 1.5x keepalive
 KEEP_EVERY_S = 5.0  # how often an app's newest checkpoint is also written to this device's disk
 
 
@@ -110,6 +110,7 @@ class Node:
     """`async with Node(config) as node: await node.stopped` runs a mesh node."""
 
     def __init__(self, config: NodeConfig, carry: Carry | None = None) -> None:
+        """`carry`: what to give the broker if it lacks it (see `Carry`)."""
         self.config = config
         self.carried = carry
         self.carry: Carry | None = None  # set when the broker is lost
@@ -129,7 +130,9 @@ class Node:
         self._retained = chunks.Retained()
         self.store = StateStore(config.state_dir)
         self._kept_at: dict[str, float] = {}  # when each app's checkpoint was last kept on disk
+        self._keeping: dict[str, asyncio.Task[None]] = {}  # ... and that write
         self._claim_after = 0.0  # after a broker change, claims of others' apps wait this long
+        self._said_goodbye: set[str] = set()  # peers whose mDNS goodbye came
         self._dirty = asyncio.Event()
         self._waking: dict[str, asyncio.Event] = {}
         self._unplaceable: set[str] = set()
@@ -147,6 +150,8 @@ class Node:
         try:
             await self._join()
         except BaseException:
+            if self._control is not None:
+                await self._control.close()
             self.runtime.close()
             raise
         return self
@@ -190,7 +195,7 @@ class Node:
                 await self._control.publish(self.topics.node(self.id), wire.encode(
                     replace(self._record(), leaving=True)), retain=True)
         await self._busy.acquire()  # let a reconcile pass in progress finish; none after it
-        others = Placement(m for m in self.members.values()
+        others = Placement(m for m in self._live_members().values()
                            if m.id != self.id and not m.leaving)
         for name, hosted in list(self.hosted.items()):
             target = others.best(hosted.spec)
@@ -209,11 +214,12 @@ class Node:
                 await self._control.publish(self.topics.node(self.id), b"", retain=True)
         self.stopped.set()
 
-    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """Run `work` in the background, owned by the node: cancelled when it stops."""
         task = asyncio.create_task(work, name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def _cancel_all(self) -> None:
         current = asyncio.current_task()
@@ -232,10 +238,14 @@ class Node:
         self._leaving = True
         suspended = {}
         for name, hosted in list(self.hosted.items()):
-            snap = await hosted.suspend()
-            if snap is not None:
-                suspended[name] = snap
-                await asyncio.to_thread(self.store.save_checkpoint, snap)
+            try:
+                snap = await hosted.suspend()
+                if snap is not None:
+                    suspended[name] = snap
+                    await asyncio.to_thread(self.store.save_checkpoint, snap)
+            except (MeshError, OSError) as exc:
+                log.warning("%s: could not keep its state: %s", name, exc)
+                await hosted.close()
         self.hosted.clear()
         self.carry = Carry(set(self.members) - {self.id}, dict(self.specs), dict(self.owners),
                            self._retained, suspended)
@@ -246,6 +256,10 @@ class Node:
         assert self._control is not None
         control, t = self._control, self.topics
         if carry.only_if_empty and self.specs:
+            for name in carry.suspended:  # the mesh went on without us: ours are stale
+                owner = self.owners.get(name)
+                if name not in self.specs or owner is None or owner.node != self.id:
+                    self._gone_from_here(name)
             return
         self._retained.adopt(carry.retained)
         for name, spec in carry.specs.items():
@@ -269,8 +283,10 @@ class Node:
                 await control.publish(t.app(name, "owner"), wire.encode(owner), retain=True)
         # Others come back too, each with its own apps: give them a moment before taking
         # over an app whose owner has not come back yet.
-        self._claim_after = time.monotonic() + REJOIN_GRACE_S
-        self._spawn(self._wake_after(REJOIN_GRACE_S), "rejoin-grace")
+        # (Each notices the loss on its own keepalive: a silent broker, within 1.5 K.)
+        grace = REJOIN_GRACE_S + 1.5 * self.config.keepalive
+        self._claim_after = time.monotonic() + grace
+        self._spawn(self._wake_after(grace), "rejoin-grace")
         log.info("node %s rebuilt the mesh state: %d specs, %d apps of its own", self.id,
                  len(carry.specs), len(carry.suspended))
 
@@ -289,20 +305,29 @@ class Node:
         now = time.monotonic()
         if now - self._kept_at.get(snap.app, -KEEP_EVERY_S) >= KEEP_EVERY_S:
             self._kept_at[snap.app] = now
-            self._spawn(asyncio.to_thread(self.store.save_checkpoint, snap), f"{snap.app}-keep")
+            self._keeping[snap.app] = self._spawn(
+                asyncio.to_thread(self.store.save_checkpoint, snap), f"{snap.app}-keep")
 
     def _gone_from_here(self, name: str) -> None:
         """An app no longer runs here: what this device kept of it is stale now."""
         self._kept_at.pop(name, None)
-        self.store.forget_checkpoint(name)
+        writing = self._keeping.pop(name, None)
+        if writing is not None and not writing.done():  # forget it once it is written
+            writing.add_done_callback(lambda _: self.store.forget_checkpoint(name))
+        else:
+            self.store.forget_checkpoint(name)
 
     def peer_gone(self, node_id: str) -> None:
         """A peer said goodbye on the LAN: place nothing more there, as if it were leaving."""
         log.info("node %s said goodbye on the LAN", node_id)
         self.event("peer-left", detail={"peer": node_id})
-        record = self.members.get(node_id)
-        if record is not None and not record.leaving:
-            self.members[node_id] = replace(record, leaving=True)
+        self._said_goodbye.add(node_id)
+        self._dirty.set()
+
+    def peer_back(self, node_id: str) -> None:
+        """A peer announced itself on the LAN (again)."""
+        if node_id in self._said_goodbye:
+            self._said_goodbye.discard(node_id)
             self._dirty.set()
 
     # --- messages ---------------------------------------------------------------------------
@@ -483,7 +508,8 @@ class Node:
         await self._publish_record()
 
     def _live_members(self) -> dict[str, wire.NodeRecord]:
-        members = dict(self.members)
+        members = {node_id: replace(record, leaving=True) if node_id in self._said_goodbye
+                   else record for node_id, record in self.members.items()}
         members[self.id] = self._record()
         return members
 
@@ -611,15 +637,15 @@ class Node:
             await hosted.close()
             self._dirty.set()
             raise
+        record = wire.OwnerRecord(target, epoch)
+        # The target starts on this. If it cannot be published (the broker is gone), the app
+        # stays here, paused, for the node to keep its state.
+        await self._control.publish(self.topics.app(name, "owner"), wire.encode(record),
+                                    retain=True)
+        self.owners[name] = record
         self.hosted.pop(name, None)
         self._gone_from_here(name)
-        record = wire.OwnerRecord(target, epoch)
-        self.owners[name] = record
-        try:  # the target starts on this; the app here is closed meanwhile
-            await self._control.publish(self.topics.app(name, "owner"), wire.encode(record),
-                                        retain=True)
-        finally:
-            await hosted.close()
+        await hosted.close()
         log.info("%s: handed over to %s at epoch %d in %.1f ms", name, target, epoch,
                  (time.monotonic() - began) * 1000)
 
@@ -643,12 +669,14 @@ class Node:
 
     async def _fence_if_taken(self, hosted: HostedApp, reason: str) -> None:
         assert self._control is not None
+        record = replace(self._record(), leaving=self._leaving)
         try:  # the broker still answers us: the app was taken over, so it stops here
             await asyncio.wait_for(self._control.publish(
-                self.topics.node(self.id), wire.encode(self._record()), retain=True),
+                self.topics.node(self.id), wire.encode(record), retain=True),
                 self.config.keepalive)
         except (BrokerError, TimeoutError):
-            return  # the broker is gone: the node keeps the app's state for the next one
+            if self._control.lost_reason:
+                return  # the broker is gone: the node keeps the app's state for the next one
         if self.hosted.get(hosted.name) is hosted:
             log.warning("%s: lost its session (%s); stopping it here", hosted.name, reason)
             self.hosted.pop(hosted.name, None)

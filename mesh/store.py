@@ -10,6 +10,7 @@ apps is the mesh's memory and wins. Files are wire-encoded; a damaged one is log
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import TypeVar
 
@@ -48,9 +49,10 @@ class StateStore:
 
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fresh = path.with_name(path.name + ".tmp")
-    fresh.write_bytes(data)
-    fresh.replace(path)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp",
+                                     delete=False) as fresh:
+        fresh.write(data)
+    Path(fresh.name).replace(path)
 
 
 T = TypeVar("T", wire.AppSpec, wire.Snapshot)

@@ -77,7 +77,8 @@ def test_hostile_broker_records_are_refused(addresses: list[str], port: int | No
 def test_peer_records_parse_and_garbage_is_refused() -> None:
     peer = parse_peer("hall._liquid-mesh._tcp.local.",
                       {b"id": b"hall", b"caps": b"display,relay", b"broker": b"mqtt://x:1"})
-    assert (peer.node, peer.caps, peer.broker) == ("hall", ("display", "relay"), "mqtt://x:1")
+    assert (peer.node, peer.genuine) == ("hall", True)
+    assert not parse_peer("Impostor._liquid-mesh._tcp.local.", {b"id": b"hall"}).genuine
     with pytest.raises(WireError, match="bad node id"):
         parse_peer("x", {b"caps": b"relay"})
 
