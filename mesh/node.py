@@ -262,10 +262,11 @@ class Node:
                     self._gone_from_here(name)
             return
         self._retained.adopt(carry.retained)
-        for name, spec in carry.specs.items():
-            if name not in self.specs:
-                await control.publish(t.app(name, "spec"), wire.encode(spec), retain=True)
-                await self._republish_module(spec.module)
+        specs, resumed = [name for name in carry.specs if name not in self.specs], []
+        for name in specs:
+            spec = carry.specs[name]
+            await control.publish(t.app(name, "spec"), wire.encode(spec), retain=True)
+            await self._republish_module(spec.module)
         for name, kept in carry.suspended.items():  # ours: they go on from where they were
             owner = self.owners.get(name)
             if owner is not None and (owner.node != self.id or owner.epoch > kept.epoch):
@@ -277,18 +278,21 @@ class Node:
             await publish_snapshot(control, t.app(name, "snapshot"), snap, [snap.memory.data])
             record = self.owners[name] = wire.OwnerRecord(self.id, epoch)
             await control.publish(t.app(name, "owner"), wire.encode(record), retain=True)
+            resumed.append(name)
         for name, owner in carry.owners.items():  # the epochs a takeover must go past
             if name not in self.owners and name not in carry.suspended:
                 self.owners[name] = owner
                 await control.publish(t.app(name, "owner"), wire.encode(owner), retain=True)
-        # Others come back too, each with its own apps: give them a moment before taking
-        # over an app whose owner has not come back yet.
-        # (Each notices the loss on its own keepalive: a silent broker, within 1.5 K.)
-        grace = REJOIN_GRACE_S + 1.5 * self.config.keepalive
-        self._claim_after = time.monotonic() + grace
-        self._spawn(self._wake_after(grace), "rejoin-grace")
-        log.info("node %s rebuilt the mesh state: %d specs, %d apps of its own", self.id,
-                 len(carry.specs), len(carry.suspended))
+        if not carry.only_if_empty:
+            # The other survivors come back too, each with its own apps: give them a moment
+            # before taking over an app whose owner has not come back yet. (Each notices
+            # the loss on its own keepalive: a silent broker, within 1.5 K.)
+            grace = REJOIN_GRACE_S + 1.5 * self.config.keepalive
+            self._claim_after = time.monotonic() + grace
+            self._spawn(self._wake_after(grace), "rejoin-grace")
+        if specs or resumed:
+            log.info("node %s gave the broker back %d app specs and the state of its own "
+                     "apps %s", self.id, len(specs), ", ".join(resumed) or "(none)")
 
     async def _republish_module(self, sha256: str) -> None:
         path = self.config.state_dir / "modules" / f"{sha256}.wasm"
