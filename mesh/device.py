@@ -151,7 +151,8 @@ class Device:
         started = int(time.time() * 1000)
         log.warning("no broker on the LAN: hosting one on port %d; %s", port, LIMITS_WARNING)
         self._hosted_ad = BrokerAd(f"{self.config.node_id}.{BROKER_SERVICE}",
-                                   tuple(local_addresses()), port, self.config.node_id, started)
+                                   tuple(local_addresses()), port, self.config.node_id, started,
+                                   self.config.root)
         self._watching = asyncio.create_task(self._announce_and_watch(port, started),
                                              name="hosted-broker")
         return BrokerAddress("127.0.0.1", port), self._hosted_ad

@@ -70,7 +70,7 @@ def parse_broker(name: str, addresses: list[str], port: int | None,
     started = fields.get("started", "0")
     if not started.isascii() or not started.isdigit() or len(started) > 16:
         raise WireError(f"bad start time {started[:40]!r}")
-    return BrokerAd(name, tuple(addresses), port, node, int(started))
+    return BrokerAd(name, tuple(addresses), port, node, int(started), fields.get("mesh"))
 
 
 def parse_peer(name: str, txt: Mapping[bytes, bytes | None]) -> PeerAd:
@@ -94,7 +94,8 @@ def _text(txt: Mapping[bytes, bytes | None]) -> dict[str, str]:
 class Discovery:
     """`async with Discovery(node_id, root) as lan:` advertises and browses until the block ends.
 
-    `brokers` and `peers` hold what is announced now (this node's own records excluded);
+    `brokers` and `peers` hold what is announced now (this node's own records excluded; so
+    are brokers of a mesh with another topic root);
     `changed` is set whenever they change; `on_goodbye(node_id)` is called when a peer's
     record goes away (an mDNS goodbye, or its records expired), `on_hello(node_id)` when one
     is announced.
@@ -192,8 +193,11 @@ class Discovery:
             return
         try:
             if service_type == BROKER_SERVICE:
-                self.brokers[name] = parse_broker(name, info.parsed_addresses(IPVersion.V4Only),
-                                                  info.port, info.properties)
+                broker = parse_broker(name, info.parsed_addresses(IPVersion.V4Only), info.port,
+                                      info.properties)
+                if broker.root not in (None, self.root):
+                    return  # another mesh's
+                self.brokers[name] = broker
             else:
                 peer = parse_peer(name, info.properties)
                 if peer.node == self.node_id:

@@ -27,6 +27,7 @@ class BrokerAd:
     port: int
     node: str | None = None  # the mesh node whose embedded broker this is, if one is
     started_ms: int = 0  # when that node started it
+    root: str | None = None  # the topic root of the mesh it serves, if it says
 
     def key(self) -> tuple[int, int, str, str]:
         """Smaller wins."""

@@ -418,7 +418,7 @@ async def publish_blob(conn: Connection, topic: str, data: bytes) -> None:
     if len(data) <= MAX_PACKET:
         await conn.publish(topic, data, retain=True)
         return
-    manifest, parts = chunks.split(data, MAX_PACKET)
+    manifest, parts = await asyncio.to_thread(chunks.split, data, MAX_PACKET)  # hashing
     await _publish_parts(conn, topic, parts, 0)
     await conn.publish(topic, wire.encode(manifest), retain=True)
 

@@ -298,7 +298,8 @@ class Node:
         path = self.config.state_dir / "modules" / f"{sha256}.wasm"
         if path.exists():
             assert self._control is not None
-            await publish_blob(self._control, self.topics.module(sha256), path.read_bytes())
+            wasm = await asyncio.to_thread(path.read_bytes)
+            await publish_blob(self._control, self.topics.module(sha256), wasm)
 
     async def _wake_after(self, seconds: float) -> None:
         await asyncio.sleep(seconds)

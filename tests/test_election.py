@@ -55,9 +55,9 @@ def test_broker_records_parse() -> None:
     txt = {b"mesh": b"mesh", b"node": b"kitchen", b"started": b"1700000000000"}
     ad = parse_broker("kitchen._mqtt._tcp.local.", ["10.0.0.5"], 1884, txt)
     assert ad == BrokerAd("kitchen._mqtt._tcp.local.", ("10.0.0.5",), 1884, "kitchen",
-                          1700000000000)
+                          1700000000000, "mesh")
     avahi = parse_broker("Mosquitto._mqtt._tcp.local.", ["10.0.0.9"], 1883, {})
-    assert (avahi.node, avahi.started_ms) == (None, 0)
+    assert (avahi.node, avahi.started_ms, avahi.root) == (None, 0, None)
 
 
 @pytest.mark.parametrize(("addresses", "port", "txt", "message"), [
