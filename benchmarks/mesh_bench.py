@@ -129,6 +129,20 @@ def answered_more(obs: Observer, app: str, count: int) -> bool:
     return len(output_times(obs, app)) > count
 
 
+@contextmanager
+def two_nodes(work: Path) -> Iterator[tuple[str, Observer, Cluster]]:
+    """Mosquitto, an observer, and nodes alpha and beta joined to it."""
+    with mosquitto(work) as broker, Observer(broker) as obs:
+        cluster = Cluster(work)
+        try:
+            for node in ("alpha", "beta"):
+                cluster.start(node, broker)
+            wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 30, "nodes")
+            yield broker, obs, cluster
+        finally:
+            cluster.stop_all()
+
+
 def migration_downtime_ms(obs: Observer, broker: str, app: str, nodes: tuple[str, str],
                           rounds: int) -> float:
     """Inputs every 2 ms; downtime is the gap in the app's answers around each migration."""
@@ -152,20 +166,13 @@ def bench_migration(work: Path, quick: bool, mib: list[int] | None = None) -> No
     print("| app memory | migration downtime ms | bare paho transfer ms | ratio |")
     print("|---|---:|---:|---:|")
     for size in sizes:
-        with mosquitto(work) as broker, Observer(broker) as obs:
-            cluster = Cluster(work)
-            try:
-                for node in ("alpha", "beta"):
-                    cluster.start(node, broker)
-                wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 30, "nodes")
-                app = f"ballast{size // MIB}"
-                mesh("deploy", app, str(app_file(work, size)), "--on", "alpha",
-                     "--checkpoint-ms", "60000", "--checkpoint-every", "100000", broker=broker)
-                wait_until(partial(runs_on, obs, app, "alpha"), 60, "deploy")
-                downtime = migration_downtime_ms(obs, broker, app, ("alpha", "beta"), rounds)
-                bare = bare_transfer_ms(broker, size, rounds)
-            finally:
-                cluster.stop_all()
+        with two_nodes(work) as (broker, obs, _):
+            app = f"ballast{size // MIB}"
+            mesh("deploy", app, str(app_file(work, size)), "--on", "alpha",
+                 "--checkpoint-ms", "60000", "--checkpoint-every", "100000", broker=broker)
+            wait_until(partial(runs_on, obs, app, "alpha"), 60, "deploy")
+            downtime = migration_downtime_ms(obs, broker, app, ("alpha", "beta"), rounds)
+            bare = bare_transfer_ms(broker, size, rounds)
         print(f"| {size // MIB} MiB | {downtime:.0f} | {bare:.0f} | {downtime / bare:.2f}x |",
               flush=True)
 
@@ -180,12 +187,8 @@ def bench_failover(work: Path, quick: bool) -> None:
                         ("owner silent (SIGSTOP)", signal.SIGSTOP)):
         times = []
         for _ in range(rounds):
-            with mosquitto(work) as broker, Observer(broker) as obs:
-                cluster = Cluster(work)
+            with two_nodes(work) as (broker, obs, cluster):
                 try:
-                    for node in ("alpha", "beta"):
-                        cluster.start(node, broker)
-                    wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 30, "nodes")
                     mesh("deploy", "counter", str(ROOT / "mesh/apps/counter.wat"), "--on",
                          "alpha", "--checkpoint-every", "1", broker=broker)
                     wait_until(lambda: obs.running("counter") == "alpha", 60, "deploy")
@@ -201,7 +204,6 @@ def bench_failover(work: Path, quick: bool) -> None:
                 finally:
                     if signum == signal.SIGSTOP:
                         cluster["alpha"].signal(signal.SIGCONT)
-                    cluster.stop_all()
         print(f"| {how} | {statistics.median(times):.2f} | {1.5 * keepalive + 0.5:.1f} |",
               flush=True)
 

@@ -8,15 +8,14 @@ at `<root>/modules/<sha256>`, commands go to `<root>/cmd` as JSON or CBOR, repli
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import os
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from mesh import election, wire
-from mesh.discovery import Discovery, first_answering
+from mesh import wire
+from mesh.discovery import Discovery
 from mesh.errors import MeshError
 from mesh.mqtt import BrokerAddress, Connection, Message
 from mesh.node import publish_module
@@ -41,12 +40,10 @@ async def find_broker(url: str | None, root: str = "mesh",
     async with Discovery(f"cli-{uuid.uuid4().hex[:8]}", root) as lan:
         deadline = asyncio.get_running_loop().time() + look_s
         while (left := deadline - asyncio.get_running_loop().time()) > 0:
-            found = await first_answering(election.ranked(lan.brokers.values()))
+            found = await lan.answering_broker()
             if found is not None:
                 return BrokerAddress(found[1], found[0].port)
-            lan.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lan.changed.wait(), left)
+            await lan.wait_for_change(left)
     return BrokerAddress.parse(DEFAULT_BROKER)
 
 

@@ -127,18 +127,14 @@ class Device:
                      self.config.node_id, wait)
         deadline = time.monotonic() + wait
         while not stopping.is_set():
-            seen = [ad for ad in lan.brokers.values() if ad != lost]
-            found = await first_answering(election.ranked(seen))
+            found = await lan.answering_broker(skip=lost)
             if found is not None:
                 ad, host = found
                 log.info("using the broker %s at %s:%d", ad.name, host, ad.port)
                 return BrokerAddress(host, ad.port), ad
             if time.monotonic() >= deadline:
                 return await self._host()
-            lan.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lan.changed.wait(),
-                                       min(LOOK_EVERY_S, deadline - time.monotonic()))
+            await lan.wait_for_change(min(LOOK_EVERY_S, deadline - time.monotonic()))
         return None
 
     async def _host(self) -> tuple[BrokerAddress, BrokerAd]:
@@ -172,9 +168,7 @@ class Device:
                             better.node or better.name)
                 await self._stop_hosting(watcher=False)
                 return
-            lan.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lan.changed.wait(), 5.0)
+            await lan.wait_for_change(5.0)
 
     async def _stop_hosting(self, *, watcher: bool = True) -> None:
         if watcher and self._watching is not None:

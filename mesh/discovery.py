@@ -24,6 +24,7 @@ import ifaddr
 from zeroconf import IPVersion, NonUniqueNameException, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from mesh import election
 from mesh.election import BrokerAd
 from mesh.errors import WireError
 from mesh.profile import NODE_ID
@@ -175,6 +176,18 @@ class Discovery:
         self._ads[service] = info
 
     # --- what others announce ---------------------------------------------------------------
+
+    async def answering_broker(self, skip: BrokerAd | None = None) -> tuple[BrokerAd,
+                                                                            str] | None:
+        """The best announced broker (see `mesh.election`) that answers, and its address."""
+        return await first_answering(election.ranked(
+            ad for ad in self.brokers.values() if ad != skip))
+
+    async def wait_for_change(self, timeout: float) -> None:
+        """Until what is announced changes, or `timeout` passes."""
+        self.changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.changed.wait(), max(0.0, timeout))
 
     def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str,
                    state_change: ServiceStateChange) -> None:
