@@ -1,0 +1,237 @@
+"""What a node should do about each app: the mesh's rules as pure code, in the style of h11.
+
+`decide` takes the mesh as one node sees it (`View`: node records, specs, owner records, the
+apps the node runs, the time) and returns the actions that bring the node in line with it;
+`plan_leave` does the same for a graceful leave. Nothing here touches the network or a clock:
+`Node` gathers the view and carries the actions out, and the simulator in tests/sim runs the
+same functions against a model of the broker and thousands of fault schedules.
+
+The rules, for each app with a spec:
+
+- it runs here, but an owner record names another node at the same or a higher epoch: stop it
+  at once (`Fence`);
+- it runs here on another module than the spec's: stop it and start again (`Replace`);
+- it runs here, and placement now picks another node: hand it over (`HandOver`) at the epoch
+  after both the app's and its owner record's;
+- it does not run here, and its owner record names this node: it was handed to us, or we own
+  it since before a restart: start it for that epoch (`Start`);
+- it does not run here, placement picks this node, and its owner is not a member: claim it at
+  the owner's epoch + 1 (`Claim`), from its newest checkpoint; after a lost broker, not before
+  `claim_after`, so that a survivor finds its own apps still its own.
+
+An app that runs here without a spec is stopped for good (`Stop`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from mesh.placement import Placement
+from mesh.wire import AppSpec, NodeRecord, OwnerRecord
+
+AppState = Literal["starting", "running", "stopped", "failed"]
+MAX_EPOCH = (1 << 63) - 1  # epochs and sequence numbers are CBOR unsigned ints below this
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """An app as this node hosts it."""
+
+    epoch: int
+    module: str
+    state: AppState = "running"
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """The mesh as one node sees it at one moment."""
+
+    node: str
+    members: Mapping[str, NodeRecord]  # live members, this node included (leaving ones too)
+    specs: Mapping[str, AppSpec]
+    owners: Mapping[str, OwnerRecord]
+    hosted: Mapping[str, Running]
+    now: float = 0.0
+    claim_after: float = 0.0  # after a lost broker: no claims of others' apps before this
+    synced: bool = True  # every retained record the broker held when we subscribed is here
+
+    def placement(self) -> Placement:
+        """Placement over the members that are not leaving."""
+        return Placement(m for m in self.members.values() if not m.leaving)
+
+
+# --- actions -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Its spec is gone: stop it here and clear its owner record and checkpoint."""
+
+    app: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """Another node owns it at `epoch` >= ours: stop it here now, keeping nothing."""
+
+    app: str
+    owner: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Replace:
+    """The spec names another module: stop this instance; the next pass starts the new one."""
+
+    app: str
+
+
+@dataclass(frozen=True, slots=True)
+class HandOver:
+    """Planned migration to `target`: checkpoint for `epoch`, then name `target` the owner."""
+
+    app: str
+    target: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """The owner record names this node at `epoch`: start from that epoch's checkpoint."""
+
+    app: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Take the app: publish ownership at `epoch`, then start from its newest checkpoint."""
+
+    app: str
+    epoch: int
+    failover: bool  # it had an owner that is gone (else it is a first start)
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """Leaving with nowhere to hand it: a last checkpoint, then stop."""
+
+    app: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unplaceable:
+    """No member has everything the spec requires (reported, not acted on)."""
+
+    app: str
+    requires: tuple[str, ...]
+
+
+Action = Stop | Fence | Replace | HandOver | Start | Claim | Shutdown | Unplaceable
+
+
+def handover_epoch(running: Running, owner: OwnerRecord | None) -> int:
+    """The epoch a handover of `running` names its next owner at: past every one seen."""
+    return max(running.epoch, owner.epoch if owner else 0) + 1
+
+
+def decide(view: View) -> list[Action]:
+    """The actions that bring this node in line with `view`, in the order to take them."""
+    actions: list[Action] = [Stop(app) for app in sorted(set(view.hosted) - set(view.specs))]
+    placement = view.placement()
+    for name, spec in sorted(view.specs.items()):
+        target = placement.best(spec)
+        if target is None:
+            actions.append(Unplaceable(name, spec.requires))
+        action = decide_app(view, spec, target)
+        if action is not None:
+            actions.append(action)
+    return actions
+
+
+def decide_app(view: View, spec: AppSpec, target: str | None) -> Action | None:
+    """What this node should do about one app that has a spec, placed at `target`."""
+    name = spec.app
+    owner = view.owners.get(name)
+    running = view.hosted.get(name)
+    if running is not None:
+        if owner is not None and owner.node != view.node and owner.epoch >= running.epoch:
+            return Fence(name, owner.node, owner.epoch)
+        if running.module != spec.module:
+            return Replace(name)
+        if running.state == "running" and target is not None and target != view.node:
+            return HandOver(name, target, handover_epoch(running, owner))
+        return None
+    if not view.synced:
+        return None  # an owner record may still be on its way: acting now could lower an epoch
+    if owner is not None and owner.node == view.node:
+        return Start(name, owner.epoch)
+    if target == view.node and (owner is None or owner.node not in view.members):
+        if owner is not None and view.now < view.claim_after:
+            return None  # its owner may still be on its way back from a lost broker
+        return Claim(name, (owner.epoch if owner else 0) + 1, failover=owner is not None)
+    return None
+
+
+def plan_leave(view: View) -> list[HandOver | Shutdown]:
+    """Leaving gracefully: each running app to the node that should run it next."""
+    others = Placement(m for m in view.members.values()
+                       if m.id != view.node and not m.leaving)
+    plan: list[HandOver | Shutdown] = []
+    for name, running in sorted(view.hosted.items()):
+        spec = view.specs.get(name)
+        target = others.best(spec) if spec is not None else None
+        if target is not None and running.state == "running":
+            plan.append(HandOver(name, target, handover_epoch(running, view.owners.get(name))))
+        else:
+            plan.append(Shutdown(name))
+    return plan
+
+
+# --- giving a broker back what it lost ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """What a node held when it lost its broker (or kept on disk through a power cut)."""
+
+    specs: Mapping[str, AppSpec]
+    owners: Mapping[str, OwnerRecord]
+    suspended: Mapping[str, int]  # its own apps' state, kept: app -> the epoch it ran at
+    # Given back only to a broker that holds no app at all (one that lost everything, as an
+    # embedded broker does when it restarts); a broker that has apps is the mesh's memory.
+    only_if_empty: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Rebuild:
+    """What to give a broker back, in this order."""
+
+    specs: tuple[AppSpec, ...] = ()  # with their modules
+    resume: tuple[tuple[str, int], ...] = ()  # own apps: checkpoint + owner record at epoch
+    owners: tuple[tuple[str, OwnerRecord], ...] = ()  # others' apps: epochs to go past
+    forget: tuple[str, ...] = ()  # kept copies the mesh went on without
+    grace: bool = False  # let the other survivors come back before claiming their apps
+
+
+def plan_rebuild(view: View, held: Held) -> Rebuild:
+    """Joined a broker after losing one: what of `held` it lacks, given what it has (`view`)."""
+    if held.only_if_empty and view.specs:
+        return Rebuild(forget=tuple(
+            name for name in sorted(held.suspended)
+            if name not in view.specs or (owner := view.owners.get(name)) is None
+            or owner.node != view.node))
+    specs = tuple(spec for name, spec in sorted(held.specs.items()) if name not in view.specs)
+    resume = []
+    for name, epoch in sorted(held.suspended.items()):
+        owner = view.owners.get(name)
+        if owner is not None and (owner.node != view.node or owner.epoch > epoch):
+            continue  # another node took it over meanwhile
+        if name not in held.specs and name not in view.specs:
+            continue  # stopped meanwhile
+        resume.append((name, epoch + 1))
+    owners = tuple((name, owner) for name, owner in sorted(held.owners.items())
+                   if name not in view.owners and name not in held.suspended)
+    return Rebuild(specs, tuple(resume), owners, grace=not held.only_if_empty)
