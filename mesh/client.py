@@ -18,8 +18,8 @@ from mesh import wire
 from mesh.discovery import Discovery
 from mesh.errors import MeshError
 from mesh.mqtt import BrokerAddress, Connection, Message
-from mesh.node import publish_module
 from mesh.topics import Topics
+from mesh.transfer import publish_module
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 DISCOVERY_S = 2.0

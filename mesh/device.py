@@ -5,7 +5,7 @@ Without one it looks on the LAN (mDNS, `mesh.discovery`) for a short while; if n
 answers, it starts the embedded one and announces it. When two devices did that at the same
 moment, the one `mesh.election` ranks lower shuts its broker, and its node, like every node that
 used it, finds the other. When the broker's device is lost, the survivors elect a new host and
-bring the mesh back on it from what they hold (`mesh.node.Carry`).
+bring the mesh back on it from what they hold (`mesh.recovery`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from mesh.discovery import (
 from mesh.election import BrokerAd
 from mesh.errors import BrokerError
 from mesh.mqtt import BrokerAddress
-from mesh.node import Carry, Node, NodeConfig
+from mesh.node import Node, NodeConfig
+from mesh.recovery import Carry
 from mesh.store import StateStore
 
 log = logging.getLogger(__name__)

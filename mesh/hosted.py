@@ -18,31 +18,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import paho.mqtt.client as paho
 
-from mesh import chunks, wire
+from mesh import wire
 from mesh.errors import MeshError, SnapshotIncomplete
 from mesh.mqtt import BrokerAddress, Connection, Message
+from mesh.reconcile import AppState
 from mesh.runtime import App, AppModule, Limits, LocalIO, Runtime
 from mesh.snapshot import Buffer
 from mesh.topics import Topics
+from mesh.transfer import publish_snapshot
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_INPUT_BYTES = 256 * 1024
-MAX_PACKET = 1_900_000  # under Mosquitto's default max_packet_size of 2,000,000
 BATCH = 64
-CHUNK_WINDOW = 8  # chunks published but not yet acknowledged
 DEFAULT_CHECKPOINT_MS = 1000
 # Mosquitto's default max_inflight_messages: a broker sends no more unacknowledged QoS 1 messages
 # than this, so by default a checkpoint (which acknowledges them) comes at least this often.
@@ -95,7 +94,7 @@ class HostedApp:
         self.spec = spec
         self.module = module
         self.epoch = epoch
-        self.state = "starting"
+        self.state: AppState = "starting"
         self.failure: str | None = None
         self._seq = 0
         self._loop = asyncio.get_running_loop()
@@ -411,61 +410,3 @@ class HostedApp:
         if qos and self._session is not None:
             self._session.ack(mid)
 
-
-async def publish_blob(conn: Connection, topic: str, data: bytes) -> None:
-    """Publish retained at `topic`; larger than a packet: raw chunks at `topic/<i>` first, then
-    a manifest at `topic`."""
-    if len(data) <= MAX_PACKET:
-        await conn.publish(topic, data, retain=True)
-        return
-    manifest, parts = await asyncio.to_thread(chunks.split, data, MAX_PACKET)  # hashing
-    await _publish_parts(conn, topic, parts, 0)
-    await conn.publish(topic, wire.encode(manifest), retain=True)
-
-
-async def publish_snapshot(conn: Connection, topic: str, snap: wire.Snapshot,
-                           pieces: Sequence[Buffer] | None = None) -> None:
-    """Publish a checkpoint retained, its memory bytes being `pieces` if given (else its
-    `data`); large memory goes as raw chunks before the header."""
-    pieces = [snap.memory.data] if pieces is None else pieces
-    if sum(len(piece) for piece in pieces) <= MAX_PACKET - 64 * 1024:
-        data = b"".join(pieces)
-        external = None
-    else:
-        # Hashed on another thread while the chunks go out: the header, sent last, names it.
-        first = chunks.SLOT * (snap.seq % 2)
-        hashing = asyncio.ensure_future(
-            asyncio.to_thread(chunks.describe, pieces, MAX_PACKET, first))
-        try:
-            await _publish_parts(conn, topic, chunks.cut(pieces, MAX_PACKET), first)
-        finally:
-            while not hashing.done():  # `pieces` may be views of app memory: see it read out
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(hashing)
-        external = hashing.result()
-        data = b""
-    snap = dataclasses.replace(snap, memory=dataclasses.replace(snap.memory, data=data,
-                                                                external=external))
-    await conn.publish(topic, wire.encode(snap), retain=True)
-
-
-async def _publish_parts(conn: Connection, topic: str, parts: Iterable[bytes],
-                         first: int) -> None:
-    """Publish chunks at `topic/<first + i>`, a few unacknowledged at a time: each is copied
-    (`parts` may be lazy) only shortly before it goes out."""
-    sending: set[asyncio.Task[None]] = set()
-    try:
-        for index, part in enumerate(parts):
-            if len(sending) >= CHUNK_WINDOW:
-                done, sending = await asyncio.wait(sending,
-                                                   return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()
-            sending.add(asyncio.create_task(
-                conn.publish(f"{topic}/{first + index}", part, retain=True)))
-        for task in sending:
-            await task
-    finally:
-        for task in sending:
-            task.cancel()
-        await asyncio.gather(*sending, return_exceptions=True)

@@ -1,14 +1,21 @@
-"""What a device keeps on its own disk about the mesh, for when the whole mesh lost power.
+"""A device's state directory: the one place that knows its layout.
 
-The embedded broker keeps nothing across a restart. So each device keeps, in its state
-directory, the app specs it knows (`specs/<app>.cbor`) and the newest checkpoint of each app it
-runs (`apps/<app>.cbor`, written at most every few seconds). A device that starts and finds a
-broker holding no apps at all gives it these back (see `mesh.node.Carry`); a broker that has
-apps is the mesh's memory and wins. Files are wire-encoded; a damaged one is logged and skipped.
+- `node-id`: the id the device chose on its first start (`mesh.profile.identity`);
+- `modules/<sha256>.wasm`: modules it ran, so it needs the broker's store only once each;
+- `compiled/`: the runtime's cache of compiled modules;
+- `specs/<app>.cbor`: the app specs it knows;
+- `apps/<app>.cbor`: the newest checkpoint of each app it runs (written at most every few
+  seconds).
+
+The embedded broker keeps nothing across a restart: a device that starts and finds a broker
+holding no apps at all gives it the specs and checkpoints back (see `mesh.recovery`); a broker
+that has apps is the mesh's memory and wins. Files are wire-encoded; a damaged one is logged and
+skipped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 from pathlib import Path
@@ -24,8 +31,22 @@ class StateStore:
     """The mesh state kept under a device's state directory."""
 
     def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir
         self.specs_dir = state_dir / "specs"
         self.apps_dir = state_dir / "apps"
+        self.modules_dir = state_dir / "modules"
+        self.compiled_dir = state_dir / "compiled"
+
+    def module(self, sha256: str) -> bytes | None:
+        """The module with this hash if this device has it (and it is intact)."""
+        try:
+            wasm = (self.modules_dir / f"{sha256}.wasm").read_bytes()
+        except OSError:
+            return None
+        return wasm if hashlib.sha256(wasm).hexdigest() == sha256 else None
+
+    def save_module(self, sha256: str, wasm: bytes) -> None:
+        _write(self.modules_dir / f"{sha256}.wasm", wasm)
 
     def save_spec(self, spec: wire.AppSpec) -> None:
         _write(self.specs_dir / f"{spec.app}.cbor", wire.encode(spec))

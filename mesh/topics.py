@@ -15,6 +15,10 @@ class Topics:
     def node_cmd(self, node: str) -> str:
         return f"{self.root}/nodes/{node}/cmd"
 
+    def node_sync(self, node: str) -> str:
+        """Where a joining node sends itself a marker: back, it has every retained record."""
+        return f"{self.root}/nodes/{node}/sync"
+
     def module(self, sha256: str) -> str:
         return f"{self.root}/modules/{sha256}"
 

@@ -18,7 +18,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import cbor2
 
@@ -270,9 +270,15 @@ class Reply:
     result: Any = None
 
 
+EventKind = Literal["joined", "left", "peer-left", "deployed", "unplaceable", "started",
+                    "migrating", "migrated", "failed-over", "fenced", "failed", "stopped",
+                    "rejected"]
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
-    """Something that happened, on `mesh/events`."""
+    """Something that happened, on `mesh/events`; `event` is an `EventKind` (a newer node may
+    send kinds this one does not know)."""
 
     KIND: ClassVar[str] = "event"
     MAX_BYTES: ClassVar[int] = 64 * 1024

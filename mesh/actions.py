@@ -1,0 +1,186 @@
+"""Carrying out what `mesh.reconcile` decides: claim, start, hand over, fence, stop.
+
+Each action is a few steps over MQTT with awaits between them; the world may change during
+any of them, so each step checks again what it depends on ("things moved on while we waited").
+`mesh.node.Node` calls `execute` for every action of a reconcile pass, concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from mesh import wire
+from mesh.errors import BrokerError, MeshError, SnapshotIncomplete, WireError
+from mesh.hosted import HostedApp
+from mesh.reconcile import Action, Claim, Fence, HandOver, Replace, Start, Stop, View
+from mesh.transfer import Checkpoint
+from mesh.wire import EventKind
+
+if TYPE_CHECKING:
+    from mesh.node import Node
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_WAIT_S = 5.0
+
+async def execute(node: Node, action: Action, view: View) -> None:
+    """Carry out one action decided on `view`."""
+    match action:
+        case Stop(app):
+            await stop_app(node, app)
+        case Fence(app, owner, epoch):
+            log.warning("%s: %s owns it at epoch %d; stopping it here", app, owner, epoch)
+            await let_go(node, app)
+            node.event("fenced", app=app, detail={"owner": owner, "epoch": epoch})
+        case Replace(app):
+            hosted = node.hosted.pop(app)
+            await hosted.close()
+            node.changed()
+        case HandOver(app):
+            await hand_over(node, node.hosted[app], action)
+        case Start(app, epoch):
+            await start(node, view.specs[app], epoch, handover=True)
+        case Claim(app, epoch, failover):
+            await claim(node, view.specs[app], epoch, failover=failover)
+
+
+async def claim(node: Node, spec: wire.AppSpec, epoch: int, *, failover: bool) -> None:
+    """Publish ownership at `epoch`, then start from the newest checkpoint (or fresh)."""
+    record = wire.OwnerRecord(node.id, epoch)
+    # Ours until the broker says otherwise: a rival claim that it orders after this one
+    # arrives after the publish completes, and must not be overwritten by it.
+    node.owners[spec.app] = record
+    await node.control.publish(node.topics.app(spec.app, "owner"), wire.encode(record),
+                               retain=True)
+    await start(node, spec, epoch, handover=False, failover=failover)
+
+
+async def start(node: Node, spec: wire.AppSpec, epoch: int, *, handover: bool,
+                 failover: bool = False) -> None:
+    """Start the app here at `epoch`: from the handover checkpoint, the newest, or fresh."""
+    name = spec.app
+    began = time.monotonic()
+    module = await node.module(spec.module)
+    checkpoint = await checkpoint_for(node, name, spec, epoch if handover else None)
+    snap = checkpoint.snap if checkpoint else None
+    if name in node.hosted or node.owners.get(name) != wire.OwnerRecord(node.id, epoch):
+        return  # things moved on while we waited
+    hosted = HostedApp(node.host_ctx, spec, module, epoch)
+    node.hosted[name] = hosted
+    try:
+        if checkpoint:
+            await hosted.start(snap, checkpoint.pieces, checkpoint.matches)
+        else:
+            await hosted.start(None)
+    except (BrokerError, SnapshotIncomplete) as exc:  # not the app: try again later
+        node.hosted.pop(name, None)
+        await hosted.close()
+        log.warning("%s: could not start: %s", name, exc)
+        if checkpoint and isinstance(exc, SnapshotIncomplete):
+            node.inbox.incomplete(checkpoint)  # wait for the rest of it
+            node.changed()
+        return
+    except MeshError as exc:  # the app itself (a trap, a bad checkpoint): it stays failed
+        await hosted.close()
+        hosted.state, hosted.failure = "failed", str(exc)
+        node.event("failed", app=name, reason=str(exc))
+        return
+    kind: EventKind = "migrated" if handover else "failed-over" if failover else "started"
+    node.event(kind, app=name, detail={
+        "epoch": epoch, "restored_seq": snap.seq if snap else None,
+        "ms": round((time.monotonic() - began) * 1000, 1)})
+    log.info("%s: %s here at epoch %d%s", name, kind, epoch,
+             f" from checkpoint {snap.seq}" if snap else "")
+
+
+async def checkpoint_for(node: Node, name: str, spec: wire.AppSpec,
+                          epoch: int | None) -> Checkpoint | None:
+    """The checkpoint to restore: the handover one for `epoch`, else the newest.
+
+    Waits while one is on its way (a header whose chunks are still arriving, or the handover
+    checkpoint), for as long as pieces keep coming; gives up after SNAPSHOT_WAIT_S of
+    silence and takes the newest complete one.
+    """
+    deadline = time.monotonic() + SNAPSHOT_WAIT_S
+    waker = node.inbox.waker(name)
+    while True:
+        try:
+            checkpoint = node.inbox.checkpoint(name)
+            arriving = node.inbox.arriving(name)
+        except WireError as exc:
+            log.warning("%s: its checkpoint is unusable: %s", name, exc)
+            checkpoint, arriving = None, False
+        usable = checkpoint if checkpoint and checkpoint.snap.module == spec.module else None
+        wanted = epoch is not None and (usable is None or usable.snap.epoch < epoch)
+        if not (arriving or wanted) or time.monotonic() >= deadline:
+            return usable
+        waker.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(waker.wait(), deadline - time.monotonic())
+            deadline = time.monotonic() + SNAPSHOT_WAIT_S  # news came: keep waiting
+
+
+async def hand_over(node: Node, hosted: HostedApp, action: HandOver) -> None:
+    """Planned migration: checkpoint for the next epoch, release, name the target owner."""
+    name, target, epoch = action.app, action.target, action.epoch
+    began = time.monotonic()
+    node.event("migrating", app=name, detail={"to": target, "epoch": epoch})
+    try:
+        await hosted.hand_over(epoch)
+    except MeshError:
+        # Stop it here; we still own it, so the next reconcile restores the newest checkpoint.
+        node.hosted.pop(name, None)
+        await hosted.close()
+        node.changed()
+        raise
+    record = wire.OwnerRecord(target, epoch)
+    # The target starts on this. If it cannot be published (the broker is gone), the app
+    # stays here, paused, for the node to keep its state.
+    await node.control.publish(node.topics.app(name, "owner"), wire.encode(record),
+                               retain=True)
+    node.owners[name] = record
+    await let_go(node, name)
+    log.info("%s: handed over to %s at epoch %d in %.1f ms", name, target, epoch,
+             (time.monotonic() - began) * 1000)
+
+
+async def stop_app(node: Node, name: str) -> None:
+    """Its spec is gone: stop it, and clear its checkpoint and owner record on the broker."""
+    if name not in node.hosted:
+        return
+    await let_go(node, name)
+    stale = node.inbox.snapshot_parts(name)
+    for topic in (*stale, node.topics.app(name, "snapshot"), node.topics.app(name, "owner")):
+        await node.control.publish(topic, b"", retain=True)  # forget it on the broker
+    node.event("stopped", app=name)
+
+
+async def let_go(node: Node, name: str) -> None:
+    """The app runs here no more: close it, and forget what this device kept of it."""
+    hosted = node.hosted.pop(name, None)
+    node.gone_from_here(name)
+    if hosted is not None:
+        await hosted.close()
+
+
+async def fence_if_taken(node: Node, hosted: HostedApp, reason: str) -> None:
+    """The app's session ended under us: if the broker still answers, another node took the
+    app over, and it stops here; if not, the node keeps its state for the next broker."""
+    record = replace(node.record(), leaving=node.leaving)
+    try:  # the broker still answers us: the app was taken over, so it stops here
+        await asyncio.wait_for(node.control.publish(
+            node.topics.node(node.id), wire.encode(record), retain=True),
+            node.config.keepalive)
+    except (BrokerError, TimeoutError):
+        if node.control.lost_reason:
+            return  # the broker is gone: the node keeps the app's state for the next one
+    if node.hosted.get(hosted.name) is hosted:
+        log.warning("%s: lost its session (%s); stopping it here", hosted.name, reason)
+        await let_go(node, hosted.name)
+        node.event("fenced", app=hosted.name, reason=f"session lost: {reason}")
+        node.changed()

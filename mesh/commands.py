@@ -1,0 +1,131 @@
+"""Commands to the mesh and their replies (the RPC on `<root>/cmd`), and the app table.
+
+A command on `<root>/cmd` is answered by one node, the live member with the lowest id (every
+node knows which); one on `<root>/nodes/<id>/cmd` by that node. The reply goes to
+`<root>/replies/<id>`, as JSON if the command came as JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from mesh import wire
+from mesh.errors import MeshError, WireError
+from mesh.placement import Placement
+
+if TYPE_CHECKING:
+    from mesh.node import Node
+
+log = logging.getLogger(__name__)
+
+DEPLOY_MODULE_WAIT_S = 3.0
+
+
+def receive(node: Node, payload: bytes, *, everyone: bool) -> None:
+    """A command arrived; answer it in the background if it is this node's to answer."""
+    if everyone and min(node.live_members()) != node.id:
+        return  # the node with the lowest id answers commands to everyone
+    try:
+        command, as_json = wire.decode_command(payload)
+    except WireError as exc:
+        node.event("rejected", reason=f"command: {exc}")
+        return
+    node.spawn(_answer(node, command, as_json), f"command-{command.op}")
+
+
+async def _answer(node: Node, command: wire.Command, as_json: bool) -> None:
+    try:
+        reply = wire.Reply(id=command.id or "-", ok=True, result=await _perform(node, command))
+    except MeshError as exc:
+        reply = wire.Reply(id=command.id or "-", ok=False, error=str(exc))
+        node.event("rejected", app=command.app, reason=f"{command.op}: {exc}")
+    except Exception:
+        log.exception("command %s failed", command.op)
+        reply = wire.Reply(id=command.id or "-", ok=False,
+                           error=f"{command.op} failed inside the node; see its log")
+    if command.id:
+        data = wire.encode_json(reply) if as_json else wire.encode(reply)
+        await node.control.publish(node.topics.reply(command.id), data)
+
+
+async def _perform(node: Node, command: wire.Command) -> Any:
+    control, topics = node.control, node.topics
+    match command.op:
+        case "ping":
+            return {"node": node.id}
+        case "nodes":
+            return [{"id": m.id, "caps": list(m.caps), "labels": m.labels,
+                     "apps": list(m.apps), "online": True}
+                    for m in sorted(node.live_members().values(), key=lambda m: m.id)]
+        case "apps":
+            return app_table(node)
+        case "deploy":
+            assert command.spec is not None
+            return await _deploy(node, command.spec)
+        case "stop":
+            name = _known_app(node, command)
+            await control.publish(topics.app(name, "spec"), b"", retain=True)
+            return {"app": name, "state": "stopping"}
+        case "migrate":
+            name = _known_app(node, command)
+            target = command.to
+            if target not in node.live_members():
+                raise MeshError(f"no node {target!r} in the mesh")
+            spec = replace(node.specs[name], pin=target)
+            await control.publish(topics.app(name, "spec"), wire.encode(spec), retain=True)
+            return {"app": name, "to": target}
+        case "send":
+            name = _known_app(node, command)
+            topic = topics.app(name, "in" + (f"/{command.topic}" if command.topic else ""))
+            await control.publish(topic, command.payload or b"")
+            return {"app": name}
+    raise MeshError(f"op {command.op!r} is not supported")  # pragma: no cover
+
+
+def _known_app(node: Node, command: wire.Command) -> str:
+    name = command.app
+    if name is None or name not in node.specs:
+        raise MeshError(f"no app {name!r} is deployed")
+    return name
+
+
+async def _deploy(node: Node, spec: wire.AppSpec) -> dict[str, Any]:
+    try:
+        await node.module(spec.module, wait=DEPLOY_MODULE_WAIT_S)
+    except MeshError as exc:
+        raise MeshError(f"cannot deploy {spec.app}: {exc}") from None
+    members = node.live_members()
+    if spec.pin and spec.pin not in members:
+        raise MeshError(f"no node {spec.pin!r} in the mesh")
+    await node.control.publish(node.topics.app(spec.app, "spec"), wire.encode(spec),
+                               retain=True)
+    target = Placement(members.values()).best(spec)
+    node.event("deployed", app=spec.app, detail={"module": spec.module, "node": target})
+    if target is None:
+        return {"app": spec.app, "state": "pending",
+                "reason": f"no node has all of: {', '.join(spec.requires)}"}
+    return {"app": spec.app, "node": target, "state": "pending"}
+
+
+def app_table(node: Node) -> list[dict[str, Any]]:
+    """[{app, node, state, epoch, module}] as `mesh apps --json` prints it."""
+    members = node.live_members()
+    placement = Placement(members.values())
+    rows = []
+    for name, spec in sorted(node.specs.items()):
+        owner = node.owners.get(name)
+        owner_id = owner.node if owner else None
+        host = members.get(owner_id) if owner_id else None
+        if owner_id == node.id and name in node.hosted:
+            state = "failed" if node.hosted[name].state == "failed" else "running"
+        elif host is not None and name in host.apps:
+            state = "running"
+        else:
+            state = "pending"
+        if state == "running" and placement.best(spec) not in (None, owner_id):
+            state = "migrating"
+        rows.append({"app": name, "node": owner_id, "state": state,
+                     "epoch": owner.epoch if owner else 0, "module": spec.module})
+    return rows

@@ -1,0 +1,108 @@
+"""A node that lost its broker: what it keeps, and what it gives the next broker back.
+
+The next broker may be a new one that a survivor just started, holding nothing: it gets the
+specs, the owner records and the modules back from the nodes, which go on running the apps they
+ran (from the state they had when they lost the broker: `Carry.suspended`) and bring back the
+apps of a lost device from the newest checkpoint they hold (`Carry.retained`). What to give
+back is decided by `mesh.reconcile.plan_rebuild`; this module carries it out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from mesh import chunks, wire
+from mesh.errors import MeshError
+from mesh.reconcile import Held, plan_rebuild
+from mesh.store import StateStore
+from mesh.transfer import publish_blob, publish_snapshot
+
+if TYPE_CHECKING:
+    from mesh.node import Node
+
+log = logging.getLogger(__name__)
+
+REJOIN_GRACE_S = 1.0  # plus 1.5x keepalive
+
+
+@dataclass
+class Carry:
+    """What a node held when it lost its broker, for the next one (which may hold none of it)."""
+
+    members: set[str]
+    specs: dict[str, wire.AppSpec]
+    owners: dict[str, wire.OwnerRecord]
+    retained: chunks.Retained
+    suspended: dict[str, wire.Snapshot] = field(default_factory=dict)
+    # Given back only to a broker that holds no app at all (one that lost everything, as an
+    # embedded broker does when it restarts); a broker that has apps is the mesh's memory.
+    only_if_empty: bool = False
+
+    @classmethod
+    def from_disk(cls, store: StateStore, node_id: str) -> Carry:
+        """What this device kept on disk (see `mesh.store`)."""
+        kept = store.checkpoints()
+        return cls(set(), store.specs(), {app: wire.OwnerRecord(node_id, snap.epoch)
+                                          for app, snap in kept.items()},
+                   chunks.Retained(), kept, only_if_empty=True)
+
+    def held(self) -> Held:
+        return Held(self.specs, self.owners,
+                    {name: snap.epoch for name, snap in self.suspended.items()},
+                    self.only_if_empty)
+
+
+async def suspend(node: Node) -> Carry:
+    """The broker is gone: stop every app, keeping its state (in memory and on disk)."""
+    suspended = {}
+    for name, hosted in list(node.hosted.items()):
+        try:
+            snap = await hosted.suspend()
+            if snap is not None:
+                suspended[name] = snap
+                await asyncio.to_thread(node.store.save_checkpoint, snap)
+        except (MeshError, OSError) as exc:
+            log.warning("%s: could not keep its state: %s", name, exc)
+            await hosted.close()
+    node.hosted.clear()
+    return Carry(set(node.members) - {node.id}, dict(node.specs), dict(node.owners),
+                 node.inbox.retained, suspended)
+
+
+async def rebuild(node: Node, carry: Carry) -> None:
+    """Joined after losing a broker: give this one back what it lacks of what we held."""
+    plan = plan_rebuild(node.view(), carry.held())
+    for name in plan.forget:  # the mesh went on without us: ours are stale
+        node.gone_from_here(name)
+    if carry.only_if_empty and node.specs:
+        return
+    control, topics = node.control, node.topics
+    node.inbox.retained.adopt(carry.retained)
+    for spec in plan.specs:
+        await control.publish(topics.app(spec.app, "spec"), wire.encode(spec), retain=True)
+        wasm = await asyncio.to_thread(node.store.module, spec.module)
+        if wasm is not None:
+            await publish_blob(control, topics.module(spec.module), wasm)
+    for name, epoch in plan.resume:  # ours: they go on from where they were
+        kept = carry.suspended[name]
+        snap = replace(kept, epoch=epoch, seq=kept.seq + 1, applied=())
+        await publish_snapshot(control, topics.app(name, "snapshot"), snap, [snap.memory.data])
+        record = node.owners[name] = wire.OwnerRecord(node.id, epoch)
+        await control.publish(topics.app(name, "owner"), wire.encode(record), retain=True)
+    for name, owner in plan.owners:  # the epochs a takeover must go past
+        node.owners[name] = owner
+        await control.publish(topics.app(name, "owner"), wire.encode(owner), retain=True)
+    if plan.grace:
+        # The other survivors come back too, each with its own apps: give them a moment
+        # before taking over an app whose owner has not come back yet. (Each notices
+        # the loss on its own keepalive: a silent broker, within 1.5 K.)
+        grace = REJOIN_GRACE_S + 1.5 * node.config.keepalive
+        node.claim_after = time.monotonic() + grace
+        node.wake_after(grace)
+    if plan.specs or plan.resume:
+        log.info("node %s gave the broker back %d app specs and the state of its own apps %s",
+                 node.id, len(plan.specs), ", ".join(name for name, _ in plan.resume) or "(none)")

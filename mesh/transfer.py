@@ -1,0 +1,232 @@
+"""Modules and checkpoints over MQTT: both halves of the chunk protocol.
+
+A blob that fits a packet is one retained message at its topic. A larger one goes as raw chunks,
+retained at `<topic>/<i>`, and then a header at `<topic>` that describes them (a chunk manifest
+for a module; a checkpoint header whose memory names its chunks by their sha256). Retained
+chunks arrive in any order, before or after their header; `Inbox` keeps them as they come and
+puts a blob together only when one is needed. Free of wasm: the CLI uses it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from mesh import chunks, wire
+from mesh.errors import MeshError, WireError
+from mesh.mqtt import Connection
+from mesh.snapshot import Buffer
+from mesh.topics import Topics
+
+MAX_PACKET = 1_900_000  # under Mosquitto's default max_packet_size of 2,000,000
+CHUNK_WINDOW = 8  # chunks published but not yet acknowledged
+MAX_MODULE_BYTES = 64 << 20
+MAX_SNAPSHOT_BYTES = 1 << 30
+
+
+# --- sending -----------------------------------------------------------------------------------
+
+
+async def publish_blob(conn: Connection, topic: str, data: bytes) -> None:
+    """Publish retained at `topic`; larger than a packet: raw chunks at `topic/<i>` first, then
+    a manifest at `topic`."""
+    if len(data) <= MAX_PACKET:
+        await conn.publish(topic, data, retain=True)
+        return
+    manifest, parts = await asyncio.to_thread(chunks.split, data, MAX_PACKET)  # hashing
+    await _publish_parts(conn, topic, parts, 0)
+    await conn.publish(topic, wire.encode(manifest), retain=True)
+
+
+async def publish_module(conn: Connection, topics: Topics, wasm: bytes) -> str:
+    """Put a module in the store (retained, chunked if large); returns its sha256."""
+    sha256 = hashlib.sha256(wasm).hexdigest()
+    await publish_blob(conn, topics.module(sha256), wasm)
+    return sha256
+
+
+async def publish_snapshot(conn: Connection, topic: str, snap: wire.Snapshot,
+                           pieces: Sequence[Buffer] | None = None) -> None:
+    """Publish a checkpoint retained, its memory bytes being `pieces` if given (else its
+    `data`); large memory goes as raw chunks before the header."""
+    pieces = [snap.memory.data] if pieces is None else pieces
+    if sum(len(piece) for piece in pieces) <= MAX_PACKET - 64 * 1024:
+        data = b"".join(pieces)
+        external = None
+    else:
+        # Hashed on another thread while the chunks go out: the header, sent last, names it.
+        first = chunks.SLOT * (snap.seq % 2)
+        hashing = asyncio.ensure_future(
+            asyncio.to_thread(chunks.describe, pieces, MAX_PACKET, first))
+        try:
+            await _publish_parts(conn, topic, chunks.cut(pieces, MAX_PACKET), first)
+        finally:
+            while not hashing.done():  # `pieces` may be views of app memory: see it read out
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(hashing)
+        external = hashing.result()
+        data = b""
+    snap = dataclasses.replace(snap, memory=dataclasses.replace(snap.memory, data=data,
+                                                                external=external))
+    await conn.publish(topic, wire.encode(snap), retain=True)
+
+
+async def _publish_parts(conn: Connection, topic: str, parts: Iterable[bytes],
+                         first: int) -> None:
+    """Publish chunks at `topic/<first + i>`, a few unacknowledged at a time: each is copied
+    (`parts` may be lazy) only shortly before it goes out."""
+    sending: set[asyncio.Task[None]] = set()
+    try:
+        for index, part in enumerate(parts):
+            if len(sending) >= CHUNK_WINDOW:
+                done, sending = await asyncio.wait(sending,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()
+            sending.add(asyncio.create_task(
+                conn.publish(f"{topic}/{first + index}", part, retain=True)))
+        for task in sending:
+            await task
+    finally:
+        for task in sending:
+            task.cancel()
+        await asyncio.gather(*sending, return_exceptions=True)
+
+
+# --- receiving ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """An app's newest checkpoint as this node holds it."""
+
+    head: bytes  # the retained message it was decoded from
+    snap: wire.Snapshot
+    pieces: list[bytes] | None = None  # its memory bytes, when they came as chunks
+
+    def matches(self) -> bool:
+        """Whether the chunks are this checkpoint's own (they hash right); takes a while."""
+        external = self.snap.memory.external
+        if external is None:
+            return True
+        return self.pieces is not None and chunks.matches(external, self.pieces)
+
+
+class Inbox:
+    """The checkpoints and modules a node has received, kept as they came.
+
+    Whoever waits for one (`waker`) is woken when a piece of it arrives.
+    """
+
+    def __init__(self, topics: Topics) -> None:
+        self.topics = topics
+        self.retained = chunks.Retained()
+        self._decoded: dict[str, Checkpoint | bytes] = {}  # or the head of an unusable one
+        self._waking: dict[str, asyncio.Event] = {}
+        self._modules: dict[str, asyncio.Future[bytes]] = {}
+
+    def snapshot(self, app: str, index: str | None, payload: bytes) -> None:
+        """A message at an app's checkpoint topic (`index` None) or at one of its chunks."""
+        topic = self.topics.app(app, "snapshot")
+        if index is None:
+            self.retained.whole(topic, payload)
+        else:
+            self.retained.chunk(topic, index, payload)
+        self._decoded.pop(app, None)
+        self.wake(app)
+
+    def waker(self, key: str) -> asyncio.Event:
+        return self._waking.setdefault(key, asyncio.Event())
+
+    def wake(self, key: str) -> None:
+        """Wake whoever waits for news of `key` (an app's checkpoint, a handover)."""
+        waker = self._waking.get(key)
+        if waker:
+            waker.set()
+
+    def arriving(self, app: str) -> bool:
+        """A checkpoint header is here but not all of its chunks yet."""
+        return (self.retained.head(self.topics.app(app, "snapshot")) is not None
+                and self.checkpoint(app) is None)
+
+    def checkpoint(self, app: str) -> Checkpoint | None:
+        """The newest checkpoint of `app` on the broker, once all its chunks have arrived.
+
+        Whether they are its own (and not some of an older one) is `Checkpoint.matches`.
+        Raises WireError if its header is not a checkpoint.
+        """
+        cached = self._decoded.get(app)  # until a piece of a newer one comes
+        if cached is not None:
+            return cached if isinstance(cached, Checkpoint) else None
+        topic = self.topics.app(app, "snapshot")
+        head = self.retained.head(topic)
+        if head is None:
+            return None
+        snap = wire.decode(wire.Snapshot, head)
+        external = snap.memory.external
+        pieces = None
+        if external is not None:  # its memory is in chunks, restored straight from them
+            pieces = chunks.collect(external, self.retained.parts(topic), MAX_SNAPSHOT_BYTES)
+            if pieces is None:
+                return None
+        checkpoint = self._decoded[app] = Checkpoint(head, snap, pieces)
+        return checkpoint
+
+    def incomplete(self, checkpoint: Checkpoint) -> None:
+        """`checkpoint`'s chunks turned out not to be its own: wait for the rest of them."""
+        self._decoded[checkpoint.snap.app] = checkpoint.head
+        self.wake(checkpoint.snap.app)
+
+    def snapshot_parts(self, app: str) -> list[str]:
+        """The chunk topics of an app's checkpoint that this node has seen."""
+        topic = self.topics.app(app, "snapshot")
+        return [f"{topic}/{index}" for index in self.retained.parts(topic)]
+
+    # --- modules --------------------------------------------------------------------------------
+
+    def module(self, sha256: str, index: str | None, payload: bytes) -> None:
+        """A message at a module's topic or at one of its chunks."""
+        topic = self.topics.module(sha256)
+        if index is None:
+            self.retained.whole(topic, payload)
+        else:
+            self.retained.chunk(topic, index, payload)
+        waiter = self._modules.get(sha256)
+        head = self.retained.head(topic)
+        if waiter is None or waiter.done() or head is None:
+            return
+        try:
+            manifest = chunks.is_manifest(head)
+            blob = head if manifest is None else chunks.join(
+                manifest, self.retained.parts(topic), MAX_MODULE_BYTES)
+        except WireError as exc:
+            waiter.set_exception(MeshError(f"module {sha256[:12]}: {exc}"))
+            return
+        if blob is None:
+            return
+        if hashlib.sha256(blob).hexdigest() != sha256:
+            waiter.set_exception(MeshError(f"module {sha256[:12]} does not match its hash"))
+        else:
+            waiter.set_result(blob)
+
+    async def fetch_module(self, conn: Connection, sha256: str, wait: float) -> bytes:
+        """The module with this hash from the broker's store, within `wait` seconds."""
+        topic = self.topics.module(sha256)
+        waiter = self._modules.get(sha256)
+        if waiter is None:
+            waiter = self._modules[sha256] = asyncio.get_running_loop().create_future()
+            await conn.subscribe(topic, f"{topic}/+")
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), wait)
+        except TimeoutError:
+            raise MeshError(f"module {sha256[:12]} is not in the module store ({topic})") \
+                from None
+        finally:
+            if waiter.done():
+                self._modules.pop(sha256, None)
+                await conn.unsubscribe(topic, f"{topic}/+")
+                self.retained.whole(topic, b"")  # kept on disk now, not in memory
