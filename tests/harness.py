@@ -57,12 +57,12 @@ def wait_until(condition: Callable[[], Any], timeout: float = 20, what: str = ""
 
 
 @contextmanager
-def mosquitto(workdir: Path) -> Iterator[str]:
-    """A Mosquitto broker on a free port; yields its URL."""
+def mosquitto(workdir: Path, conf: str = MOSQUITTO_CONF) -> Iterator[str]:
+    """A Mosquitto broker on a free port (`conf` with `{port}` in it); yields its URL."""
     port = free_port()
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(MOSQUITTO_CONF.format(port=port))
-    with _serving(["mosquitto", "-c", str(conf)], port, workdir / "mosquitto.log"):
+    path = workdir / "mosquitto.conf"
+    path.write_text(conf.format(port=port))
+    with _serving(["mosquitto", "-c", str(path)], port, workdir / "mosquitto.log"):
         yield f"mqtt://127.0.0.1:{port}"
 
 
