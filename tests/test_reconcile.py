@@ -1,0 +1,243 @@
+"""The node's decisions (mesh.reconcile), as pure functions: no broker, no clock."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mesh.placement import Placement
+from mesh.reconcile import (
+    Claim,
+    Fence,
+    HandOver,
+    Held,
+    Rebuild,
+    Replace,
+    Running,
+    Shutdown,
+    Start,
+    Stop,
+    Unplaceable,
+    View,
+    decide,
+    plan_leave,
+    plan_rebuild,
+)
+from mesh.wire import AppSpec, NodeRecord, OwnerRecord
+
+MODULE = "a" * 64
+OTHER_MODULE = "b" * 64
+
+
+def spec(app: str = "app", **kw: object) -> AppSpec:
+    return AppSpec(app=app, module=MODULE, **kw)  # type: ignore[arg-type]
+
+
+def members(*ids: str, leaving: tuple[str, ...] = ()) -> dict[str, NodeRecord]:
+    return {i: NodeRecord(id=i, leaving=i in leaving) for i in ids}
+
+
+def view(node: str = "a", nodes: tuple[str, ...] = ("a", "b"), *,
+         specs: tuple[AppSpec, ...] = (), owners: dict[str, OwnerRecord] | None = None,
+         hosted: dict[str, Running] | None = None, **kw: object) -> View:
+    return View(node=node, members=members(*nodes), specs={s.app: s for s in specs},
+                owners=owners or {}, hosted=hosted or {}, **kw)  # type: ignore[arg-type]
+
+
+def pinned(app: str, node: str) -> AppSpec:
+    return spec(app, pin=node)
+
+
+def test_an_app_placed_here_with_no_owner_is_claimed_at_epoch_1() -> None:
+    assert decide(view(specs=(pinned("app", "a"),))) == [Claim("app", 1, failover=False)]
+
+
+def test_an_app_whose_owner_is_gone_is_claimed_past_its_epoch() -> None:
+    owners = {"app": OwnerRecord("gone", 7)}
+    assert decide(view(specs=(pinned("app", "a"),), owners=owners)) == [
+        Claim("app", 8, failover=True)]
+
+
+def test_an_app_whose_owner_is_a_member_is_not_claimed_even_while_it_leaves() -> None:
+    v = View(node="a", members=members("a", "b", leaving=("b",)), specs={"app": pinned("app", "a")},
+             owners={"app": OwnerRecord("b", 3)}, hosted={})
+    assert decide(v) == []
+
+
+def test_an_app_placed_elsewhere_is_left_alone() -> None:
+    assert decide(view(specs=(pinned("app", "b"),))) == []
+
+
+def test_an_owner_record_naming_this_node_starts_the_app_for_its_epoch() -> None:
+    owners = {"app": OwnerRecord("a", 4)}
+    assert decide(view(specs=(pinned("app", "b"),), owners=owners)) == [Start("app", 4)]
+
+
+def test_a_higher_or_equal_epoch_elsewhere_fences_the_app_here() -> None:
+    hosted = {"app": Running(3, MODULE)}
+    for epoch in (3, 4):
+        owners = {"app": OwnerRecord("b", epoch)}
+        assert decide(view(specs=(pinned("app", "a"),), owners=owners, hosted=hosted)) == [
+            Fence("app", "b", epoch)]
+
+
+def test_an_older_epoch_elsewhere_does_not_fence() -> None:
+    owners = {"app": OwnerRecord("b", 2)}
+    hosted = {"app": Running(3, MODULE)}
+    assert decide(view(specs=(pinned("app", "a"),), owners=owners, hosted=hosted)) == []
+
+
+def test_a_new_module_replaces_the_running_instance() -> None:
+    hosted = {"app": Running(1, OTHER_MODULE)}
+    owners = {"app": OwnerRecord("a", 1)}
+    assert decide(view(specs=(pinned("app", "a"),), owners=owners, hosted=hosted)) == [
+        Replace("app")]
+
+
+def test_an_app_placed_elsewhere_is_handed_over_past_every_epoch_seen() -> None:
+    hosted = {"app": Running(2, MODULE)}
+    owners = {"app": OwnerRecord("a", 5)}
+    assert decide(view(specs=(pinned("app", "b"),), owners=owners, hosted=hosted)) == [
+        HandOver("app", "b", 6)]
+
+
+def test_a_failed_app_is_not_handed_over() -> None:
+    hosted = {"app": Running(2, MODULE, "failed")}
+    owners = {"app": OwnerRecord("a", 2)}
+    assert decide(view(specs=(pinned("app", "b"),), owners=owners, hosted=hosted)) == []
+
+
+def test_an_app_without_a_spec_is_stopped() -> None:
+    assert decide(view(hosted={"gone": Running(1, MODULE)})) == [Stop("gone")]
+
+
+def test_nothing_is_claimed_or_started_before_the_node_has_every_record() -> None:
+    owners = {"mine": OwnerRecord("a", 2), "orphan": OwnerRecord("gone", 2),
+              "held": OwnerRecord("b", 9)}
+    hosted = {"held": Running(3, MODULE)}
+    v = view(specs=(pinned("mine", "b"), pinned("orphan", "a"), pinned("new", "a"),
+                    pinned("held", "a")), owners=owners, hosted=hosted, synced=False)
+    assert decide(v) == [Fence("held", "b", 9)]  # fencing never waits
+
+
+def test_after_a_lost_broker_others_apps_wait_for_the_grace_but_new_ones_do_not() -> None:
+    v = view(specs=(pinned("orphan", "a"), pinned("new", "a")),
+             owners={"orphan": OwnerRecord("gone", 2)}, now=10.0, claim_after=12.0)
+    assert decide(v) == [Claim("new", 1, failover=False)]
+    later = view(specs=(pinned("orphan", "a"),), owners={"orphan": OwnerRecord("gone", 2)},
+                 now=12.0, claim_after=12.0)
+    assert decide(later) == [Claim("orphan", 3, failover=True)]
+
+
+def test_an_app_no_member_can_run_is_reported() -> None:
+    assert decide(view(specs=(spec("hot", requires=("heater",)),))) == [
+        Unplaceable("hot", ("heater",))]
+
+
+def test_leaving_hands_each_running_app_to_the_next_node_and_shuts_down_the_rest() -> None:
+    hosted = {"one": Running(1, MODULE), "broken": Running(1, MODULE, "failed"),
+              "lonely": Running(2, MODULE)}
+    v = View(node="a", members=members("a", "b"),
+             specs={"one": spec("one"), "broken": spec("broken"),
+                    "lonely": spec("lonely", requires=("heater",))},
+             owners={"one": OwnerRecord("a", 4)}, hosted=hosted)
+    assert plan_leave(v) == [Shutdown("broken"), Shutdown("lonely"), HandOver("one", "b", 5)]
+
+
+def test_a_rebuild_gives_back_what_the_broker_lacks() -> None:
+    held = Held(specs={"mine": spec("mine"), "theirs": spec("theirs"), "known": spec("known")},
+                owners={"mine": OwnerRecord("a", 3), "theirs": OwnerRecord("c", 6),
+                        "known": OwnerRecord("c", 1)},
+                suspended={"mine": 3})
+    broker = view(specs=(spec("known"),), owners={"known": OwnerRecord("c", 2)})
+    assert plan_rebuild(broker, held) == Rebuild(
+        specs=(spec("mine"), spec("theirs")), resume=(("mine", 4),),
+        owners=(("theirs", OwnerRecord("c", 6)),), grace=True)
+
+
+def test_a_rebuild_does_not_resume_an_app_taken_over_meanwhile() -> None:
+    held = Held(specs={"mine": spec("mine")}, owners={"mine": OwnerRecord("a", 3)},
+                suspended={"mine": 3})
+    for owner in (OwnerRecord("b", 4), OwnerRecord("a", 4)):
+        broker = view(specs=(spec("mine"),), owners={"mine": owner})
+        assert plan_rebuild(broker, held).resume == ()
+
+
+def test_disk_copies_go_only_to_an_empty_broker_and_are_forgotten_when_stale() -> None:
+    held = Held(specs={"mine": spec("mine"), "moved": spec("moved")},
+                owners={"mine": OwnerRecord("a", 3), "moved": OwnerRecord("a", 3)},
+                suspended={"mine": 3, "moved": 3}, only_if_empty=True)
+    broker = view(specs=(spec("mine"), spec("moved")),
+                  owners={"mine": OwnerRecord("a", 3), "moved": OwnerRecord("b", 4)})
+    assert plan_rebuild(broker, held) == Rebuild(forget=("moved",))
+    empty = plan_rebuild(view(), held)
+    assert empty.resume == (("mine", 4), ("moved", 4))
+    assert not empty.grace
+
+
+# --- properties over many views -----------------------------------------------------------
+
+NODES = st.lists(st.sampled_from("abcdef"), min_size=1, max_size=6, unique=True)
+
+
+@st.composite
+def meshes(draw: st.DrawFn) -> tuple[list[str], list[AppSpec], dict[str, OwnerRecord]]:
+    nodes = draw(NODES)
+    apps = draw(st.lists(st.sampled_from(["w", "x", "y", "z"]), unique=True, max_size=4))
+    specs = [spec(app, pin=draw(st.none() | st.sampled_from("abcdefg")),
+                  requires=draw(st.sampled_from([(), ("cap",)]))) for app in apps]
+    owners = {app: OwnerRecord(draw(st.sampled_from("abcdefg")), draw(st.integers(1, 2**40)))
+              for app in apps if draw(st.booleans())}
+    return nodes, specs, owners
+
+
+def _records(nodes: list[str]) -> dict[str, NodeRecord]:
+    return {n: NodeRecord(id=n, caps=("cap",) if n in "ace" else ()) for n in nodes}
+
+
+@given(meshes())
+def test_at_most_one_node_takes_an_app_and_never_below_its_epoch(
+        mesh: tuple[list[str], list[AppSpec], dict[str, OwnerRecord]]) -> None:
+    nodes, specs, owners = mesh
+    records = _records(nodes)
+    taking: dict[str, list[str]] = {}
+    for node in nodes:
+        v = View(node=node, members=records, specs={s.app: s for s in specs},
+                 owners=owners, hosted={})
+        for action in decide(v):
+            if isinstance(action, Claim | Start):
+                taking.setdefault(action.app, []).append(node)
+                owner = owners.get(action.app)
+                if isinstance(action, Claim):
+                    assert action.epoch == (owner.epoch if owner else 0) + 1
+                    assert owner is None or owner.node not in records
+                else:
+                    assert owner == OwnerRecord(node, action.epoch)
+    for app, takers in taking.items():
+        assert len(takers) == 1, (app, takers)
+        owner = owners.get(app)
+        if owner is None or owner.node not in records:  # a claim: by placement's pick
+            best = Placement(records.values()).best(next(s for s in specs if s.app == app))
+            assert takers == [best]
+
+
+@given(meshes(), st.sampled_from("abcdef"), st.integers(1, 2**40))
+def test_a_node_running_an_app_fences_or_moves_it_only_past_every_epoch(
+        mesh: tuple[list[str], list[AppSpec], dict[str, OwnerRecord]], node: str,
+        epoch: int) -> None:
+    nodes, specs, owners = mesh
+    records = _records([*nodes, node])
+    hosted = {s.app: Running(epoch, MODULE) for s in specs}
+    v = View(node=node, members=records, specs={s.app: s for s in specs}, owners=owners,
+             hosted=hosted)
+    for action in decide(v):
+        owner = owners.get(action.app)
+        if isinstance(action, Fence):
+            assert owner is not None
+            assert owner.node != node
+            assert owner.epoch >= epoch
+        elif isinstance(action, HandOver):
+            assert action.epoch > max(epoch, owner.epoch if owner else 0)
+            assert action.target != node
+        else:
+            assert not isinstance(action, Claim | Start | Stop)
