@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import paho.mqtt.client as paho
 
@@ -36,6 +36,7 @@ from mesh.runtime import App, AppModule, Limits, LocalIO, Runtime
 from mesh.snapshot import Buffer
 from mesh.topics import Topics
 from mesh.transfer import publish_snapshot
+from mesh.wire import EventKind
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,13 @@ class AppHostIO(LocalIO):
             self.pending = []
 
 
+class EventSink(Protocol):
+    """Where a hosted app reports what happens to it (the node's event stream)."""
+
+    def __call__(self, kind: EventKind, *, app: str | None = None, reason: str | None = None,
+                 detail: dict[str, Any] | None = None) -> None: ...
+
+
 @dataclass
 class HostContext:
     """What a hosted app needs from its node."""
@@ -78,7 +86,7 @@ class HostContext:
     topics: Topics
     keepalive: int
     sensors: dict[str, Callable[[], bytes]]
-    event: Callable[..., None]
+    event: EventSink
     lost: Callable[[HostedApp, str], None]
     app_memory_bytes: int | None = None  # this device's caps on what one app may use
     call_timeout_ms: int | None = None

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.errors import ConfigError
+from mesh.store import StateStore
 from mesh.wire import NAME_RE
 
 NODE_ID = NAME_RE  # a node id names topics and its state directory: no "..", no "/"
@@ -192,7 +193,7 @@ def identity(state_dir: Path, configured: str | None) -> str:
             raise ConfigError(f"node id {configured!r} must be 1-64 letters, digits, '.', '_' "
                               "or '-', starting with a letter or digit")
         return configured
-    path = state_dir / "node-id"
+    path = StateStore(state_dir).node_id_file
     try:
         kept = path.read_text().strip()
     except FileNotFoundError:

@@ -32,6 +32,7 @@ class StateStore:
 
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir
+        self.node_id_file = state_dir / "node-id"
         self.specs_dir = state_dir / "specs"
         self.apps_dir = state_dir / "apps"
         self.modules_dir = state_dir / "modules"
