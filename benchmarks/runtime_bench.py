@@ -22,7 +22,9 @@ from pathlib import Path
 import wasmtime
 
 from mesh import wire
-from mesh.runtime import App, Limits, LocalIO, Runtime, make_engine
+from mesh.abi import Limits, LocalIO
+from mesh.engine import make_engine
+from mesh.runtime import App, Runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20

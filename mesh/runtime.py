@@ -1,10 +1,13 @@
 """The app host: load, run, snapshot and restore WebAssembly apps on wasmtime.
 
-A `Runtime` owns one engine, the compiled-module cache and an epoch ticker that bounds the time of
-every call. `Runtime.load` checks a module against the app ABI (see DESIGN.md), rewrites it so
-that every mutable global is reachable, and compiles it. `App` is one running instance: messages
-and ticks go in, publications and logs come out through an `AppIO`, and `snapshot`/`restore`
-carry its complete state between processes.
+A `Runtime` owns one engine (`mesh.engine`), the compiled-module cache and an epoch ticker that
+bounds the time of every call. `Runtime.load` checks a module against the app ABI (`mesh.abi`,
+see DESIGN.md), rewrites it so that every mutable global is reachable, and compiles it. `App` is
+one running instance: messages and ticks go in, publications and logs come out through an
+`AppIO`, and `snapshot`/`restore` carry its complete state between processes.
+
+`AppIO`, `LocalIO`, `Limits` (from `mesh.abi`) and `make_engine` (from `mesh.engine`) are
+importable from here too.
 
 wasmtime-py calls are synchronous and a store is not thread-safe: call one `App` from one thread
 at a time (the node gives each app its own worker thread). Nothing here touches an event loop.
@@ -16,78 +19,32 @@ import atexit
 import ctypes
 import dataclasses
 import hashlib
-import importlib.metadata
 import logging
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import wasmtime
 
+from mesh import abi, wasmbin
 from mesh import snapshot as memimage
-from mesh import wasmbin
+from mesh.abi import AppIO, Limits, LocalIO
 from mesh.cache import ModuleCache
+from mesh.engine import engine_fingerprint, make_engine
 from mesh.errors import AppError, ModuleError, SnapshotError
 from mesh.wire import GlobalValue, HostState, Snapshot
 
+__all__ = ["EPOCH_TICK_S", "App", "AppIO", "AppModule", "Limits", "LocalIO", "Runtime",
+           "engine_fingerprint", "make_engine"]
+
 log = logging.getLogger(__name__)
 
-# Return codes of the `mesh` imports (also in examples/include/mesh.h).
-E_INVALID = -1
-E_TOO_LARGE = -2
-E_UNKNOWN = -3
-E_FAULT = -4
-E_FAILED = -5
-
 EPOCH_TICK_S = 0.005
-MAX_TOPIC_BYTES = 256
-
-_ENGINE_SETTINGS: dict[str, Any] = {
-    "epoch_interruption": True,
-    "cranelift_opt_level": "speed",
-    "wasm_simd": True,
-    "wasm_relaxed_simd": True,
-    "wasm_relaxed_simd_deterministic": True,
-    "wasm_bulk_memory": True,
-    "wasm_reference_types": True,
-    "wasm_multi_value": True,
-    "wasm_tail_call": True,
-    # Off: state these bring (threads, several memories, exceptions, GC heaps) cannot be captured.
-    "wasm_threads": False,
-    "shared_memory": False,
-    "wasm_multi_memory": False,
-    "wasm_memory64": False,
-    "wasm_exceptions": False,
-    "wasm_gc": False,
-    "wasm_function_references": False,
-    "wasm_wide_arithmetic": False,
-    "wasm_custom_page_sizes": False,
-    "wasm_stack_switching": False,
-    "wasm_component_model": False,
-}
-_INSTRUMENT_VERSION = 1
-
-_I32, _I64 = "i32", "i64"
-_EXPORTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "mesh_alloc": ((_I32,), (_I32,)),
-    "mesh_free": ((_I32,), ()),
-    "_initialize": ((), ()),
-    "mesh_init": ((), ()),
-    "mesh_on_message": ((_I32, _I32, _I32, _I32), ()),
-    "mesh_on_tick": ((_I64,), ()),
-}
-_IMPORTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "publish": ((_I32, _I32, _I32, _I32), (_I32,)),
-    "log": ((_I32, _I32, _I32), ()),
-    "now_ms": ((), (_I64,)),
-    "read": ((_I32, _I32, _I32, _I32), (_I32,)),
-}
-_WASI = "wasi_snapshot_preview1"
 
 _current = threading.local()
 
@@ -102,64 +59,6 @@ def _close_open_apps() -> None:
         app.close()
 
 
-def engine_fingerprint() -> str:
-    """What compiled code depends on: wasmtime's version, engine settings, our rewriting."""
-    text = repr((importlib.metadata.version("wasmtime"), sorted(_ENGINE_SETTINGS.items()),
-                 _INSTRUMENT_VERSION))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def make_engine() -> wasmtime.Engine:
-    config = wasmtime.Config()
-    for name, value in _ENGINE_SETTINGS.items():
-        setattr(config, name, value)
-    return wasmtime.Engine(config)
-
-
-class AppIO(Protocol):
-    """Where an app's effects go. Called on the app's thread, during a call into the app."""
-
-    def publish(self, topic: str, payload: bytes) -> None: ...
-    def log(self, level: int, message: str) -> None: ...
-    def read(self, name: str) -> bytes | None: ...
-    def now_ms(self) -> int: ...
-
-
-@dataclass
-class LocalIO:
-    """An `AppIO` that keeps publications in a list and logs through `logging`."""
-
-    app: str = "app"
-    sensors: dict[str, Callable[[], bytes]] = field(default_factory=dict)
-    published: list[tuple[str, bytes]] = field(default_factory=list)
-    clock: Callable[[], int] = field(default=lambda: int(time.time() * 1000))
-
-    def publish(self, topic: str, payload: bytes) -> None:
-        self.published.append((topic, payload))
-
-    def log(self, level: int, message: str) -> None:
-        levels = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
-        log.log(levels[max(0, min(level, 3))], "[%s] %s", self.app, message)
-
-    def read(self, name: str) -> bytes | None:
-        source = self.sensors.get(name)
-        return None if source is None else source()
-
-    def now_ms(self) -> int:
-        return self.clock()
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """What one app may use. Every call is bounded in time; memory is capped per store."""
-
-    memory_bytes: int = 64 * 1024 * 1024
-    timeout_s: float = 1.0
-    max_publish_bytes: int = 256 * 1024
-    max_publishes_per_call: int = 1000
-    max_log_bytes: int = 4096
-
-
 @dataclass(frozen=True, slots=True)
 class AppModule:
     """A loaded module: checked against the ABI, rewritten, compiled, imports resolved."""
@@ -169,45 +68,6 @@ class AppModule:
     pre: wasmtime.InstancePre
     exports: frozenset[str]
     globals: tuple[tuple[str, str], ...]
-
-
-def _signature(ty: wasmtime.FuncType) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    return tuple(str(t) for t in ty.params), tuple(str(t) for t in ty.results)
-
-
-def _describe(sig: tuple[tuple[str, ...], tuple[str, ...]]) -> str:
-    params, results = sig
-    return f"({', '.join(params)}) -> ({', '.join(results)})"
-
-
-def _check_abi(module: wasmtime.Module) -> tuple[frozenset[str], tuple[tuple[str, str], ...]]:
-    """Exports and mutable globals of a module that keeps the app ABI; else ModuleError."""
-    for imp in module.imports:
-        where = f"{imp.module}.{imp.name}"
-        if imp.module == _WASI:
-            continue
-        expected = _IMPORTS.get(imp.name or "") if imp.module == "mesh" else None
-        if expected is None or not isinstance(imp.type, wasmtime.FuncType):
-            raise ModuleError(f"imports {where}, which the host does not provide")
-        if _signature(imp.type) != expected:
-            raise ModuleError(f"imports {where} as {_describe(_signature(imp.type))}, "
-                              f"expected {_describe(expected)}")
-    exports: dict[str, Any] = {exp.name: exp.type for exp in module.exports}
-    if not isinstance(exports.get("memory"), wasmtime.MemoryType):
-        raise ModuleError("does not export its memory as 'memory'")
-    for name, expected in _EXPORTS.items():
-        ty = exports.get(name)
-        if ty is None:
-            continue
-        if not isinstance(ty, wasmtime.FuncType) or _signature(ty) != expected:
-            raise ModuleError(f"exports {name} with the wrong type; expected a function "
-                              f"{_describe(expected)}")
-    if "mesh_on_message" in exports and "mesh_alloc" not in exports:
-        raise ModuleError("exports mesh_on_message but not mesh_alloc, which the host needs "
-                          "to pass messages in")
-    mutable = tuple((name, str(ty.content)) for name, ty in exports.items()
-                    if isinstance(ty, wasmtime.GlobalType) and ty.mutable)
-    return frozenset(exports), mutable
 
 
 class Runtime:
@@ -242,10 +102,10 @@ class Runtime:
         linker = wasmtime.Linker(self.engine)
         linker.define_wasi()
         i32, i64 = wasmtime.ValType.i32(), wasmtime.ValType.i64()
-        kinds = {_I32: i32, _I64: i64}
+        kinds = {abi.I32: i32, abi.I64: i64}
         handlers: dict[str, Callable[..., Any]] = {
             "publish": _publish, "log": _log, "now_ms": _now_ms, "read": _read}
-        for name, (params, results) in _IMPORTS.items():
+        for name, (params, results) in abi.IMPORTS.items():
             ty = wasmtime.FuncType([kinds[p] for p in params], [kinds[r] for r in results])
             linker.define_func("mesh", name, ty, handlers[name], access_caller=name != "now_ms")
         return linker
@@ -258,11 +118,11 @@ class Runtime:
             module = self._compile(wasm)
             if self._cache:
                 self._cache.put(sha256, module)
-        exports, mutable = _check_abi(module)
+        exports, mutable = abi.check_module(module)
         try:
             pre = self._linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
-            raise ModuleError(f"cannot link: {_first_line(str(exc))}") from None
+            raise ModuleError(f"cannot link: {abi.first_line(str(exc))}") from None
         return AppModule(sha256, len(wasm), pre, exports, mutable)
 
     def _compile(self, wasm: bytes) -> wasmtime.Module:
@@ -271,32 +131,12 @@ class Runtime:
         try:
             wasmtime.Module.validate(self.engine, wasm)
         except wasmtime.WasmtimeError as exc:
-            raise ModuleError(f"invalid WebAssembly: {_first_line(str(exc))}") from None
+            raise ModuleError(f"invalid WebAssembly: {abi.first_line(str(exc))}") from None
         rewritten = wasmbin.instrument(wasm).wasm
         try:
             return wasmtime.Module(self.engine, rewritten)
         except wasmtime.WasmtimeError as exc:  # pragma: no cover - rewriting keeps validity
-            raise ModuleError(f"cannot compile: {_first_line(str(exc))}") from None
-
-
-def _first_line(text: str) -> str:
-    """wasmtime's multi-line messages folded into one line of reasonable length."""
-    folded = " ".join(text.split()) or "unknown error"
-    return folded if len(folded) <= 300 else folded[:297] + "..."
-
-
-def _trap_reason(trap: wasmtime.Trap) -> str:
-    """'out of bounds memory access (memory fault at ...) in fill' from wasmtime's trap text."""
-    text = trap.message
-    causes = [line.strip().split(": ", 1)[-1] for line in text.split("Caused by:", 1)[-1]
-              .splitlines() if line.strip()] if "Caused by:" in text else [text]
-    reason = causes[-1].removeprefix("wasm trap: ")
-    if len(causes) > 1:
-        reason += f" ({'; '.join(causes[:-1])})"
-    frames = trap.frames
-    if frames and frames[0].func_name:
-        reason += f" in function {frames[0].func_name}"
-    return _first_line(reason)
+            raise ModuleError(f"cannot compile: {abi.first_line(str(exc))}") from None
 
 
 def _app() -> App:
@@ -360,7 +200,7 @@ class App:
         assert isinstance(memory, wasmtime.Memory)
         self._mem = memory
         self._funcs: dict[str, wasmtime.Func] = {}
-        for export in _EXPORTS:
+        for export in abi.EXPORTS:
             func = exports.get(export) if export in module.exports else None
             if isinstance(func, wasmtime.Func):
                 self._funcs[export] = func
@@ -460,10 +300,10 @@ class App:
             if exc.trap_code == wasmtime.TrapCode.INTERRUPT:
                 reason = f"ran longer than {self.limits.timeout_s:g}s in {what} and was stopped"
             else:
-                reason = f"trapped in {what}: {_trap_reason(exc)}"
+                reason = f"trapped in {what}: {abi.trap_reason(exc)}"
             self._fail(reason, str(exc))
         except wasmtime.WasmtimeError as exc:
-            self._fail(f"failed in {what}: {_first_line(str(exc))}", str(exc))
+            self._fail(f"failed in {what}: {abi.first_line(str(exc))}", str(exc))
         except AppError as exc:
             self._fail(str(exc).removeprefix(f"app {self.name}: "))
         finally:
@@ -494,19 +334,19 @@ class App:
         return bytes(memory.read(caller, ptr, ptr + length))
 
     def _host_publish(self, caller: wasmtime.Caller, tp: int, tl: int, pp: int, pl: int) -> int:
-        if tl > MAX_TOPIC_BYTES or pl > self.limits.max_publish_bytes:
-            return E_TOO_LARGE
+        if tl > abi.MAX_TOPIC_BYTES or pl > self.limits.max_publish_bytes:
+            return abi.E_TOO_LARGE
         if self._publishes >= self.limits.max_publishes_per_call:
-            return E_TOO_LARGE
+            return abi.E_TOO_LARGE
         raw_topic, payload = self._view(caller, tp, tl), self._view(caller, pp, pl)
         if raw_topic is None or payload is None:
-            return E_FAULT
+            return abi.E_FAULT
         try:
             topic = raw_topic.decode()
         except UnicodeDecodeError:
-            return E_INVALID
+            return abi.E_INVALID
         if any(c in topic for c in "+#\0") or topic.startswith("/") or "//" in topic:
-            return E_INVALID
+            return abi.E_INVALID
         self._publishes += 1
         if self._quiet:
             return 0
@@ -514,7 +354,7 @@ class App:
             self.io.publish(topic, payload)
         except Exception:
             log.exception("app %s: publish failed", self.name)
-            return E_FAILED
+            return abi.E_FAILED
         self.published += 1
         return 0
 
@@ -524,19 +364,19 @@ class App:
             self.io.log(level, raw.decode("utf-8", "replace"))
 
     def _host_read(self, caller: wasmtime.Caller, np: int, nl: int, out: int, cap: int) -> int:
-        raw_name = self._view(caller, np, min(nl, MAX_TOPIC_BYTES))
+        raw_name = self._view(caller, np, min(nl, abi.MAX_TOPIC_BYTES))
         memory = self._memory_of(caller)
         if raw_name is None or out < 0 or cap < 0 or out + cap > memory.data_len(caller):
-            return E_FAULT
+            return abi.E_FAULT
         try:
             value = self.io.read(raw_name.decode("utf-8", "replace"))
         except Exception as exc:
             log.warning("app %s: reading %r failed: %s", self.name, raw_name, exc)
-            return E_FAILED
+            return abi.E_FAILED
         if value is None:
-            return E_UNKNOWN
+            return abi.E_UNKNOWN
         if len(value) > cap:
-            return E_TOO_LARGE
+            return abi.E_TOO_LARGE
         memory.write(caller, value, out)
         return len(value)
 
@@ -625,4 +465,4 @@ class App:
                 self._memory.grow(self._store, (size - current) // page)
             except wasmtime.WasmtimeError as exc:
                 raise SnapshotError(f"cannot grow memory to {size} bytes: "
-                                    f"{_first_line(str(exc))}") from None
+                                    f"{abi.first_line(str(exc))}") from None

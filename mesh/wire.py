@@ -2,34 +2,27 @@
 
 Every top-level object travels as a CBOR map with a version field `v` and a `kind`. Decoding is
 strict: a payload-length cap per kind, a nesting cap, no indefinite lengths or duplicate keys,
-only plain CBOR types, and each field checked against its declared type and size. Every failure
-is one `WireError` whose message says what is wrong and where. Commands are also accepted as JSON,
-so that `mosquitto_pub -m '{"op": ...}'` works.
+only plain CBOR types, and each field checked against its declared type and size (that generic
+part is `mesh.schema`). Every failure is one `WireError` whose message says what is wrong and
+where. Commands are also accepted as JSON, so that `mosquitto_pub -m '{"op": ...}'` works.
 
 Pure code: no I/O.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
 
 import cbor2
 
+from mesh import schema
 from mesh.errors import WireError
 
 WIRE_VERSION = 1
-MAX_DEPTH = 16
-MAX_STR = 4096
-MAX_ITEMS = 1 << 20
-MAX_INT = (1 << 64) - 1
-MIN_INT = -(1 << 63)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -299,20 +292,10 @@ _TOP_LEVEL: dict[str, type[Any]] = {
 
 # --- encoding ----------------------------------------------------------------------------------
 
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, tuple | list):
-        return [_plain(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    return value
-
-
 def to_plain(obj: WireObject) -> dict[str, Any]:
     """The object as plain data with its version and kind, ready for CBOR or JSON."""
     plain: dict[str, Any] = {"v": WIRE_VERSION, "kind": obj.KIND}
-    plain.update(_plain(obj))
+    plain.update(schema.as_plain(obj))
     return plain
 
 
@@ -332,158 +315,6 @@ def encode_json(obj: WireObject) -> bytes:
 
 # --- decoding ----------------------------------------------------------------------------------
 
-def _loads_cbor(data: bytes) -> Any:
-    try:
-        return cbor2.loads(data, max_depth=MAX_DEPTH, allow_indefinite=False,
-                           allow_duplicate_keys=False, strict_hashable_types=True)
-    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError,
-            MemoryError) as exc:
-        raise WireError(f"malformed CBOR: {_one_line(exc)}") from None
-
-
-def _loads_json(data: bytes) -> Any:
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise WireError(f"malformed JSON: {_one_line(exc)}") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
-
-
-_HINTS: dict[type[Any], dict[str, Any]] = {}
-
-
-def _hints(cls: type[Any]) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _value(tp: Any, value: Any, path: str, from_json: bool, depth: int = 0) -> Any:
-    """Check `value` against the declared type `tp`, converting containers; raise WireError."""
-    if depth > MAX_DEPTH:
-        raise WireError(f"{path}: nested too deeply")
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _value(option, value, path, from_json, depth)
-            except WireError as exc:
-                errors.append(exc)
-        if len(errors) == 1:
-            raise errors[0]
-        raise WireError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__}")
-    if origin is tuple:
-        return _tuple(tp, value, path, from_json, depth)
-    if origin is dict:
-        return _mapping(tp, value, path, from_json, depth)
-    if dataclasses.is_dataclass(tp):
-        return _dataclass(tp, value, path, from_json, depth)  # type: ignore[arg-type]
-    return _scalar(tp, value, path, from_json, depth)
-
-
-def _scalar(tp: Any, value: Any, path: str, from_json: bool, depth: int) -> Any:
-    if tp is Any:
-        return _any(value, path, depth)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            if not MIN_INT <= value <= MAX_INT:
-                raise WireError(f"{path}: integer out of range")
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            if len(value) > MAX_STR:
-                raise WireError(f"{path}: text longer than {MAX_STR} characters")
-            return value
-    elif tp is bytes:
-        if isinstance(value, bytes):
-            return value
-        if from_json and isinstance(value, str):
-            return value.encode()
-    else:  # pragma: no cover - a schema bug, not bad input
-        raise TypeError(f"unsupported wire type {tp!r}")
-    raise WireError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__}")
-
-
-def _any(value: Any, path: str, depth: int) -> Any:
-    """Free-form data (reply results): plain JSON-like values only, bounded in depth."""
-    if depth > MAX_DEPTH:
-        raise WireError(f"{path}: nested too deeply")
-    if value is None or isinstance(value, bool | int | float | str | bytes):
-        return value
-    if isinstance(value, list):
-        return [_any(item, f"{path}[]", depth + 1) for item in value]
-    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
-        return {key: _any(item, f"{path}.{key}", depth + 1) for key, item in value.items()}
-    raise WireError(f"{path}: unsupported value of type {type(value).__name__}")
-
-
-def _tuple(tp: Any, value: Any, path: str, from_json: bool, depth: int) -> tuple[Any, ...]:
-    if not isinstance(value, list | tuple):
-        raise WireError(f"{path}: expected a list, got {type(value).__name__}")
-    args = typing.get_args(tp)
-    if len(args) == 2 and args[1] is Ellipsis:
-        if len(value) > MAX_ITEMS:
-            raise WireError(f"{path}: more than {MAX_ITEMS} items")
-        item_types = [args[0]] * len(value)
-    else:
-        if len(value) != len(args):
-            raise WireError(f"{path}: expected {len(args)} items, got {len(value)}")
-        item_types = list(args)
-    return tuple(_value(item_tp, item, f"{path}[{i}]", from_json, depth + 1)
-                 for i, (item_tp, item) in enumerate(zip(item_types, value, strict=True)))
-
-
-def _mapping(tp: Any, value: Any, path: str, from_json: bool, depth: int) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise WireError(f"{path}: expected a map, got {type(value).__name__}")
-    if len(value) > 256:
-        raise WireError(f"{path}: more than 256 entries")
-    _, item_tp = typing.get_args(tp)
-    out = {}
-    for key, item in value.items():
-        if not isinstance(key, str) or len(key) > 256:
-            raise WireError(f"{path}: keys must be text of at most 256 characters")
-        out[key] = _value(item_tp, item, f"{path}.{key}", from_json, depth + 1)
-    return out
-
-
-def _dataclass(cls: type[T], value: Any, path: str, from_json: bool, depth: int) -> T:
-    if not isinstance(value, dict):
-        raise WireError(f"{path}: expected a map, got {type(value).__name__}")
-    hints = _hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name in value:
-            kwargs[f.name] = _value(hints[f.name], value[f.name], f"{path}.{f.name}", from_json,
-                                    depth + 1)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise WireError(f"{path}: missing field {f.name!r}")
-    try:
-        return cls(**kwargs)
-    except WireError as exc:
-        raise WireError(f"{path}: {exc}") from None
-
-
 def _top_level(cls: type[T], plain: Any, from_json: bool) -> T:
     kind: str = cls.KIND  # type: ignore[attr-defined]
     if not isinstance(plain, dict):
@@ -496,7 +327,7 @@ def _top_level(cls: type[T], plain: Any, from_json: bool) -> T:
                         f"{WIRE_VERSION}; upgrade liquid-mesh")
     if plain.get("kind", kind) != kind:
         raise WireError(f"expected a {kind}, got a {plain.get('kind')!r}")
-    return _dataclass(cls, plain, kind, from_json, 0)
+    return schema.from_plain(cls, plain, kind, from_json)
 
 
 def decode(cls: type[T], data: bytes) -> T:
@@ -505,7 +336,7 @@ def decode(cls: type[T], data: bytes) -> T:
     if len(data) > limit:
         raise WireError(f"{cls.KIND}: payload of {len(data)} bytes exceeds "  # type: ignore[attr-defined]
                         f"the limit of {limit}")
-    return _top_level(cls, _loads_cbor(data), from_json=False)
+    return _top_level(cls, schema.loads_cbor(data), from_json=False)
 
 
 def decode_command(data: bytes) -> tuple[Command, bool]:
@@ -514,7 +345,7 @@ def decode_command(data: bytes) -> tuple[Command, bool]:
         raise WireError(f"cmd: payload of {len(data)} bytes exceeds the limit of "
                         f"{Command.MAX_BYTES}")
     is_json = data.lstrip()[:1] in (b"{", b"[")
-    plain = _loads_json(data) if is_json else _loads_cbor(data)
+    plain = schema.loads_json(data) if is_json else schema.loads_cbor(data)
     return _top_level(Command, plain, from_json=is_json), is_json
 
 
@@ -522,7 +353,7 @@ def decode_any(data: bytes) -> WireObject:
     """Decode any top-level wire object by its `kind` field."""
     if len(data) > Snapshot.MAX_BYTES:
         raise WireError(f"payload of {len(data)} bytes exceeds every limit")
-    plain = _loads_cbor(data)
+    plain = schema.loads_cbor(data)
     kind = plain.get("kind") if isinstance(plain, Mapping) else None
     cls = _TOP_LEVEL.get(kind) if isinstance(kind, str) else None
     if cls is None:

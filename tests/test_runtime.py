@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mesh import wire
+from mesh.abi import Limits, LocalIO
 from mesh.errors import AppError, ModuleError, SnapshotError
-from mesh.runtime import App, Limits, LocalIO, Runtime
+from mesh.runtime import App, Runtime
 from tests.conftest import wat
 
 IMPORTS = """

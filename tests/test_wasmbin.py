@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh import wasmbin
+from mesh.engine import make_engine
 from mesh.errors import ModuleError
-from mesh.runtime import make_engine
 from tests.conftest import wat
 
 ENGINE = make_engine()
