@@ -1,4 +1,8 @@
-"""The `mesh` command line. Each subcommand fails with a one-line reason and a non-zero status."""
+"""The `mesh` command line. Each subcommand fails with a one-line reason and a non-zero status.
+
+Only what a subcommand needs is loaded when it runs: wasmtime for `mesh run` (and for reading a
+`.wat` file), the mesh (`mesh.cli_mesh`) for the others. The client commands load no wasmtime.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-import wasmtime
+from typing import TYPE_CHECKING, Any
 
 from mesh import wire
+from mesh.abi import Limits, LocalIO
 from mesh.errors import MeshError, ModuleError
-from mesh.runtime import App, Limits, LocalIO, Runtime
+
+if TYPE_CHECKING:
+    from mesh.runtime import App
 
 log = logging.getLogger("mesh")
 
@@ -34,6 +39,8 @@ def read_module(path: Path) -> bytes:
     except OSError as exc:
         raise MeshError(f"cannot read {path}: {exc.strerror}") from None
     if path.suffix == ".wat":
+        import wasmtime  # noqa: PLC0415 - only .wat needs it; client commands must not load it
+
         try:
             return bytes(wasmtime.wat2wasm(data.decode()))
         except (wasmtime.WasmtimeError, UnicodeDecodeError) as exc:
@@ -64,6 +71,8 @@ class PrintingIO(LocalIO):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from mesh.runtime import App, Runtime  # noqa: PLC0415 - wasmtime loads for `mesh run` only
+
     wasm = read_module(args.file)
     limits = Limits(memory_bytes=args.memory_limit, timeout_s=args.timeout)
     io = PrintingIO(app=args.app, sensors=dict(args.sensor))

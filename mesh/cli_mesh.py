@@ -1,6 +1,8 @@
 """The `mesh` subcommands that run or drive a mesh: node, broker, demo, deploy, apps, ...
 
-Kept apart from `mesh.cli` so that `mesh run` does not load amqtt and paho.
+Kept apart from `mesh.cli` so that `mesh run` does not load amqtt and paho. The node, the
+embedded broker and the demo are imported by the subcommands that run them, so that the client
+commands (deploy, apps, nodes, events, send, stop, migrate) load neither wasmtime nor amqtt.
 """
 
 from __future__ import annotations
@@ -14,22 +16,23 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mesh import profile, wire
-from mesh.broker import LIMITS_WARNING, EmbeddedBroker
 from mesh.cli import read_module
 from mesh.client import MeshClient, broker_from, find_broker
-from mesh.demo import run_demo
-from mesh.device import Device
 from mesh.errors import MeshError
 from mesh.mqtt import BrokerAddress
-from mesh.node import NodeConfig
+
+if TYPE_CHECKING:
+    from mesh.device import Device
 
 log = logging.getLogger("mesh")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from mesh.demo import run_demo  # noqa: PLC0415 - loads wasmtime and amqtt: `mesh demo` only
+
     if not args.verbose:  # the demo narrates; logs would drown it
         logging.getLogger().setLevel(logging.WARNING)
         # amqtt logs a traceback when a client's connection is cut (the demo kills a node)
@@ -48,6 +51,9 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
+    from mesh.device import Device  # noqa: PLC0415 - loads wasmtime and amqtt: `mesh node` only
+    from mesh.node import NodeConfig  # noqa: PLC0415 - as above
+
     kit = profile.load(args.profile) if args.profile else profile.Profile()
     configured = args.id or kit.id
     state_dir = args.state_dir or kit.state_dir or profile.default_state_dir(configured)
@@ -69,6 +75,8 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 async def run_device(device: Device, *, embedded: bool) -> int:
     """Run the device until SIGTERM/SIGINT (its apps are handed over first)."""
+    from mesh.broker import LIMITS_WARNING, EmbeddedBroker  # noqa: PLC0415 - amqtt, as above
+
     # Apps run on worker threads that call into wasmtime through ctypes, releasing the GIL on
     # every call; a short switch interval keeps them from waiting 5 ms to get it back.
     sys.setswitchinterval(0.0002)
@@ -93,6 +101,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 async def run_broker(address: BrokerAddress) -> int:
     """Serve the embedded broker alone until SIGTERM/SIGINT."""
+    from mesh.broker import LIMITS_WARNING, EmbeddedBroker  # noqa: PLC0415 - amqtt: `mesh broker`
+
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

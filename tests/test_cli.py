@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -94,6 +97,42 @@ def test_run_reports_errors_in_one_line(examples: dict[str, Path], tmp_path: Pat
         assert result.stderr.count("\n") == 1, result.stderr
         assert result.stderr.startswith("mesh: error: ")
         assert message in result.stderr
+
+
+# Parses every client command and runs one against a closed port; none may load wasmtime or
+# amqtt, while `from mesh import App` still works (on demand) afterwards.
+CLIENT_IMPORTS = textwrap.dedent("""
+    import socket, sys
+    from mesh import cli, cli_mesh, client
+    parser = cli.build_parser()
+    for argv in (["apps"], ["nodes"], ["events"], ["deploy", "a", "a.wasm"], ["send", "a", "x"],
+                 ["stop", "a"], ["migrate", "a", "n"]):
+        assert parser.parse_args(argv).func is not None, argv
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert cli.main(["-q", "apps", "--broker", f"mqtt://127.0.0.1:{port}"]) == 1
+    from mesh import Limits, LocalIO, MeshError
+    heavy = sorted(m for m in sys.modules if m.partition(".")[0] in ("wasmtime", "amqtt"))
+    assert not heavy, heavy
+    from mesh import App
+    assert App.__module__ == "mesh.runtime" and "wasmtime" in sys.modules
+""")
+
+
+def test_client_commands_do_not_load_wasmtime_or_amqtt() -> None:
+    result = subprocess.run([sys.executable, "-c", CLIENT_IMPORTS], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("mesh: error: cannot reach the broker"), result.stderr
+
+
+def test_client_command_help() -> None:
+    result = mesh("apps", "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: mesh apps")
+    assert "--json" in result.stdout
+    assert "--broker" in result.stdout
 
 
 def test_demo_tells_the_whole_story() -> None:
