@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -70,6 +69,14 @@ class AppHostIO(LocalIO):
             self.pending = []
 
 
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """A tick due now, queued with the inputs."""
+
+    now_ms: int
+    next_ms: int
+
+
 class EventSink(Protocol):
     """Where a hosted app reports what happens to it (the node's event stream)."""
 
@@ -109,7 +116,9 @@ class HostedApp:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"app-{spec.app}")
         self._app: App | None = None
         self._session: Connection | None = None
-        self._inbox: asyncio.Queue[Message | None] = asyncio.Queue()
+        self._inbox: asyncio.Queue[Message | Tick | None] = asyncio.Queue()
+        self._ticked = 0  # ticks applied since the last checkpoint
+        self._tick_queued = False
         self._unacked: list[tuple[int, int]] = []  # (packet id, QoS) applied, not yet acked
         self._skip: set[int] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -283,6 +292,7 @@ class HostedApp:
         self._inbox.put_nowait(message)
 
     async def _process(self) -> None:
+        """Apply inputs and ticks in order; checkpoint after `every` changes or `period`."""
         every = self.spec.checkpoint_every or DEFAULT_CHECKPOINT_EVERY
         period = (self.spec.checkpoint_ms or DEFAULT_CHECKPOINT_MS) / 1000
         deadline: float | None = None
@@ -303,18 +313,22 @@ class HostedApp:
                     return
                 if deadline is None:
                     deadline = time.monotonic() + period
-            if self._unacked and (len(self._unacked) >= every or
-                                  (deadline is not None and time.monotonic() >= deadline)):
+            changes = len(self._unacked) + self._ticked
+            if changes and (changes >= every or
+                            (deadline is not None and time.monotonic() >= deadline)):
                 await self.checkpoint()
                 deadline = None
 
-    async def _apply(self, batch: list[Message]) -> None:
+    async def _apply(self, batch: list[Message | Tick]) -> None:
         app = self._app
         assert app is not None
         assert self._session is not None
-        todo: list[tuple[int, int, str, bytes]] = []
+        todo: list[tuple[int, int, str, bytes] | Tick] = []
         holding = {mid for mid, _ in self._unacked}
         for message in batch:
+            if isinstance(message, Tick):
+                todo.append(message)
+                continue
             if message.dup and message.mid in holding:
                 continue  # the broker sent it again before our ack: it is applied already
             if message.mid in self._skip:
@@ -332,15 +346,24 @@ class HostedApp:
             todo.append((message.mid, message.qos, sub, bytes(message.payload)))
 
         def deliver() -> tuple[int, MeshError | None]:
-            for done, (_, _, sub, payload) in enumerate(todo):
+            for done, item in enumerate(todo):
                 try:
-                    app.deliver(sub, payload)
+                    if isinstance(item, Tick):
+                        app.tick(item.now_ms, item.next_ms)
+                    else:
+                        app.deliver(item[2], item[3])
                 except MeshError as exc:
                     return done, exc
             return len(todo), None
 
         done, error = await self._run(deliver)
-        self._unacked.extend((mid, qos) for mid, qos, _, _ in todo[:done])
+        for item in todo[:done]:
+            if isinstance(item, Tick):
+                self._ticked += 1
+            else:
+                self._unacked.append(item[:2])
+        if any(isinstance(item, Tick) for item in todo):
+            self._tick_queued = False
         if error is not None:
             await self._fail(str(error))
 
@@ -354,19 +377,20 @@ class HostedApp:
         return None
 
     async def _ticks(self) -> None:
+        """Queue a tick every `tick_ms`, applied in order with the inputs (and, like them,
+        held in the next checkpoint). A restored app keeps the schedule it had; one that was
+        stopped for longer than a period goes on from now, without a burst of missed ticks."""
         app = self._app
         assert app is not None
         period = self.spec.tick_ms / 1000
-        next_at = time.time() + period
+        next_at = app.next_tick_ms / 1000 if app.next_tick_ms else time.time() + period
         while True:
             await asyncio.sleep(max(0.0, next_at - time.time()))
-            now_ms = int(time.time() * 1000)
-            next_at += period
-            try:
-                await self._run(functools.partial(app.tick, now_ms, int(next_at * 1000)))
-            except MeshError as exc:
-                await self._fail(str(exc))
-                return
+            now = time.time()
+            next_at = max(next_at, now - period) + period
+            if not self._tick_queued:  # an app slower than its ticks gets one at a time
+                self._tick_queued = True
+                self._inbox.put_nowait(Tick(int(now * 1000), int(next_at * 1000)))
 
     def _send_outputs(self, outputs: list[tuple[str, bytes]]) -> None:
         if self._session is None or self.state != "running":
@@ -395,7 +419,7 @@ class HostedApp:
         app, session = self._app, self._session
         assert app is not None
         assert session is not None
-        held = list(self._unacked)
+        held, ticked = list(self._unacked), self._ticked
         # Restored ids not yet redelivered stay skippable for whoever restores this one.
         applied = tuple(sorted({mid for mid, qos in held if qos} | self._skip))
         epoch, seq = self.epoch, self._seq + 1
@@ -413,6 +437,7 @@ class HostedApp:
         for mid, qos in held:
             self._ack(mid, qos)
         del self._unacked[:len(held)]
+        self._ticked -= ticked
 
     def _ack(self, mid: int, qos: int) -> None:
         if qos and self._session is not None:
