@@ -163,7 +163,7 @@ async def stop_app(node: Node, name: str) -> None:
 async def let_go(node: Node, name: str) -> None:
     """The app runs here no more: close it, and forget what this device kept of it."""
     hosted = node.hosted.pop(name, None)
-    node.gone_from_here(name)
+    node.kept.forget(name)
     if hosted is not None:
         await hosted.close()
 

@@ -221,6 +221,11 @@ def _add_clients(sub: Subparsers) -> None:
     deploy.add_argument("--tick-ms", type=int, default=0, metavar="N")
     deploy.add_argument("--checkpoint-ms", type=int, default=0, metavar="N")
     deploy.add_argument("--checkpoint-every", type=int, default=0, metavar="N")
+    deploy.add_argument("--timeout-ms", type=int, default=1000, metavar="N",
+                        help="how long one call into the app may take (default 1000, at most "
+                        "60000; a device may allow less)")
+    deploy.add_argument("--memory-mb", type=int, default=64, metavar="N",
+                        help="the app's memory limit (default 64; a device may allow less)")
     deploy.add_argument("--subscribe", action="append", default=[], metavar="FILTER",
                         help="also deliver messages on these topics, with their full topic")
     stop = sub.add_parser("stop", help="stop an app everywhere")

@@ -117,8 +117,8 @@ def _spec_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {"app": args.app, "requires": tuple(args.require),
             "prefers": _pairs(args.prefer, "--prefer"), "pin": args.on,
             "tick_ms": args.tick_ms, "checkpoint_ms": args.checkpoint_ms,
-            "checkpoint_every": args.checkpoint_every,
-            "subscriptions": tuple(args.subscribe)}
+            "checkpoint_every": args.checkpoint_every, "timeout_ms": args.timeout_ms,
+            "memory_limit": args.memory_mb << 20, "subscriptions": tuple(args.subscribe)}
 
 
 def cmd_client(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from mesh.errors import BrokerError, MeshError, WireError
 from mesh.hosted import HostContext, HostedApp
 from mesh.mqtt import BrokerAddress, Connection, Message
 from mesh.reconcile import (
+    Action,
     HandOver,
     Running,
     Unplaceable,
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 MODULE_WAIT_S = 30.0
 SYNC_WAIT_S = 30.0
 RECONCILE_EVERY_S = 10.0
-KEEP_EVERY_S = 5.0  # how often an app's newest checkpoint is also written to this device's disk
 
 
 @dataclass
@@ -82,8 +82,7 @@ class Node:
         self.claim_after = 0.0  # after a broker change, claims of others' apps wait this long
         self._started_ms = int(time.time() * 1000)
         self._modules: dict[str, AppModule] = {}
-        self._kept_at: dict[str, float] = {}  # when each app's checkpoint was last kept on disk
-        self._keeping: dict[str, asyncio.Task[None]] = {}  # ... and that write
+        self.kept = recovery.DiskCopies(self.store, self.spawn)  # apps' checkpoints on disk
         self._said_goodbye: set[str] = set()  # peers whose mDNS goodbye came
         self._sync = secrets.token_hex(8)  # our marker: every retained record is here once back
         self._synced = asyncio.Event()
@@ -93,9 +92,10 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._busy = asyncio.Lock()  # one reconcile pass, or the leave, at a time
+        self._acting: dict[str, asyncio.Task[None]] = {}  # each app's action under way
         self.host_ctx = HostContext(self.runtime, config.broker, self.topics, config.keepalive,
                                 config.sensors, self.event, self._app_lost,
-                                config.app_memory_bytes, config.call_timeout_ms, self._keep)
+                                config.app_memory_bytes, config.call_timeout_ms, self.kept.keep)
 
     @property
     def control(self) -> Connection:
@@ -164,6 +164,7 @@ class Node:
                 await self.control.publish(self.topics.node(self.id), wire.encode(
                     replace(self.record(), leaving=True)), retain=True)
         await self._busy.acquire()  # let a reconcile pass in progress finish; none after it
+        await asyncio.gather(*self._acting.values(), return_exceptions=True)
         for action in plan_leave(self.view()):
             hosted = self.hosted[action.app]
             try:
@@ -341,29 +342,23 @@ class Node:
             self.event("unplaceable", app=name,
                        reason=f"no node has all of: {', '.join(unplaceable[name].requires)}")
         self._unplaceable = set(unplaceable)
-        results = await asyncio.gather(*(actions.execute(self, a, view) for a in todo),
-                                       return_exceptions=True)
-        for result in results:
-            if isinstance(result, Exception):
-                log.warning("%s", result)
+        for action in todo:
+            # Each app's action goes on by itself: a slow one (a busy app, a checkpoint still
+            # arriving) holds up neither this pass nor another app's failover.
+            if not isinstance(action, Unplaceable) and action.app not in self._acting:
+                self._acting[action.app] = self.spawn(
+                    self._act(action, view), f"{action.app}-{type(action).__name__.lower()}")
         await self._publish_record()
 
-    def gone_from_here(self, name: str) -> None:
-        """An app no longer runs here: what this device kept of it is stale now."""
-        self._kept_at.pop(name, None)
-        writing = self._keeping.pop(name, None)
-        if writing is not None and not writing.done():  # forget it once it is written
-            writing.add_done_callback(lambda _: self.store.forget_checkpoint(name))
+    async def _act(self, action: Action, view: View) -> None:
+        try:
+            await actions.execute(self, action, view)
+        except Exception as exc:  # tried again on the next change, or within RECONCILE_EVERY_S
+            log.warning("%s: %s", action.app, exc)
         else:
-            self.store.forget_checkpoint(name)
-
-    def _keep(self, snap: wire.Snapshot) -> None:
-        """A checkpoint of an app here was stored: keep it on disk too, now and then."""
-        now = time.monotonic()
-        if now - self._kept_at.get(snap.app, -KEEP_EVERY_S) >= KEEP_EVERY_S:
-            self._kept_at[snap.app] = now
-            self._keeping[snap.app] = self.spawn(
-                asyncio.to_thread(self.store.save_checkpoint, snap), f"{snap.app}-keep")
+            self.changed()  # the node's record, and what it decides next, may change now
+        finally:
+            self._acting.pop(action.app, None)
 
     def _app_lost(self, hosted: HostedApp, reason: str) -> None:
         """The app's session ended under us: another node took it over, or the broker is gone."""

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mesh import chunks, wire
 from mesh.errors import MeshError
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REJOIN_GRACE_S = 1.0  # plus 1.5x keepalive
+KEEP_EVERY_S = 5.0  # how often an app's newest checkpoint is also written to this device's disk
 
 
 @dataclass
@@ -56,6 +58,34 @@ class Carry:
                     self.only_if_empty)
 
 
+class DiskCopies:
+    """The newest checkpoint of each app running here, also kept on this device's disk."""
+
+    def __init__(self, store: StateStore,
+                 spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]) -> None:
+        self.store = store
+        self._spawn = spawn
+        self._kept_at: dict[str, float] = {}  # when each app's checkpoint was last kept
+        self._writing: dict[str, asyncio.Task[None]] = {}  # ... and that write
+
+    def keep(self, snap: wire.Snapshot) -> None:
+        """A checkpoint of an app here was stored: keep it on disk too, now and then."""
+        now = time.monotonic()
+        if now - self._kept_at.get(snap.app, -KEEP_EVERY_S) >= KEEP_EVERY_S:
+            self._kept_at[snap.app] = now
+            self._writing[snap.app] = self._spawn(
+                asyncio.to_thread(self.store.save_checkpoint, snap), f"{snap.app}-keep")
+
+    def forget(self, name: str) -> None:
+        """An app no longer runs here: what this device kept of it is stale now."""
+        self._kept_at.pop(name, None)
+        writing = self._writing.pop(name, None)
+        if writing is not None and not writing.done():  # forget it once it is written
+            writing.add_done_callback(lambda _: self.store.forget_checkpoint(name))
+        else:
+            self.store.forget_checkpoint(name)
+
+
 async def suspend(node: Node) -> Carry:
     """The broker is gone: stop every app, keeping its state (in memory and on disk)."""
     suspended = {}
@@ -77,7 +107,7 @@ async def rebuild(node: Node, carry: Carry) -> None:
     """Joined after losing a broker: give this one back what it lacks of what we held."""
     plan = plan_rebuild(node.view(), carry.held())
     for name in plan.forget:  # the mesh went on without us: ours are stale
-        node.gone_from_here(name)
+        node.kept.forget(name)
     if carry.only_if_empty and node.specs:
         return
     control, topics = node.control, node.topics

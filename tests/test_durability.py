@@ -8,8 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_tool
-from tests.harness import Cluster, Observer, mesh_cli, mosquitto, wait_until
+from tests.conftest import COUNTER_WAT, require_tool
+from tests.harness import (
+    Cluster,
+    Observer,
+    counter_hash,
+    mesh_cli,
+    mosquitto,
+    wait_count,
+    wait_until,
+)
 
 # Counts its ticks in a global it does not export, and publishes the count (8 bytes, LE).
 TICKER = """(module
@@ -63,3 +71,36 @@ def test_a_tick_driven_app_goes_on_from_its_ticks_after_kill_9(
         # A checkpoint holds the ticks of at most checkpoint_ms (1 s, 20 ticks) before it,
         # and every 20 changes one is taken: beta goes on from there, not from zero.
         assert last - 25 <= resumed <= last + 1, (last, resumed)
+
+
+# Spins on every input until its call's deadline.
+SPINNER = """(module
+  (memory (export "memory") 1)
+  (func (export "mesh_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "mesh_on_message") (param i32 i32 i32 i32) (loop $spin (br $spin))))"""
+
+
+def test_a_long_call_holds_up_neither_its_stop_nor_another_apps_failover(
+        broker: str, cluster: Cluster, tmp_path: Path) -> None:
+    spinner = tmp_path / "spinner.wat"
+    spinner.write_text(SPINNER)
+    with Observer(broker) as obs:
+        for node in ("alpha", "beta"):
+            cluster.start(node, broker)
+        wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "nodes to join")
+        for args in (("counter", str(COUNTER_WAT), "--on", "alpha"),
+                     ("spinner", str(spinner), "--on", "beta", "--timeout-ms", "60000")):
+            result = mesh_cli("deploy", *args, broker=broker)
+            assert result.returncode == 0, result.stderr
+        wait_until(lambda: obs.running("counter") == "alpha" and obs.running("spinner") == "beta",
+                   20, "both apps running")
+        obs.publish("mesh/apps/spinner/in", b"spin")  # beta's call now runs for 60 s
+        obs.publish("mesh/apps/counter/in", b"one")
+        wait_count(obs, "counter", 1)
+        assert mesh_cli("stop", "spinner", broker=broker).returncode == 0
+        cluster["alpha"].signal(signal.SIGKILL)
+        wait_until(lambda: obs.running("counter") == "beta", 15, "counter to fail over to beta")
+        wait_until(lambda: obs.running("spinner") is None, 15, "spinner to stop")
+        obs.publish("mesh/apps/counter/in", b"two")
+        assert wait_count(obs, "counter", 2, timeout=15) == \
+            f"2 {counter_hash([b'one', b'two'])}".encode()
