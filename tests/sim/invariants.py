@@ -1,0 +1,214 @@
+"""What must hold on every schedule, checked as the broker stores things and at the end.
+
+Checked while the world runs (on what the broker accepts, so on what fencing lets through):
+- an app's owner epoch (its retained owner record) never goes backwards while its spec exists;
+- no checkpoint is stored at an epoch lower than one stored before;
+- one writer at a time: every checkpoint the broker stores extends the one it stored before
+  (its state, the inputs applied in order, starts with the previous state). Two nodes that both
+  applied inputs and reached a stored checkpoint break this; a stale owner's checkpoint that
+  lands before the takeover does not (the next owner is redelivered the same unacked inputs, in
+  the same order), so this is exactly "no two sessions' applied inputs both reach stored state";
+- no app instance ever applies the same input twice (`SimApp` reports it).
+These histories restart when the broker is wiped (an empty broker has none) and when a spec is
+cleared (the app is gone); a checkpoint of another module starts its own history (an upgraded
+app starts afresh by design).
+
+Checked at the end, after the settle period (every fault healed, every node up):
+- convergence: each app with a spec runs on exactly one node, the one `Placement.best` picks
+  over the live members, and the retained owner record names it; stopped apps run nowhere and
+  their owner record and checkpoint are cleared; every node is joined and its record retained;
+- exactly once: each input the publisher saw acknowledged is in the final state once, except
+  inputs the broker routed to no session (MQTT drops those: before an app first started, or
+  after a wipe before it resumed) and, after a broker wipe, inputs that no surviving node held
+  in the newest state of the app at the wipe (the queues went with the broker). Apps upgraded to
+  another module are checked for duplicates only (their state restarts by design);
+- no reset: after a wipe, the final state holds every input of the newest state a surviving
+  node held at the wipe (its running instance, or the checkpoint it had seen) — a broker that
+  lost everything must not make the mesh start an app again from zero or from older state.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from mesh.placement import Placement
+from mesh.wire import AppSpec, NodeRecord, OwnerRecord
+from tests.sim.app import SimSnapshot
+
+if TYPE_CHECKING:
+    from tests.sim.world import World
+
+
+class Ledger:
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.root = world.root
+        self.violations: list[str] = []
+        self.app_of: dict[int, str] = {}
+        self.acked_inputs: dict[str, list[int]] = {}
+        self.dropped: set[int] = set()  # routed to no session
+        self.lossable: set[int] = set()  # acked before a wipe, held by no survivor
+        self.protected: dict[str, tuple[int, ...]] = {}
+        self.upgraded_to: dict[str, int] = {}  # app -> its module version
+        self._owner_epoch: dict[str, int] = {}
+        self._stored: dict[tuple[str, str], SimSnapshot] = {}
+
+    def violation(self, text: str) -> None:
+        self.world.trace("CHECK", f"VIOLATION {text}")
+        self.violations.append(f"t={self.world.loop.now:.3f} {text}")
+
+    # --- the publisher ----------------------------------------------------------------------
+
+    def sent(self, app: str, value: int) -> None:
+        self.app_of[value] = app
+
+    def acked(self, app: str, value: int) -> None:
+        self.acked_inputs.setdefault(app, []).append(value)
+
+    def routed(self, topic: str, payload: object, sessions: int) -> None:
+        if sessions == 0 and isinstance(payload, int) and topic.endswith("/in"):
+            self.dropped.add(payload)
+
+    # --- the broker -------------------------------------------------------------------------
+
+    def stored(self, topic: str, payload: object, client_id: str) -> None:
+        parts = topic.split("/")
+        if len(parts) != 4 or parts[1] != "apps":
+            return
+        app, part = parts[2], parts[3]
+        has_spec = f"{self.root}/apps/{app}/spec" in self.world.broker.retained
+        if part == "spec":
+            self.world.trace("broker", f"spec {app} = {payload!r:.100}")
+            if payload is None:
+                self._forget(app)
+        elif part == "owner":
+            self.world.trace("broker", f"owner {app} = {payload} (from {client_id})")
+            if not has_spec:
+                self._owner_epoch.pop(app, None)
+            elif isinstance(payload, OwnerRecord):
+                before = self._owner_epoch.get(app, 0)
+                if payload.epoch < before:
+                    self.violation(f"{app}: owner epoch went back from {before} to "
+                                   f"{payload.epoch} ({payload.node}, from {client_id})")
+                self._owner_epoch[app] = max(before, payload.epoch)
+        elif part == "snapshot":
+            if isinstance(payload, SimSnapshot):
+                self._checkpoint(payload, client_id)
+            elif not has_spec:
+                self._forget(app)
+
+    def _checkpoint(self, snap: SimSnapshot, client_id: str) -> None:
+        self.world.trace("broker", f"checkpoint {snap.app} {snap.epoch}.{snap.seq} "
+                                   f"({len(snap.state)} inputs, from {client_id})")
+        key = (snap.app, snap.module)
+        before = self._stored.get(key)
+        if before is not None:
+            if snap.epoch < before.epoch:
+                self.violation(f"{snap.app}: checkpoint at epoch {snap.epoch} stored after one "
+                               f"at {before.epoch} (from {client_id})")
+            if snap.state[:len(before.state)] != before.state:
+                self.violation(f"{snap.app}: two writers: checkpoint {snap.epoch}.{snap.seq} "
+                               f"from {client_id} does not extend {before.epoch}.{before.seq} "
+                               f"(diverges after {_common(snap.state, before.state)} inputs)")
+        if len(set(snap.state)) != len(snap.state):
+            self.violation(f"{snap.app}: checkpoint {snap.epoch}.{snap.seq} holds an input "
+                           "twice")
+        self._stored[key] = snap
+
+    def _forget(self, app: str) -> None:
+        self._owner_epoch.pop(app, None)
+        for key in [key for key in self._stored if key[0] == app]:
+            del self._stored[key]
+
+    def wiped(self) -> None:
+        """The broker lost everything: what survives is what the live nodes hold now."""
+        self._owner_epoch.clear()
+        self._stored.clear()
+        for app, acked in self.acked_inputs.items():
+            newest: tuple[tuple[int, int, int], tuple[int, ...]] | None = None
+            for device in self.world.devices.values():
+                if not device.up:
+                    continue
+                held = [(s.epoch, s.seq, s.state) for s in device.holding(app)]
+                for epoch, seq, state in held:
+                    if newest is None or (epoch, seq, len(state)) > newest[0]:
+                        newest = ((epoch, seq, len(state)), state)
+            state = newest[1] if newest else ()
+            self.protected[app] = state
+            self.lossable.update(set(acked) - set(state))
+            self.world.trace("CHECK", f"wipe: survivors hold {app} with {len(state)} inputs")
+
+    # --- at the end -------------------------------------------------------------------------
+
+    def final(self) -> None:
+        world = self.world
+        retained = world.broker.retained
+        root = self.root
+        live = {d.id: d for d in world.devices.values() if d.up and not d.gone}
+        records: list[NodeRecord] = []
+        for node_id, device in sorted(live.items()):
+            record = retained.get(f"{root}/nodes/{node_id}")
+            node = device.node
+            if node is None or node.control is None or node.control.lost_reason:
+                self.violation(f"{node_id} is up but not joined at the end")
+            elif not isinstance(record, NodeRecord):
+                self.violation(f"{node_id} is joined but has no node record at the end")
+            else:
+                records.append(record)
+        placement = Placement(r for r in records if not r.leaving)
+        for app in sorted(world.all_apps):
+            spec = retained.get(f"{root}/apps/{app}/spec")
+            hosts = sorted(d.id for d in live.values() if d.node is not None
+                           and app in d.node.hosted and d.node.hosted[app].status == "running")
+            owner = retained.get(f"{root}/apps/{app}/owner")
+            if app not in world.specs and isinstance(spec, AppSpec):
+                self.violation(f"{app} was stopped but came back (runs on {hosts})")
+                continue
+            if not isinstance(spec, AppSpec):
+                if hosts:
+                    self.violation(f"{app} was stopped but runs on {hosts}")
+                elif owner is not None or f"{root}/apps/{app}/snapshot" in retained:
+                    # Only the node running an app clears these when it stops it: an app
+                    # stopped while its node was away leaves them (a redeploy would restore
+                    # the old state). Noted, not failed: see the report in tests/test_sim.py.
+                    world.finding(f"{app} was stopped; its owner record ({owner}) and "
+                                  "checkpoint stay on the broker", violation=False)
+                continue
+            best = placement.best(spec)
+            if hosts != [best]:
+                self.violation(f"{app} runs on {hosts}, placement picks {best}")
+            if not isinstance(owner, OwnerRecord) or owner.node != best:
+                self.violation(f"{app}: owner record {owner}, placement picks {best}")
+            if len(hosts) == 1:
+                node = live[hosts[0]].node
+                assert node is not None
+                self._exactly_once(app, node.hosted[app].inputs)
+
+    def _exactly_once(self, app: str, state: list[int]) -> None:
+        counts = Counter(state)
+        twice = sorted(v for v, n in counts.items() if n > 1)
+        if twice:
+            self.violation(f"{app}: inputs applied twice in the final state: {twice}")
+        strangers = sorted(v for v in counts if self.app_of.get(v) != app)
+        if strangers:
+            self.violation(f"{app}: final state holds inputs never sent to it: {strangers}")
+        if app in self.upgraded_to:
+            return
+        missing = [v for v in self.acked_inputs.get(app, [])
+                   if v not in counts and v not in self.dropped and v not in self.lossable]
+        if missing:
+            self.violation(f"{app}: acknowledged inputs lost: {missing} "
+                           f"(final state has {len(state)})")
+        reset = [v for v in self.protected.get(app, ()) if v not in counts]
+        if reset:
+            self.violation(f"{app}: state a survivor held at a wipe is gone: {reset}")
+
+
+def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
