@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from mesh import wire
 from mesh.errors import BrokerError, MeshError, SnapshotIncomplete, WireError
-from mesh.hosted import HostedApp
+from mesh.hosted import MAX_DEAD, HostedApp
 from mesh.reconcile import Action, Claim, Fence, HandOver, Replace, Start, Stop, View
 from mesh.transfer import Checkpoint
 from mesh.wire import EventKind
@@ -154,7 +154,8 @@ async def stop_app(node: Node, name: str) -> None:
     if name not in node.hosted:
         return
     await let_go(node, name)
-    stale = node.inbox.snapshot_parts(name)
+    stale = [*node.inbox.snapshot_parts(name),
+             *(node.topics.app(name, f"dead/{slot}") for slot in range(MAX_DEAD))]
     for topic in (*stale, node.topics.app(name, "snapshot"), node.topics.app(name, "owner")):
         await node.control.publish(topic, b"", retain=True)  # forget it on the broker
     node.event("stopped", app=name)

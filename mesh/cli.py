@@ -230,6 +230,9 @@ def _add_clients(sub: Subparsers) -> None:
                         help="also deliver messages on these topics, with their full topic")
     stop = sub.add_parser("stop", help="stop an app everywhere")
     stop.add_argument("app")
+    restart = sub.add_parser("restart", help="start a failed app again from its newest "
+                             "checkpoint")
+    restart.add_argument("app")
     migrate = sub.add_parser("migrate", help="move a running app, with its state, to a node")
     migrate.add_argument("app")
     migrate.add_argument("node")
@@ -240,7 +243,7 @@ def _add_clients(sub: Subparsers) -> None:
     apps = sub.add_parser("apps", help="list apps: where they run, their state and epoch")
     nodes = sub.add_parser("nodes", help="list the nodes of the mesh")
     events = sub.add_parser("events", help="follow the event stream")
-    for client in (deploy, stop, migrate, send, apps, nodes, events):
+    for client in (deploy, stop, restart, migrate, send, apps, nodes, events):
         client.add_argument("--json", action="store_true", help="JSON output for scripts")
         client.set_defaults(func=_lazy("cmd_client"))
         _add_broker_options(client)

@@ -136,7 +136,8 @@ async def _client(args: argparse.Namespace) -> int:
         if args.command == "deploy":
             result = await mesh.deploy(_spec_fields(args), read_module(args.file))
         else:
-            op = {"stop": "stop", "migrate": "migrate", "apps": "apps", "nodes": "nodes"}
+            op = {"stop": "stop", "restart": "restart", "migrate": "migrate", "apps": "apps",
+                  "nodes": "nodes"}
             result = await mesh.request(wire.Command(op=op[args.command],
                                                      app=getattr(args, "app", None),
                                                      to=getattr(args, "node", None)))

@@ -76,12 +76,35 @@ async def _perform(node: Node, command: wire.Command) -> Any:
             spec = replace(node.specs[name], pin=target)
             await control.publish(topics.app(name, "spec"), wire.encode(spec), retain=True)
             return {"app": name, "to": target}
+        case "restart":
+            name = _known_app(node, command)
+            owner = node.owners.get(name)
+            if owner is not None and owner.node == node.id:
+                return await restart(node, name)
+            if owner is None or owner.node not in node.live_members():
+                raise MeshError(f"app {name!r} has no owner in the mesh to restart it")
+            # Its owner restarts it; the reply is ours.
+            await control.publish(topics.node_cmd(owner.node),
+                                  wire.encode(replace(command, id=None)))
+            return {"app": name, "node": owner.node, "state": "restarting"}
         case "send":
             name = _known_app(node, command)
             topic = topics.app(name, "in" + (f"/{command.topic}" if command.topic else ""))
             await control.publish(topic, command.payload or b"")
             return {"app": name}
     raise MeshError(f"op {command.op!r} is not supported")  # pragma: no cover
+
+
+async def restart(node: Node, name: str) -> dict[str, Any]:
+    """Start a failed app here again, from its newest checkpoint."""
+    hosted = node.hosted.get(name)
+    if hosted is None or hosted.state != "failed":
+        raise MeshError(f"app {name!r} has not failed; nothing to restart")
+    node.hosted.pop(name)
+    await hosted.close()
+    node.event("restarted", app=name, reason=hosted.failure)
+    node.changed()
+    return {"app": name, "node": node.id, "state": "restarting"}
 
 
 def _known_app(node: Node, command: wire.Command) -> str:
@@ -110,7 +133,8 @@ async def _deploy(node: Node, spec: wire.AppSpec) -> dict[str, Any]:
 
 
 def app_table(node: Node) -> list[dict[str, Any]]:
-    """[{app, node, state, epoch, module}] as `mesh apps --json` prints it."""
+    """[{app, node, state, epoch, module, reason}] as `mesh apps --json` prints it; `reason`
+    says why an app failed (None otherwise)."""
     members = node.live_members()
     placement = Placement(members.values())
     rows = []
@@ -118,8 +142,13 @@ def app_table(node: Node) -> list[dict[str, Any]]:
         owner = node.owners.get(name)
         owner_id = owner.node if owner else None
         host = members.get(owner_id) if owner_id else None
+        reason = None
         if owner_id == node.id and name in node.hosted:
-            state = "failed" if node.hosted[name].state == "failed" else "running"
+            hosted = node.hosted[name]
+            state = "failed" if hosted.state == "failed" else "running"
+            reason = hosted.failure
+        elif host is not None and name in host.failed:
+            state, reason = "failed", host.failed[name]
         elif host is not None and name in host.apps:
             state = "running"
         else:
@@ -127,5 +156,6 @@ def app_table(node: Node) -> list[dict[str, Any]]:
         if state == "running" and placement.best(spec) not in (None, owner_id):
             state = "migrating"
         rows.append({"app": name, "node": owner_id, "state": state,
-                     "epoch": owner.epoch if owner else 0, "module": spec.module})
+                     "epoch": owner.epoch if owner else 0, "module": spec.module,
+                     "reason": reason})
     return rows

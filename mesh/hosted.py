@@ -29,6 +29,7 @@ import paho.mqtt.client as paho
 
 from mesh import wire
 from mesh.errors import MeshError, SnapshotIncomplete
+from mesh.journal import MAX_JOURNAL_BYTES, Input, Journal, Tick, apply
 from mesh.mqtt import BrokerAddress, Connection, Message
 from mesh.reconcile import AppState
 from mesh.runtime import App, AppModule, Limits, LocalIO, Runtime
@@ -46,6 +47,8 @@ DEFAULT_CHECKPOINT_MS = 1000
 # Mosquitto's default max_inflight_messages: a broker sends no more unacknowledged QoS 1 messages
 # than this, so by default a checkpoint (which acknowledges them) comes at least this often.
 DEFAULT_CHECKPOINT_EVERY = 20
+POISON_LIMIT = 3  # inputs in a row that fail before the app is failed for good
+MAX_DEAD = 16  # dead letters kept per app (retained at dead/0 .. dead/15, oldest overwritten)
 
 
 @dataclass
@@ -59,22 +62,16 @@ class AppHostIO(LocalIO):
     loop: asyncio.AbstractEventLoop = field(kw_only=True)
     send: Callable[[list[tuple[str, bytes]]], None] = field(kw_only=True)
     pending: list[tuple[str, bytes]] = field(default_factory=list)
+    muted: bool = False  # replaying what was published already
 
     def publish(self, topic: str, payload: bytes) -> None:
-        self.pending.append((topic, payload))
+        if not self.muted:
+            self.pending.append((topic, payload))
 
     def flush(self) -> None:
         if self.pending:
             self.loop.call_soon_threadsafe(self.send, self.pending)
             self.pending = []
-
-
-@dataclass(frozen=True, slots=True)
-class Tick:
-    """A tick due now, queued with the inputs."""
-
-    now_ms: int
-    next_ms: int
 
 
 class EventSink(Protocol):
@@ -120,6 +117,9 @@ class HostedApp:
         self._ticked = 0  # ticks applied since the last checkpoint
         self._tick_queued = False
         self._unacked: list[tuple[int, int]] = []  # (packet id, QoS) applied, not yet acked
+        self._journal = Journal()  # to take back a call that fails
+        self._streak = 0  # inputs in a row that failed
+        self._dead = 0  # dead letters written
         self._skip: set[int] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._final: asyncio.Future[None] | None = None  # a handover's checkpoint
@@ -151,15 +151,8 @@ class HostedApp:
         `pieces` hold the snapshot's memory bytes when they came as chunks; `check` tells
         whether they are the right ones (it hashes them, on another thread while restoring).
         """
-        io = self._io
-        ctx = self.ctx
-        limits = Limits(memory_bytes=min(self.spec.memory_limit,
-                                         ctx.app_memory_bytes or self.spec.memory_limit),
-                        timeout_s=min(self.spec.timeout_ms,
-                                      ctx.call_timeout_ms or self.spec.timeout_ms) / 1000)
-
         def instantiate() -> App:
-            app = App(self.ctx.runtime, self.module, name=self.name, io=io, limits=limits)
+            app = self._new_instance()
             try:
                 if snapshot is None:
                     app.start()
@@ -181,6 +174,7 @@ class HostedApp:
         if checking and not await checking:
             raise SnapshotIncomplete(f"the memory chunks of {self.name}'s checkpoint are not "
                                      "all its own")
+        self._journal.checkpointed(snapshot, pieces)
         if snapshot is not None:
             self._skip = set(snapshot.applied)
             self._seq = snapshot.seq
@@ -198,6 +192,15 @@ class HostedApp:
                        asyncio.create_task(self._watch(session), name=f"{self.name}-session")]
         if self.spec.tick_ms:
             self._tasks.append(asyncio.create_task(self._ticks(), name=f"{self.name}-ticks"))
+
+    def _new_instance(self) -> App:
+        """A new instance of the app under this device's caps (on the worker thread)."""
+        spec, ctx = self.spec, self.ctx
+        limits = Limits(memory_bytes=min(spec.memory_limit,
+                                         ctx.app_memory_bytes or spec.memory_limit),
+                        timeout_s=min(spec.timeout_ms, ctx.call_timeout_ms or spec.timeout_ms)
+                        / 1000)
+        return App(ctx.runtime, self.module, name=self.name, io=self._io, limits=limits)
 
     async def hand_over(self, epoch: int) -> None:
         """Planned migration, source side: pause and checkpoint for `epoch`; `close` next.
@@ -314,20 +317,18 @@ class HostedApp:
                 if deadline is None:
                     deadline = time.monotonic() + period
             changes = len(self._unacked) + self._ticked
-            if changes and (changes >= every or
+            if changes and (changes >= every or self._journal.size >= MAX_JOURNAL_BYTES or
                             (deadline is not None and time.monotonic() >= deadline)):
                 await self.checkpoint()
                 deadline = None
 
     async def _apply(self, batch: list[Message | Tick]) -> None:
-        app = self._app
-        assert app is not None
-        assert self._session is not None
-        todo: list[tuple[int, int, str, bytes] | Tick] = []
+        todo: list[tuple[Message | None, Input | Tick]] = []
         holding = {mid for mid, _ in self._unacked}
         for message in batch:
             if isinstance(message, Tick):
-                todo.append(message)
+                self._tick_queued = False
+                todo.append((None, message))
                 continue
             if message.dup and message.mid in holding:
                 continue  # the broker sent it again before our ack: it is applied already
@@ -343,29 +344,82 @@ class HostedApp:
                 self._unacked.append((message.mid, message.qos))
                 continue
             sub = self._app_topic(message.topic) or ""
-            todo.append((message.mid, message.qos, sub, bytes(message.payload)))
+            todo.append((message, Input(sub, bytes(message.payload))))
+        while todo:
+            done, error = await self._deliver([item for _, item in todo])
+            for applied, item in todo[:done]:
+                self._journal.applied(item)
+                if applied is None:
+                    self._ticked += 1
+                else:
+                    self._unacked.append((applied.mid, applied.qos))
+            if done:
+                self._streak = 0
+            if error is None:
+                return
+            poison, item = todo[done]
+            todo = todo[done + 1:]
+            if not await self._take_back(poison, item, str(error)):
+                return
+
+    def _deliver(self, items: list[Input | Tick]) -> Awaitable[tuple[int, MeshError | None]]:
+        """Apply `items` in order on the worker; how many went in, and the error that stopped
+        the rest."""
+        app = self._app
+        assert app is not None
 
         def deliver() -> tuple[int, MeshError | None]:
-            for done, item in enumerate(todo):
+            for done, item in enumerate(items):
                 try:
-                    if isinstance(item, Tick):
-                        app.tick(item.now_ms, item.next_ms)
-                    else:
-                        app.deliver(item[2], item[3])
+                    apply(app, item)
                 except MeshError as exc:
                     return done, exc
-            return len(todo), None
+            return len(items), None
+        return self._run(deliver)
 
-        done, error = await self._run(deliver)
-        for item in todo[:done]:
-            if isinstance(item, Tick):
-                self._ticked += 1
-            else:
-                self._unacked.append(item[:2])
-        if any(isinstance(item, Tick) for item in todo):
-            self._tick_queued = False
-        if error is not None:
-            await self._fail(str(error))
+    async def _take_back(self, message: Message | None, item: Input | Tick,
+                         reason: str) -> bool:
+        """A call failed (a poison input): record it as a dead letter, acknowledge it, and go
+        on from the state before it. False when the app has failed for good."""
+        self._streak += 1
+        await self._dead_letter(message, item, reason)
+        if self._streak >= POISON_LIMIT:
+            await self._fail(f"{self._streak} inputs in a row failed; the last one: {reason}")
+            return False
+        failed = self._app
+
+        def rebuild() -> App:
+            self._io.muted = True  # what it published then went out already
+            try:
+                app = self._journal.rebuild(self._new_instance)
+            finally:
+                self._io.muted = False
+            if failed is not None:
+                failed.close()
+            return app
+        try:
+            self._app = await self._run(rebuild)
+        except MeshError as exc:
+            await self._fail(f"{reason}; and its state before it could not be rebuilt: {exc}")
+            return False
+        log.warning("%s: took back an input it could not take (%s)", self.name, reason)
+        return True
+
+    async def _dead_letter(self, message: Message | None, item: Input | Tick,
+                           reason: str) -> None:
+        topic, payload = ("(tick)", b"") if isinstance(item, Tick) else (item.topic,
+                                                                          item.payload)
+        letter = wire.DeadLetter(app=self.name, reason=reason[:1000], topic=topic[:256],
+                                 payload=payload[:4096], size=len(payload),
+                                 ts_ms=int(time.time() * 1000))
+        slot, self._dead = self._dead % MAX_DEAD, self._dead + 1
+        self.ctx.event("dead-letter", app=self.name, reason=reason,
+                       detail={"topic": topic[:256], "size": len(payload), "slot": slot})
+        assert self._session is not None
+        await self._session.publish(self.ctx.topics.app(self.name, f"dead/{slot}"),
+                                    wire.encode(letter), retain=True)
+        if message is not None:
+            self._ack(message.mid, message.qos)
 
     def _app_topic(self, topic: str) -> str | None:
         """The topic as the app sees it: after `.../in/` for its inputs, whole for the
@@ -430,6 +484,7 @@ class HostedApp:
         else:
             snap = await self._run(lambda: app.snapshot(epoch=epoch, seq=seq, applied=applied))
             pieces = [snap.memory.data]
+            self._journal.checkpointed(snap)
         await publish_snapshot(session, self.ctx.topics.app(self.name, "snapshot"), snap, pieces)
         if not final:
             self.ctx.kept(snap)

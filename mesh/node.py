@@ -369,9 +369,12 @@ class Node:
 
     def record(self) -> wire.NodeRecord:
         running = tuple(sorted(n for n, h in self.hosted.items() if h.state == "running"))
+        failed = {n: (h.failure or "failed")[:200] for n, h in sorted(self.hosted.items())
+                  if h.state == "failed"}
         return wire.NodeRecord(id=self.id, caps=self.config.caps, labels=self.config.labels,
                                apps=running, broker=str(self.config.broker),
-                               load=float(len(running)), started_ms=self._started_ms)
+                               load=float(len(running)), started_ms=self._started_ms,
+                               failed=failed)
 
     async def _publish_record(self) -> None:
         record = self.record()

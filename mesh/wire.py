@@ -26,7 +26,7 @@ WIRE_VERSION = 1
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
-OPS = frozenset({"deploy", "stop", "migrate", "send", "apps", "nodes", "ping"})
+OPS = frozenset({"deploy", "stop", "migrate", "send", "restart", "apps", "nodes", "ping"})
 
 T = TypeVar("T")
 
@@ -71,10 +71,11 @@ class NodeRecord:
     load: float = 0.0
     started_ms: int = 0
     leaving: bool = False
+    failed: dict[str, str] = field(default_factory=dict)  # apps failed here, and why
 
     def __post_init__(self) -> None:
         _check_name("node id", self.id)
-        for app in self.apps:
+        for app in (*self.apps, *self.failed):
             _check_name("app", app)
 
 
@@ -242,7 +243,7 @@ class Command:
                 c in self.topic for c in "+#\0") or "//" in self.topic or
                 self.topic.startswith("/")):
             raise WireError(f"topic {self.topic[:40]!r} is not a valid sub-topic")
-        needs_app = self.op in ("deploy", "stop", "migrate", "send")
+        needs_app = self.op in ("deploy", "stop", "migrate", "send", "restart")
         if needs_app and self.app is None and self.spec is None:
             raise WireError(f"op {self.op!r} needs an app")
         if self.op == "migrate" and self.to is None:
@@ -265,7 +266,24 @@ class Reply:
 
 EventKind = Literal["joined", "left", "peer-left", "deployed", "unplaceable", "started",
                     "migrating", "migrated", "failed-over", "fenced", "failed", "stopped",
-                    "rejected"]
+                    "rejected", "dead-letter", "restarted"]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An input (or tick) the app could not take, retained at `<root>/apps/<app>/dead/<n>`."""
+
+    KIND: ClassVar[str] = "dead-letter"
+    MAX_BYTES: ClassVar[int] = 64 * 1024
+    app: str
+    reason: str
+    topic: str  # as the app saw it; "" for its bare input topic; "(tick)" for a tick
+    payload: bytes  # its first 4 KiB
+    size: int
+    ts_ms: int
+
+    def __post_init__(self) -> None:
+        _check_name("app", self.app)
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,10 +301,11 @@ class Event:
     detail: dict[str, str | int | float | bool | None] = field(default_factory=dict)
 
 
-WireObject = NodeRecord | AppSpec | OwnerRecord | Snapshot | Manifest | Command | Reply | Event
+WireObject = (NodeRecord | AppSpec | OwnerRecord | Snapshot | Manifest | Command | Reply | Event
+              | DeadLetter)
 _TOP_LEVEL: dict[str, type[Any]] = {
     cls.KIND: cls for cls in (NodeRecord, AppSpec, OwnerRecord, Snapshot, Manifest, Command,
-                              Reply, Event)
+                              Reply, Event, DeadLetter)
 }
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
+from mesh import wire
 from tests.conftest import COUNTER_WAT, require_tool
 from tests.harness import (
     Cluster,
@@ -104,3 +109,61 @@ def test_a_long_call_holds_up_neither_its_stop_nor_another_apps_failover(
         obs.publish("mesh/apps/counter/in", b"two")
         assert wait_count(obs, "counter", 2, timeout=15) == \
             f"2 {counter_hash([b'one', b'two'])}".encode()
+
+
+def retained(broker: str, topic: str, timeout: float = 10) -> bytes:
+    """The retained message at `topic`, read by a new plain client."""
+    got: list[bytes] = []
+    host, port = broker.removeprefix("mqtt://").split(":")
+    client = paho.Client(CallbackAPIVersion.VERSION2)
+    client.on_message = lambda _c, _u, message: got.append(bytes(message.payload))
+    client.connect(host, int(port))
+    client.subscribe(topic, 1)
+    client.loop_start()
+    try:
+        wait_until(lambda: got, timeout, f"a retained message at {topic}")
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return got[0]
+
+
+def app_row(broker: str, app: str) -> dict[str, Any]:
+    result = mesh_cli("apps", "--json", broker=broker)
+    assert result.returncode == 0, result.stderr
+    rows: list[dict[str, Any]] = json.loads(result.stdout)
+    return next(row for row in rows if row["app"] == app)
+
+
+def test_an_input_the_app_cannot_take_goes_to_a_dead_letter_and_the_app_goes_on(
+        broker: str, cluster: Cluster) -> None:
+    big = b"x" * 70_000  # more than the counter's 64 KiB input buffer: its mesh_alloc says no
+    with Observer(broker) as obs:
+        for node in ("alpha", "beta"):
+            cluster.start(node, broker)
+        wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "nodes to join")
+        result = mesh_cli("deploy", "counter", str(COUNTER_WAT), "--on", "beta", broker=broker)
+        assert result.returncode == 0, result.stderr
+        wait_until(lambda: obs.running("counter") == "beta", 20, "counter on beta")
+        for payload in (b"a", big, b"b"):
+            obs.publish("mesh/apps/counter/in", payload)
+        assert wait_count(obs, "counter", 2) == f"2 {counter_hash([b'a', b'b'])}".encode()
+        letter = wire.decode(wire.DeadLetter, retained(broker, "mesh/apps/counter/dead/0"))
+        assert (letter.app, letter.size, letter.payload) == ("counter", 70_000, big[:4096])
+        assert "mesh_alloc" in letter.reason
+        assert obs.has_event("dead-letter", app="counter", node="beta")
+        assert app_row(broker, "counter")["state"] == "running"
+
+        for _ in range(3):  # three in a row: the app has failed, and says why
+            obs.publish("mesh/apps/counter/in", big)
+        row = wait_until(lambda: (r := app_row(broker, "counter"))["state"] == "failed" and r,
+                         20, "counter to be failed")
+        assert "3 inputs in a row failed" in row["reason"]
+        assert row["node"] == "beta"
+
+        result = mesh_cli("restart", "counter", broker=broker)  # answered by alpha, for beta
+        assert result.returncode == 0, result.stderr
+        wait_until(lambda: app_row(broker, "counter")["state"] == "running", 20, "a restart")
+        obs.publish("mesh/apps/counter/in", b"c")
+        assert wait_count(obs, "counter", 3) == \
+            f"3 {counter_hash([b'a', b'b', b'c'])}".encode()

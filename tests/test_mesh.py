@@ -86,7 +86,7 @@ def test_deploy_and_run(any_broker: str, cluster: Cluster) -> None:
         assert wait_count(obs, "counter", 5) == f"5 {counter_hash(payloads)}".encode()
         apps = json.loads(mesh_cli("apps", "--json", broker=any_broker).stdout)
         assert apps == [{"app": "counter", "node": host, "state": "running", "epoch": 1,
-                         "module": hashlib.sha256(_wasm()).hexdigest()}]
+                         "module": hashlib.sha256(_wasm()).hexdigest(), "reason": None}]
         nodes = json.loads(mesh_cli("nodes", "--json", broker=any_broker).stdout)
         assert {n["id"] for n in nodes} == {"alpha", "beta"}
         assert obs.has_event("started", app="counter", node=host)
