@@ -150,3 +150,13 @@ class Retained:
 
     def parts(self, base: str) -> Mapping[int, bytes]:
         return self._chunks.get(base, {})
+
+    def size(self, base: str) -> int:
+        """Bytes held at `base` and its chunks."""
+        return len(self._heads.get(base, b"")) + sum(map(len, self.parts(base).values()))
+
+    def trim(self, base: str, keep: range) -> None:
+        """Forget the chunks at `base` whose index is not in `keep`."""
+        parts = self._chunks.get(base)
+        if parts:
+            self._chunks[base] = {i: part for i, part in parts.items() if i in keep}

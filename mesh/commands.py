@@ -30,7 +30,7 @@ def receive(node: Node, payload: bytes, *, everyone: bool) -> None:
     try:
         command, as_json = wire.decode_command(payload)
     except WireError as exc:
-        node.event("rejected", reason=f"command: {exc}")
+        node.event("rejected", reason=f"command: {exc}", detail={"source": "cmd"})
         return
     node.spawn(_answer(node, command, as_json), f"command-{command.op}")
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from mesh import actions, commands, recovery, wire
 from mesh.errors import BrokerError, MeshError, WireError
+from mesh.events import Events
 from mesh.hosted import HostContext, HostedApp
 from mesh.mqtt import BrokerAddress, Connection, Message
 from mesh.reconcile import (
@@ -37,13 +38,13 @@ from mesh.runtime import AppModule, Runtime
 from mesh.store import StateStore
 from mesh.topics import Topics
 from mesh.transfer import Inbox
-from mesh.wire import EventKind
 
 log = logging.getLogger(__name__)
 
 MODULE_WAIT_S = 30.0
 SYNC_WAIT_S = 30.0
 RECONCILE_EVERY_S = 10.0
+PRUNE_EVERY_S = 5.0
 
 
 @dataclass
@@ -88,11 +89,13 @@ class Node:
         self._synced = asyncio.Event()
         self._dirty = asyncio.Event()
         self._unplaceable: set[str] = set()
+        self._pruned = 0.0  # when the inbox was last pruned
         self._control: Connection | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._busy = asyncio.Lock()  # one reconcile pass, or the leave, at a time
         self._acting: dict[str, asyncio.Task[None]] = {}  # each app's action under way
+        self.event = Events(self.id, self._send_event)
         self.host_ctx = HostContext(self.runtime, config.broker, self.topics, config.keepalive,
                                 config.sensors, self.event, self._app_lost,
                                 config.app_memory_bytes, config.call_timeout_ms, self.kept.keep)
@@ -256,8 +259,8 @@ class Node:
         try:
             self._dispatch(parts, payload)
         except WireError as exc:
-            log.warning("ignoring %s: %s", message.topic, exc)
-            self.event("rejected", reason=f"{message.topic}: {exc}")
+            self.event("rejected", reason=f"{message.topic}: {exc}",
+                       detail={"source": message.topic})
 
     def _dispatch(self, parts: tuple[str, ...], payload: bytes) -> None:
         match parts:
@@ -336,6 +339,10 @@ class Node:
 
     async def _reconcile(self) -> None:
         view = self.view()
+        if view.synced and view.now - self._pruned >= PRUNE_EVERY_S:
+            self._pruned = view.now
+            if dropped := self.inbox.prune(view.specs, view.now):
+                log.info("dropped %d bytes of checkpoint pieces no app needs", dropped)
         todo = decide(view)
         unplaceable = {a.app: a for a in todo if isinstance(a, Unplaceable)}
         for name in unplaceable.keys() - self._unplaceable:
@@ -383,12 +390,6 @@ class Node:
             await self.control.publish(self.topics.node(self.id), wire.encode(record),
                                        retain=True)
 
-    def event(self, kind: EventKind, *, app: str | None = None, reason: str | None = None,
-              detail: dict[str, Any] | None = None) -> None:
-        """Publish an event on `<root>/events` (fire and forget) and log it."""
-        event = wire.Event(event=kind, ts_ms=int(time.time() * 1000), node=self.id, app=app,
-                           reason=reason, detail=detail or {})
-        log.debug("event %s", event)
+    def _send_event(self, data: bytes) -> None:
         if self._control and not self._control.lost_reason:
-            self._control.publish_nowait(self.topics.events, wire.encode(event))
-
+            self._control.publish_nowait(self.topics.events, data)

@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from mesh import chunks, wire
@@ -26,6 +27,7 @@ MAX_PACKET = 1_900_000  # under Mosquitto's default max_packet_size of 2,000,000
 CHUNK_WINDOW = 8  # chunks published but not yet acknowledged
 MAX_MODULE_BYTES = 64 << 20
 MAX_SNAPSHOT_BYTES = 1 << 30
+STALE_S = 30.0  # pieces of a checkpoint of no known app are dropped after this long unchanged
 
 
 # --- sending -----------------------------------------------------------------------------------
@@ -128,6 +130,7 @@ class Inbox:
         self._decoded: dict[str, Checkpoint | bytes] = {}  # or the head of an unusable one
         self._waking: dict[str, asyncio.Event] = {}
         self._modules: dict[str, asyncio.Future[bytes]] = {}
+        self._touched: dict[str, float] = {}  # app -> when a piece of its checkpoint came
 
     def snapshot(self, app: str, index: str | None, payload: bytes) -> None:
         """A message at an app's checkpoint topic (`index` None) or at one of its chunks."""
@@ -137,7 +140,39 @@ class Inbox:
         else:
             self.retained.chunk(topic, index, payload)
         self._decoded.pop(app, None)
+        self._touched[app] = time.monotonic()
         self.wake(app)
+
+    def prune(self, specs: Mapping[str, wire.AppSpec], now: float) -> int:
+        """Drop pieces that cannot be a checkpoint the mesh needs, and return how many bytes:
+        those of an app with no spec once unchanged for STALE_S (garbage sent to made-up
+        topics), and an app's chunks beyond what its memory can fill."""
+        dropped = 0
+        for app, touched in list(self._touched.items()):
+            topic = self.topics.app(app, "snapshot")
+            spec = specs.get(app)
+            if spec is None:
+                if now - touched >= STALE_S:
+                    dropped += self.retained.size(topic)
+                    self.retained.whole(topic, b"")
+                    self._decoded.pop(app, None)
+                    del self._touched[app]
+                continue
+            before = self.retained.size(topic)
+            if before > 2 * (spec.memory_limit + MAX_PACKET):  # both slots full, and more
+                self.retained.trim(topic, self._named_chunks(app))
+                self._decoded.pop(app, None)
+                dropped += before - self.retained.size(topic)
+        return dropped
+
+    def _named_chunks(self, app: str) -> range:
+        """The chunk indices the app's checkpoint header names (none if it names none)."""
+        head = self.retained.head(self.topics.app(app, "snapshot"))
+        try:
+            external = wire.decode(wire.Snapshot, head).memory.external if head else None
+        except WireError:
+            external = None
+        return range(external.first, external.first + external.count) if external else range(0)
 
     def waker(self, key: str) -> asyncio.Event:
         return self._waking.setdefault(key, asyncio.Event())

@@ -247,6 +247,27 @@ def wait_count(obs: Observer, app: str, count: int, timeout: float = 30) -> byte
     return output
 
 
+def stream(obs: Observer, app: str, count: int) -> tuple[list[bytes], threading.Thread]:
+    """Publish `count` QoS 1 inputs from a thread, paced like a sensor."""
+    payloads = [f"reading-{i}".encode() for i in range(count)]
+    done = threading.Event()
+
+    def run() -> None:
+        for payload in payloads:
+            obs.publish(f"mesh/apps/{app}/in", payload)
+            done.wait(0.004)
+
+    thread = threading.Thread(target=run, name="stream")
+    thread.start()
+    return payloads, thread
+
+
+def assert_exactly_once(obs: Observer, app: str, payloads: list[bytes]) -> None:
+    final = wait_count(obs, app, len(payloads), timeout=60)
+    assert final == f"{len(payloads)} {counter_hash(payloads)}".encode(), \
+        "an input was lost or applied twice"
+
+
 def mesh_cli(*args: str, broker: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "mesh", "-q", *args, "--broker", broker],
                           capture_output=True, text=True, timeout=timeout, check=False)

@@ -17,9 +17,11 @@ from tests.conftest import COUNTER_WAT, require_tool
 from tests.harness import (
     Cluster,
     Observer,
+    assert_exactly_once,
     counter_hash,
     mesh_cli,
     mosquitto,
+    stream,
     wait_count,
     wait_until,
 )
@@ -167,3 +169,49 @@ def test_an_input_the_app_cannot_take_goes_to_a_dead_letter_and_the_app_goes_on(
         obs.publish("mesh/apps/counter/in", b"c")
         assert wait_count(obs, "counter", 3) == \
             f"3 {counter_hash([b'a', b'b', b'c'])}".encode()
+
+
+def garbage(i: int) -> tuple[str, bytes]:
+    """The i-th of a flood of malformed messages, on the topics the nodes read."""
+    match i % 6:
+        case 0:
+            return f"mesh/nodes/junk{i % 50}", b"\xff\x00 not cbor"
+        case 1:
+            return "mesh/cmd", b"{not json"
+        case 2:
+            return f"mesh/apps/junk{i % 500}/snapshot/{i % 100}", b"x" * 8000
+        case 3:
+            return "mesh/apps/counter/spec", b"\xa1\x61v\x01"
+        case 4:
+            return "mesh/apps/counter/owner", b"\x00"
+        case _:
+            return f"mesh/apps/junk{i % 500}/snapshot", b"\x83\x01\x02"
+
+
+def test_a_garbage_flood_costs_the_mesh_nothing(broker: str, cluster: Cluster) -> None:
+    with Observer(broker) as obs:
+        for node in ("alpha", "beta"):
+            cluster.start(node, broker)
+        wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "nodes to join")
+        result = mesh_cli("deploy", "counter", str(COUNTER_WAT), "--on", "alpha", broker=broker)
+        assert result.returncode == 0, result.stderr
+        wait_until(lambda: obs.running("counter") == "alpha", 20, "counter on alpha")
+        payloads, publisher = stream(obs, "counter", 300)
+        host, port = broker.removeprefix("mqtt://").split(":")
+        flooder = paho.Client(CallbackAPIVersion.VERSION2, client_id="flooder")
+        flooder.max_queued_messages_set(0)
+        flooder.connect(host, int(port))
+        flooder.loop_start()
+        try:
+            for i in range(10_000):
+                last = flooder.publish(*garbage(i), qos=1)
+            last.wait_for_publish(60)
+        finally:
+            flooder.loop_stop()
+            flooder.disconnect()
+        publisher.join()
+        assert_exactly_once(obs, "counter", payloads)
+        assert obs.running("counter") == "alpha"
+        assert not obs.has_event("fenced")
+        rejected = [e for e in obs.events if e.event == "rejected"]
+        assert 0 < len(rejected) <= 2 * 40, len(rejected)  # two nodes, a burst or two each

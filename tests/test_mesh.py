@@ -24,12 +24,14 @@ from tests.conftest import COUNTER_WAT, require_tool
 from tests.harness import (
     Cluster,
     Observer,
+    assert_exactly_once,
     ballast_wasm,
     count_of,
     counter_hash,
     embedded_broker,
     mesh_cli,
     mosquitto,
+    stream,
     wait_count,
     wait_until,
 )
@@ -94,27 +96,6 @@ def test_deploy_and_run(any_broker: str, cluster: Cluster) -> None:
 
 def _wasm() -> bytes:
     return bytes(wasmtime.wat2wasm(COUNTER_WAT.read_text()))
-
-
-def stream(obs: Observer, app: str, count: int) -> tuple[list[bytes], threading.Thread]:
-    """Publish `count` QoS 1 inputs from a thread, paced like a sensor."""
-    payloads = [f"reading-{i}".encode() for i in range(count)]
-    done = threading.Event()
-
-    def run() -> None:
-        for payload in payloads:
-            obs.publish(IN.format(app), payload)
-            done.wait(0.004)
-
-    thread = threading.Thread(target=run, name="stream")
-    thread.start()
-    return payloads, thread
-
-
-def assert_exactly_once(obs: Observer, app: str, payloads: list[bytes]) -> None:
-    final = wait_count(obs, app, len(payloads), timeout=60)
-    assert final == f"{len(payloads)} {counter_hash(payloads)}".encode(), \
-        "an input was lost or applied twice"
 
 
 def test_live_migration_under_a_stream_loses_and_duplicates_nothing(
