@@ -131,17 +131,34 @@ class Inbox:
         self._waking: dict[str, asyncio.Event] = {}
         self._modules: dict[str, asyncio.Future[bytes]] = {}
         self._touched: dict[str, float] = {}  # app -> when a piece of its checkpoint came
+        self._versions: dict[str, tuple[int, int]] = {}  # app -> (epoch, seq) of the one held
 
     def snapshot(self, app: str, index: str | None, payload: bytes) -> None:
         """A message at an app's checkpoint topic (`index` None) or at one of its chunks."""
         topic = self.topics.app(app, "snapshot")
         if index is None:
+            self._check_head(app, payload)
             self.retained.whole(topic, payload)
         else:
             self.retained.chunk(topic, index, payload)
         self._decoded.pop(app, None)
         self._touched[app] = time.monotonic()
         self.wake(app)
+
+    def _check_head(self, app: str, payload: bytes) -> None:
+        """Only a valid checkpoint of `app`, no older than the one held, replaces that one (an
+        empty payload clears it: the app was stopped). Raises WireError otherwise."""
+        if not payload:
+            self._versions.pop(app, None)
+            return
+        snap = wire.decode(wire.Snapshot, payload)
+        if snap.app != app:
+            raise WireError(f"a checkpoint of {snap.app!r} published as {app!r}'s")
+        held = self._versions.get(app)
+        if held is not None and snap.version < held:
+            raise WireError(f"checkpoint {snap.version} of {app} is older than the one held, "
+                            f"{held}")
+        self._versions[app] = snap.version
 
     def prune(self, specs: Mapping[str, wire.AppSpec], now: float) -> int:
         """Drop pieces that cannot be a checkpoint the mesh needs, and return how many bytes:
@@ -156,6 +173,7 @@ class Inbox:
                     dropped += self.retained.size(topic)
                     self.retained.whole(topic, b"")
                     self._decoded.pop(app, None)
+                    self._versions.pop(app, None)
                     del self._touched[app]
                 continue
             before = self.retained.size(topic)

@@ -26,6 +26,9 @@ WIRE_VERSION = 1
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
+# Epochs and checkpoint sequence numbers stay below this (the largest integer JSON tools read
+# exactly), so the next one is always valid: a record at or past it is refused, never adopted.
+MAX_EPOCH = (1 << 53) - 1
 OPS = frozenset({"deploy", "stop", "migrate", "send", "restart", "apps", "nodes", "ping"})
 
 T = TypeVar("T")
@@ -49,6 +52,11 @@ def _check_filter(sub: str) -> None:
             ("+" in level and level != "+") or ("#" in level and level != "#")
             for level in levels) or "#" in levels[:-1]:
         raise WireError(f"{sub!r} is not a valid MQTT topic filter")
+
+
+def _check_counter(what: str, value: int) -> None:
+    if not 0 <= value < MAX_EPOCH:
+        raise WireError(f"{what} must be from 0 to {MAX_EPOCH - 1}, got {value}")
 
 
 def _check_nonnegative(**values: int | None) -> None:
@@ -128,7 +136,7 @@ class OwnerRecord:
 
     def __post_init__(self) -> None:
         _check_name("node", self.node)
-        _check_nonnegative(epoch=self.epoch)
+        _check_counter("epoch", self.epoch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +225,13 @@ class Snapshot:
     def __post_init__(self) -> None:
         _check_name("app", self.app)
         _check_sha256("module", self.module)
+        _check_counter("epoch", self.epoch)
+        _check_counter("seq", self.seq)
+
+    @property
+    def version(self) -> tuple[int, int]:
+        """How new this checkpoint is: a later one has a higher (epoch, seq)."""
+        return self.epoch, self.seq
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -215,3 +216,55 @@ def test_a_garbage_flood_costs_the_mesh_nothing(broker: str, cluster: Cluster) -
         assert not obs.has_event("fenced")
         rejected = [e for e in obs.events if e.event == "rejected"]
         assert 0 < len(rejected) <= 2 * 40, len(rejected)  # two nodes, a burst or two each
+
+
+def test_garbage_on_a_checkpoint_topic_never_replaces_a_good_checkpoint(
+        broker: str, cluster: Cluster) -> None:
+    with Observer(broker) as obs:
+        for node in ("alpha", "beta"):
+            cluster.start(node, broker)
+        wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "nodes to join")
+        result = mesh_cli("deploy", "counter", str(COUNTER_WAT), "--on", "alpha", broker=broker)
+        assert result.returncode == 0, result.stderr
+        wait_until(lambda: obs.running("counter") == "alpha", 20, "counter on alpha")
+        for payload in (b"a", b"b"):
+            obs.publish("mesh/apps/counter/in", payload)
+        wait_count(obs, "counter", 2)
+        stored = wire.decode(wire.Snapshot, retained(broker, "mesh/apps/counter/snapshot"))
+        assert stored.host.delivered == 2
+        # Two tiny publishes by any client: garbage as the newest checkpoint (not retained),
+        # then the owner's record cleared, as its Last Will would: the next owner takes over.
+        obs.publish("mesh/apps/counter/snapshot", b"\x01\x02\x03")
+        obs.publish("mesh/nodes/alpha", b"", retain=True)
+        wait_until(lambda: obs.has_event("failed-over", app="counter", node="beta"), 20,
+                   "a failover to beta")
+        wait_until(lambda: obs.running("counter") is not None, 20, "counter running again")
+        obs.publish("mesh/apps/counter/in", b"c")
+        assert wait_count(obs, "counter", 3) == \
+            f"3 {counter_hash([b'a', b'b', b'c'])}".encode()
+
+
+def test_an_owner_record_at_an_epoch_nothing_can_follow_is_refused(
+        broker: str, cluster: Cluster) -> None:
+    with Observer(broker) as obs:
+        for node in ("alpha", "beta"):
+            cluster.start(node, broker)
+        wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "nodes to join")
+        result = mesh_cli("deploy", "counter", str(COUNTER_WAT), "--on", "alpha", broker=broker)
+        assert result.returncode == 0, result.stderr
+        wait_until(lambda: obs.running("counter") == "alpha", 20, "counter on alpha")
+        for payload in (b"a", b"b"):
+            obs.publish("mesh/apps/counter/in", payload)
+        wait_count(obs, "counter", 2)
+        wait_until(lambda: wire.decode(wire.Snapshot, retained(
+            broker, "mesh/apps/counter/snapshot")).host.delivered == 2, 10, "a checkpoint")
+        forged = cbor2.dumps({"v": 1, "kind": "owner", "node": "alpha", "epoch": 2**64 - 1})
+        obs.publish("mesh/apps/counter/owner", forged, retain=True)
+        wait_until(lambda: obs.has_event("rejected", node="beta"), 10, "the record refused")
+        cluster["alpha"].signal(signal.SIGKILL)
+        wait_until(lambda: obs.has_event("failed-over", app="counter", node="beta"), 20,
+                   "a failover to beta")
+        assert obs.owners["counter"] == wire.OwnerRecord("beta", 2)
+        obs.publish("mesh/apps/counter/in", b"c")
+        assert wait_count(obs, "counter", 3) == \
+            f"3 {counter_hash([b'a', b'b', b'c'])}".encode()

@@ -147,8 +147,11 @@ def test_limits_on_size_depth_and_types() -> None:
     with pytest.raises(WireError, match="expected a owner, got a 'node'"):
         wire.decode(wire.OwnerRecord, cbor2.dumps({"v": 1, "kind": "node", "node": "n",
                                                    "epoch": 1}))
-    with pytest.raises(WireError, match="epoch must not be negative"):
+    with pytest.raises(WireError, match="epoch must be from 0 to"):
         wire.decode(wire.OwnerRecord, cbor2.dumps({"v": 1, "node": "n", "epoch": -1}))
+    for past in (wire.MAX_EPOCH, 2**64 - 1):  # nothing could continue from it: refused
+        with pytest.raises(WireError, match="epoch must be from 0 to"):
+            wire.decode(wire.OwnerRecord, cbor2.dumps({"v": 1, "node": "n", "epoch": past}))
 
 
 def test_decode_any_refuses_unknown_kinds() -> None:
