@@ -51,7 +51,10 @@ async def execute(node: Node, action: Action, view: View) -> None:
 
 async def claim(node: Node, spec: wire.AppSpec, epoch: int, *, failover: bool) -> None:
     """Publish ownership at `epoch`, then start from the newest checkpoint (or fresh)."""
-    record = wire.OwnerRecord(node.id, epoch)
+    before = node.owners.get(spec.app)
+    held = node.inbox.version(spec.app)
+    record = wire.OwnerRecord(node.id, epoch, max(before.seq if before else 0,
+                                                  held[1] if held else 0))
     # Ours until the broker says otherwise: a rival claim that it orders after this one
     # arrives after the publish completes, and must not be overwritten by it.
     node.owners[spec.app] = record
@@ -68,7 +71,8 @@ async def start(node: Node, spec: wire.AppSpec, epoch: int, *, handover: bool,
     module = await node.module(spec.module)
     checkpoint = await checkpoint_for(node, name, spec, epoch if handover else None)
     snap = checkpoint.snap if checkpoint else None
-    if name in node.hosted or node.owners.get(name) != wire.OwnerRecord(node.id, epoch):
+    owner = node.owners.get(name)
+    if name in node.hosted or owner is None or (owner.node, owner.epoch) != (node.id, epoch):
         return  # things moved on while we waited
     hosted = HostedApp(node.host_ctx, spec, module, epoch)
     node.hosted[name] = hosted
@@ -138,7 +142,7 @@ async def hand_over(node: Node, hosted: HostedApp, action: HandOver) -> None:
         await hosted.close()
         node.changed()
         raise
-    record = wire.OwnerRecord(target, epoch)
+    record = wire.OwnerRecord(target, epoch, hosted.seq)
     # The target starts on this. If it cannot be published (the broker is gone), the app
     # stays here, paused, for the node to keep its state.
     await node.control.publish(node.topics.app(name, "owner"), wire.encode(record),

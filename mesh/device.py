@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 SEARCH_S = 1.5  # how long a device that boots looks for a broker before it hosts one
 LOOK_EVERY_S = 0.25
 RETRY_S = (1.0, 30.0)  # backoff when a broker cannot be reached
+CARRY_RETRY_S = 2.0  # ... at most, while holding apps' state to give back
 
 
 class Device:
@@ -93,7 +94,9 @@ class Device:
                     log.warning("%s; trying again in %.0f s", exc, backoff)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stopping.wait(), backoff)
-                    backoff = min(backoff * 2, RETRY_S[1])
+                    # Holding apps' state for the broker: try often, so that we are back
+                    # before the others' grace runs out and they take our apps over.
+                    backoff = min(backoff * 2, RETRY_S[1] if carry is None else CARRY_RETRY_S)
                 finally:
                     self.node = None
                 if node.carry is None:

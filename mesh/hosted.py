@@ -133,6 +133,11 @@ class HostedApp:
     def name(self) -> str:
         return self.spec.app
 
+    @property
+    def seq(self) -> int:
+        """The sequence number of the newest checkpoint stored."""
+        return self._seq
+
     def _run(self, call: Callable[[], T]) -> Awaitable[T]:
         """Run a wasm call on this app's worker thread, never on the event loop."""
         def job() -> T:

@@ -48,7 +48,7 @@ class Carry:
     def from_disk(cls, store: StateStore, node_id: str) -> Carry:
         """What this device kept on disk (see `mesh.store`)."""
         kept = store.checkpoints()
-        return cls(set(), store.specs(), {app: wire.OwnerRecord(node_id, snap.epoch)
+        return cls(set(), store.specs(), {app: wire.OwnerRecord(node_id, snap.epoch, snap.seq)
                                           for app, snap in kept.items()},
                    chunks.Retained(), kept, only_if_empty=True)
 
@@ -121,7 +121,7 @@ async def rebuild(node: Node, carry: Carry) -> None:
         kept = carry.suspended[name]
         snap = replace(kept, epoch=epoch, seq=kept.seq + 1, applied=())
         await publish_snapshot(control, topics.app(name, "snapshot"), snap, [snap.memory.data])
-        record = node.owners[name] = wire.OwnerRecord(node.id, epoch)
+        record = node.owners[name] = wire.OwnerRecord(node.id, epoch, snap.seq)
         await control.publish(topics.app(name, "owner"), wire.encode(record), retain=True)
     for name, owner in plan.owners:  # the epochs a takeover must go past
         node.owners[name] = owner

@@ -145,6 +145,10 @@ class Inbox:
         self._touched[app] = time.monotonic()
         self.wake(app)
 
+    def version(self, app: str) -> tuple[int, int] | None:
+        """(epoch, seq) of the newest checkpoint of `app` this node has seen, if any."""
+        return self._versions.get(app)
+
     def _check_head(self, app: str, payload: bytes) -> None:
         """Only a valid checkpoint of `app`, no older than the one held, replaces that one (an
         empty payload clears it: the app was stopped). Raises WireError otherwise."""

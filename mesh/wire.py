@@ -133,10 +133,14 @@ class OwnerRecord:
     MAX_BYTES: ClassVar[int] = 4096
     node: str
     epoch: int
+    # The sequence number of the checkpoint the owner went on from (0: it started fresh). A
+    # node that can find no checkpoint that new does not start the app over: that is an alarm.
+    seq: int = 0
 
     def __post_init__(self) -> None:
         _check_name("node", self.node)
         _check_counter("epoch", self.epoch)
+        _check_counter("seq", self.seq)
 
 
 @dataclass(frozen=True, slots=True)
