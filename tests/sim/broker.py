@@ -208,7 +208,7 @@ class Broker:
             del self.conns[conn.client_id]
         if session is not None and session.conn is conn:
             session.conn = None
-            if not session.persistent:
+            if not session.persistent and self.sessions.get(session.client_id) is session:
                 del self.sessions[session.client_id]
         if will and conn.will is not None:
             topic, payload = conn.will

@@ -22,7 +22,7 @@ from mesh.reconcile import Held
 from mesh.wire import AppSpec, OwnerRecord
 from tests.sim.app import SimSnapshot
 from tests.sim.loop import Event, Process, Task, first, sleep
-from tests.sim.node import Carry, SimNode
+from tests.sim.node import Carry, LeaveAborted, SimNode
 
 if TYPE_CHECKING:
     from tests.sim.world import World
@@ -87,7 +87,11 @@ class Device:
             self.carrying, backoff = None, RETRY_S[0]
             await first(node.stopped.wait(), self._stopping.wait())
             if self._stopping.is_set():
-                await node.leave()
+                try:
+                    await node.leave()
+                except LeaveAborted:  # the exception ends the process (after __aexit__)
+                    await node.teardown()
+                    break
             await node.teardown()
             self.node = None
             if node.carry is not None:

@@ -2,6 +2,10 @@
 
 Checked while the world runs (on what the broker accepts, so on what fencing lets through):
 - an app's owner epoch (its retained owner record) never goes backwards while its spec exists;
+- a new owner bumps the epoch: an owner record naming another node than the stored one has a
+  higher epoch, if its publisher knew the stored one when it decided (rival claims made at the
+  same time, each without the other's record, may share an epoch: the design lets the later
+  one win and fences the other);
 - no checkpoint is stored at an epoch lower than one stored before;
 - one writer at a time: every checkpoint the broker stores extends the one it stored before
   (its state, the inputs applied in order, starts with the previous state). Two nodes that both
@@ -52,6 +56,8 @@ class Ledger:
         self.protected: dict[str, tuple[int, ...]] = {}
         self.upgraded_to: dict[str, int] = {}  # app -> its module version
         self._owner_epoch: dict[str, int] = {}
+        self._owner: dict[str, OwnerRecord] = {}  # the last one stored
+        self._intents: dict[int, OwnerRecord | None] = {}  # id(record) -> what it went by
         self._stored: dict[tuple[str, str], SimSnapshot] = {}
 
     def violation(self, text: str) -> None:
@@ -86,17 +92,35 @@ class Ledger:
             self.world.trace("broker", f"owner {app} = {payload} (from {client_id})")
             if not has_spec:
                 self._owner_epoch.pop(app, None)
+                self._owner.pop(app, None)
             elif isinstance(payload, OwnerRecord):
                 before = self._owner_epoch.get(app, 0)
                 if payload.epoch < before:
                     self.violation(f"{app}: owner epoch went back from {before} to "
                                    f"{payload.epoch} ({payload.node}, from {client_id})")
                 self._owner_epoch[app] = max(before, payload.epoch)
+                self._new_owner_bumps(app, payload, client_id)
+                self._owner[app] = payload
         elif part == "snapshot":
             if isinstance(payload, SimSnapshot):
                 self._checkpoint(payload, client_id)
             elif not has_spec:
                 self._forget(app)
+
+    def intend(self, record: OwnerRecord, known: OwnerRecord | None) -> None:
+        """A node is about to publish `record`, having decided on owner record `known`."""
+        self._intents[id(record)] = known
+
+    def _new_owner_bumps(self, app: str, record: OwnerRecord, client_id: str) -> None:
+        """A new owner bumps the epoch (wire.OwnerRecord): a claim or handover that names
+        another node than the stored record, which its publisher knew, must go past it.
+        (Rival claims are exempt: each went by a record older than the other's.)"""
+        known = self._intents.pop(id(record), None)
+        stored = self._owner.get(app)
+        if (stored is not None and known == stored and record.node != stored.node
+                and record.epoch <= stored.epoch):
+            self.violation(f"{app}: new owner {record.node} at epoch {record.epoch} replaces "
+                           f"{stored.node} at {stored.epoch}, which {client_id} knew")
 
     def _checkpoint(self, snap: SimSnapshot, client_id: str) -> None:
         self.world.trace("broker", f"checkpoint {snap.app} {snap.epoch}.{snap.seq} "
@@ -118,12 +142,14 @@ class Ledger:
 
     def _forget(self, app: str) -> None:
         self._owner_epoch.pop(app, None)
+        self._owner.pop(app, None)
         for key in [key for key in self._stored if key[0] == app]:
             del self._stored[key]
 
     def wiped(self) -> None:
         """The broker lost everything: what survives is what the live nodes hold now."""
         self._owner_epoch.clear()
+        self._owner.clear()
         self._stored.clear()
         for app, acked in self.acked_inputs.items():
             newest: tuple[tuple[int, int, int], tuple[int, ...]] | None = None

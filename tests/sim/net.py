@@ -1,13 +1,14 @@
 """The network between clients and the broker: TCP connections as two ordered pipes.
 
 Modelled: each connection (`Conn`) carries packets in each direction in order (TCP), each after
-a delay drawn from the seed (0.5-20 ms, now and then 50-300 ms, more while a node's link is
-slow); a partitioned node's packets are held (TCP retransmits) and go out in order when the
-partition heals, unless an end closed the connection meanwhile; a crashed process's sockets
-are closed by its OS at once (the broker sees the EOF after the usual delay); keepalive: the
-broker drops a connection it has heard nothing on for 1.5 x keepalive (its last packet, or a
-ping up to one keepalive before the silence began), the client notices a silent broker after
-one to two keepalives (paho: a ping, then no answer within a keepalive).
+a delay drawn from the seed (0.5-20 ms; while the network jitters, one in 20 takes 50-300 ms;
+0.1-1.5 s more while a node's link is slow); a partitioned node's packets are held (TCP
+retransmits) and go out in order when the partition heals, unless an end closed the
+connection meanwhile; a crashed process's sockets are closed by its OS at once (the broker
+sees the EOF after the usual delay); keepalive: the broker drops a connection it has heard
+nothing on for 1.5 x keepalive (its last packet, or a ping up to one keepalive before the
+silence began), the client notices a silent broker after one to two keepalives (paho: a ping,
+then no answer within a keepalive).
 
 Not modelled: packet loss without a partition (TCP hides it), bandwidth, Nagle, half-open
 connections after a partition that heals with both ends still open (they simply go on).
@@ -83,6 +84,7 @@ class Network:
         self.partitioned: set[str] = set()
         self.silent: dict[str, int] = {}  # node -> token of its current silence
         self.slow_until: dict[str, float] = {}
+        self.jitter_until = -1.0  # until then, one packet in 20 takes 50-300 ms
         self._ids = 0
         self._tokens = 0
         self.on_keepalive_expired: Callable[[Conn], None] = lambda conn: None
@@ -101,9 +103,11 @@ class Network:
         return conn
 
     def latency(self, node: str) -> float:
-        rng = self.rng
-        delay = rng.uniform(0.0005, 0.02) if rng.random() < 0.97 else rng.uniform(0.05, 0.3)
-        if self.slow_until.get(node, -1.0) > self.loop.now:
+        rng, now = self.rng, self.loop.now
+        delay = rng.uniform(0.0005, 0.02)
+        if self.jitter_until > now and rng.random() < 0.05:
+            delay = rng.uniform(0.05, 0.3)
+        if self.slow_until.get(node, -1.0) > now:
             delay += rng.uniform(0.1, 1.5)
         return delay
 

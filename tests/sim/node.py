@@ -1,24 +1,28 @@
 """`SimNode`: mesh/node.py's executor around the real decision code, on the simulated broker.
 
-One `SimNode` is one `mesh.node.Node` object: one join of a broker. It keeps the members,
+One `SimNode` is one `mesh.node.Node` object: one join of a broker (with mesh/actions.py and
+mesh/recovery.py, which carry out its actions and its rebuild). It keeps the members,
 specs, owner records and newest checkpoints from the retained messages; joins with a Last Will
 that clears its record, subscribes, publishes its record and then a QoS 1 sync marker on
 `<root>/nodes/<id>/sync`, and counts itself synced (`View.synced`) once the marker is back (its
 session's order puts every retained message queued before it first). It then runs
-`mesh.reconcile.decide` on every change (debounced 5 ms, and every 10 s anyway) and carries the
-actions out with the real node's steps, awaits and re-checks; a lost app session is fenced if
+`mesh.reconcile.decide` on every change (debounced 5 ms, and every 10 s anyway) and carries out
+each app's action as its own task (none for an app whose last one is still under way), with
+the real node's steps, awaits and re-checks; a lost app session is fenced if
 the control session still answers; a lost broker suspends every app, keeping its state
 (`Carry`), for the next join, which gives back what `plan_rebuild` says. The device loop
 around it (join, backoff, rejoin with `only_if_empty`) is `tests.sim.device`.
 
 Not modelled: modules (always at hand, a few ms to load), commands and replies, events, mDNS
-goodbyes, failed apps (wasm traps), snapshot chunks that are incomplete.
+goodbyes, failed apps (wasm traps, dead letters), snapshot chunks that are incomplete, the
+checkpoint seq that owner records carry (no decision reads it yet). Mirrors mesh/node.py,
+actions.py and recovery.py as of commit 83f55ef.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -31,9 +35,9 @@ from mesh.reconcile import (
     Held,
     Replace,
     Running,
-    Shutdown,
     Start,
     Stop,
+    Unplaceable,
     View,
 )
 from mesh.wire import AppSpec, NodeRecord, OwnerRecord
@@ -49,6 +53,11 @@ RECONCILE_EVERY_S = 10.0
 SNAPSHOT_WAIT_S = 5.0
 REJOIN_GRACE_S = 1.0  # plus 1.5x keepalive
 KEEP_EVERY_S = 5.0
+SYNC_WAIT_S = 30.0
+
+
+class LeaveAborted(Exception):
+    """The real leave would die here with a KeyError (the process exits)."""
 
 
 @dataclass
@@ -63,6 +72,8 @@ class Carry:
 class SimNode:
     # The `no-sync` mutant clears this: synced as soon as the record is acknowledged.
     SYNC_MARKER: ClassVar[bool] = True
+    # A finding about mesh/node.py's leave (see `leave`): a violation when set.
+    LEAVE_KEYERROR_IS_VIOLATION: ClassVar[bool] = False
 
     def __init__(self, device: Device, carried: Carry | None) -> None:
         self.device = device
@@ -92,6 +103,7 @@ class SimNode:
         self._started_ms = int(self.loop.now * 1000)
         self.control: Client | None = None
         self._tasks: list[Task] = []
+        self._acting: dict[str, Task] = {}  # each app's action under way
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -130,9 +142,9 @@ class SimNode:
         if self.SYNC_MARKER:
             self._sync_token = self.world.token()
             await control.publish(f"{root}/nodes/{self.id}/sync", self._sync_token)
-            await first(self._synced.wait(), control.lost)
+            await first(self._synced.wait(), control.lost, self._sleep(SYNC_WAIT_S))
             if not self.synced:
-                raise BrokerError("lost the broker before the sync marker came back")
+                raise BrokerError("the broker did not send the mesh's records in time")
         else:
             self.synced = True
         if self.carried is not None:
@@ -164,13 +176,19 @@ class SimNode:
                 await control.publish(f"{self.root}/nodes/{self.id}",
                                       replace(self._record(), leaving=True), retain=True)
         await self._busy.acquire()
+        await gather([task.done for task in self._acting.values()])
         for action in reconcile.plan_leave(self._view()):
             app = self.hosted.get(action.app)
-            if app is None:
-                continue
+            if app is None:  # mesh/node.py: `self.hosted[action.app]` raises KeyError
+                self.world.finding(
+                    f"{self.id}: node.leave() raises KeyError: {action.app} left `hosted` "
+                    "during the leave (broker lost, or a session taken over); the process "
+                    "dies with its record still retained", self.LEAVE_KEYERROR_IS_VIOLATION)
+                raise LeaveAborted(action.app)
             try:
                 if isinstance(action, HandOver):
-                    await self._hand_over(app, action.target, action.epoch)
+                    await self._hand_over(app, action.target, action.epoch,
+                                          self.owners.get(action.app))
                 else:
                     await app.shutdown()
             except MeshError:
@@ -202,9 +220,9 @@ class SimNode:
         assert self.control is not None
         control, held = self.control, carry.held
         plan = reconcile.plan_rebuild(self._view(), held)
+        for name in plan.forget:  # the mesh went on without us: ours are stale
+            self._gone_from_here(name)
         if held.only_if_empty and self.specs:
-            for name in plan.forget:
-                self._gone_from_here(name)
             return
         for name, snap in carry.retained.items():  # adopt: restore a lost device's apps
             self.snapshots.setdefault(name, snap)
@@ -322,40 +340,61 @@ class SimNode:
     async def _reconcile_all(self) -> None:
         view = self._view()
         actions = reconcile.decide(view)
-        if actions:
-            self.trace(f"decide {_brief(actions)} | owners {_owners(view)}")
-        work = [self.spawn(self._act(action), type(action).__name__, eager=True)
-                for action in actions]
-        await gather([task.done for task in work])
+        todo = [a for a in actions if not isinstance(a, Unplaceable)]
+        if todo:
+            self.trace(f"decide {_brief(todo)} | owners {_owners(view)}")
+        for action in todo:
+            # Each app's action goes on by itself (as in mesh/node.py): a slow one holds up
+            # neither this pass nor another app's.
+            if action.app not in self._acting:
+                self._acting[action.app] = self.spawn(self._act(action, view),
+                                                      type(action).__name__)
         await self._publish_record()
 
-    async def _act(self, action: reconcile.Action) -> None:
+    async def _act(self, action: reconcile.Action, view: View) -> None:
+        try:
+            await self._execute(action, view)
+        except MeshError:
+            pass  # tried again on the next change, or within RECONCILE_EVERY_S
+        else:
+            self._dirty.set()  # the node's record, and what it decides next, may change now
+        finally:
+            self._acting.pop(action.app, None)
+
+    async def _execute(self, action: reconcile.Action, view: View) -> None:
+        """`mesh.actions.execute`."""
         match action:
             case Stop(app):
                 await self._stop_app(app)
             case Fence(app, owner, epoch):
-                hosted = self.hosted.pop(app, None)
-                if hosted is not None:
-                    self.trace(f"fence {app}@{hosted.epoch}: {owner} owns it at {epoch}")
-                    self._gone_from_here(app)
-                    await hosted.close()
+                if app in self.hosted:
+                    self.trace(f"fence {app}@{self.hosted[app].epoch}: {owner} owns it at "
+                               f"{epoch}")
+                await self._let_go(app)
             case Replace(app):
-                hosted = self.hosted.pop(app, None)
-                if hosted is not None:
-                    await hosted.close()
+                await self.hosted.pop(app).close()
                 self._dirty.set()
             case HandOver(app, target, epoch):
-                await self._hand_over(self.hosted[app], target, epoch)
+                await self._hand_over(self.hosted[app], target, epoch, view.owners.get(app))
             case Start(app, epoch):
-                await self._start(self.specs[app], epoch, handover=True)
+                await self._start(view.specs[app], epoch, handover=True)
             case Claim(app, epoch, failover):
-                await self._claim(self.specs[app], epoch, failover=failover)
-            case Shutdown(app):
-                await self.hosted[app].shutdown()
+                await self._claim(view.specs[app], epoch, view.owners.get(app),
+                                  failover=failover)
 
-    async def _claim(self, spec: AppSpec, epoch: int, *, failover: bool) -> None:
+    async def _let_go(self, name: str) -> None:
+        """The app runs here no more: close it, and forget what this device kept of it."""
+        app = self.hosted.pop(name, None)
+        self._gone_from_here(name)
+        if app is not None:
+            await app.close()
+
+    async def _claim(self, spec: AppSpec, epoch: int, known: OwnerRecord | None, *,
+                     failover: bool) -> None:
+        """`known`: the owner record the decision went by (for the invariants)."""
         assert self.control is not None
         record = OwnerRecord(self.id, epoch)
+        self.world.ledger.intend(record, known)
         self.owners[spec.app] = record  # ours until the broker says otherwise
         self.trace(f"claim {spec.app}@{epoch}{' (failover)' if failover else ''}")
         await self.control.publish(self.topic(spec.app, "owner"), record, retain=True)
@@ -365,7 +404,8 @@ class SimNode:
         name = spec.app
         await self._sleep(self.rng.uniform(0.0005, 0.005))  # the module, from the cache
         snap = await self._checkpoint_for(name, spec, epoch if handover else None)
-        if name in self.hosted or self.owners.get(name) != OwnerRecord(self.id, epoch):
+        owner = self.owners.get(name)
+        if name in self.hosted or owner is None or (owner.node, owner.epoch) != (self.id, epoch):
             return  # things moved on while we waited
         app = SimApp(self, spec, epoch, self.world.chunks.get(name, 0))
         self.hosted[name] = app
@@ -399,7 +439,8 @@ class SimNode:
             if waker.is_set():
                 deadline = self.loop.now + SNAPSHOT_WAIT_S  # news came: keep waiting
 
-    async def _hand_over(self, app: SimApp, target: str, epoch: int) -> None:
+    async def _hand_over(self, app: SimApp, target: str, epoch: int,
+                         known: OwnerRecord | None) -> None:
         assert self.control is not None
         name = app.name
         self.trace(f"hand over {name}@{app.epoch} to {target} at {epoch}")
@@ -411,19 +452,16 @@ class SimNode:
             self._dirty.set()
             raise
         record = OwnerRecord(target, epoch)
+        self.world.ledger.intend(record, known)
         await self.control.publish(self.topic(name, "owner"), record, retain=True)
         self.owners[name] = record
-        self.hosted.pop(name, None)
-        self._gone_from_here(name)
-        await app.close()
+        await self._let_go(name)
 
     async def _stop_app(self, name: str) -> None:
-        app = self.hosted.pop(name, None)
-        if app is None:
+        if name not in self.hosted:
             return
         self.trace(f"stop {name}")
-        self._gone_from_here(name)
-        await app.close()
+        await self._let_go(name)
         assert self.control is not None
         for part in ("snapshot", "owner"):
             await self.control.publish(self.topic(name, part), None, retain=True)
@@ -446,13 +484,11 @@ class SimNode:
                 return  # the broker is gone: the node keeps the app's state for the next one
         if self.hosted.get(app.name) is app:
             self.trace(f"fence {app.name}@{app.epoch}: lost its session ({reason})")
-            del self.hosted[app.name]
-            self._gone_from_here(app.name)
-            await app.close()
+            await self._let_go(app.name)
             self._dirty.set()
 
 
-def _brief(actions: list[reconcile.Action]) -> str:
+def _brief(actions: Sequence[reconcile.Action]) -> str:
     return ", ".join(f"{type(a).__name__}({', '.join(str(v) for v in vars_of(a))})"
                      for a in actions)
 

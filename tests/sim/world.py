@@ -140,6 +140,8 @@ class World:
                 loop.call_later(later, lambda: self._boot_when_gone(device))
             case "slow":
                 self.net.slow_until[fault.target] = loop.now + later
+            case "jitter":
+                self.net.jitter_until = loop.now + later
             case "migrate" | "upgrade" if fault.target in self.specs:
                 spec = self.specs[fault.target]
                 if fault.kind == "migrate":
