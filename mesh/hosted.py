@@ -319,7 +319,7 @@ class HostedApp:
                 await self._apply(batch)
                 if self.state == "failed":
                     return
-                if deadline is None:
+                if deadline is None and (self._unacked or self._ticked):
                     deadline = time.monotonic() + period
             changes = len(self._unacked) + self._ticked
             if changes and (changes >= every or self._journal.size >= MAX_JOURNAL_BYTES or

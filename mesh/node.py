@@ -169,7 +169,9 @@ class Node:
         await self._busy.acquire()  # let a reconcile pass in progress finish; none after it
         await asyncio.gather(*self._acting.values(), return_exceptions=True)
         for action in plan_leave(self.view()):
-            hosted = self.hosted[action.app]
+            hosted = self.hosted.get(action.app)
+            if hosted is None:  # the broker was lost meanwhile: its state is kept, suspended
+                continue
             try:
                 if isinstance(action, HandOver):
                     await actions.hand_over(self, hosted, action)
