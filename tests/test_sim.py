@@ -58,6 +58,16 @@ def test_each_mutant_is_caught(name: str) -> None:
     assert result.failing[0] < MUTANT_SEEDS[name] * 3 + 50  # and about as fast as measured
 
 
+def test_without_the_sync_marker_a_joining_node_lowers_an_epoch() -> None:
+    """The bug the sync marker fixed: n2 restarts and joins; its own record's PUBACK overtakes
+    the retained owner records still queued behind the window; it claims a1 at epoch 1 over
+    n1's epoch 2. With the marker, the same seed holds every invariant."""
+    broken = run_seed(20, mutant_name="no-sync")
+    assert any("a1: owner epoch went back from 2 to 1 (n2, from mesh-node-n2)" in v
+               for v in broken.violations), report(broken)
+    assert run_seed(20).ok
+
+
 # --- known bugs: each one's seed fails until it is fixed (strict xfail) -----------------------
 
 

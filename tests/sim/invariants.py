@@ -13,9 +13,9 @@ Checked while the world runs (on what the broker accepts, so on what fencing let
   lands before the takeover does not (the next owner is redelivered the same unacked inputs, in
   the same order), so this is exactly "no two sessions' applied inputs both reach stored state";
 - no app instance ever applies the same input twice (`SimApp` reports it).
-These histories restart when the broker is wiped (an empty broker has none) and when a spec is
-cleared (the app is gone); a checkpoint of another module starts its own history (an upgraded
-app starts afresh by design).
+These hold under every fault kind. Their histories restart when the broker is wiped (`wipe`:
+an empty broker has none) and when a spec is cleared (`stop`: the app is gone); a checkpoint
+of another module starts its own history (`upgrade`: an upgraded app starts afresh by design).
 
 Checked at the end, after the settle period (every fault healed, every node up):
 - convergence: each app with a spec runs on exactly one node, the one `Placement.best` picks
@@ -23,12 +23,17 @@ Checked at the end, after the settle period (every fault healed, every node up):
   their owner record and checkpoint are cleared; every node is joined and its record retained;
 - exactly once: each input the publisher saw acknowledged is in the final state once, except
   inputs the broker routed to no session (MQTT drops those: before an app first started, or
-  after a wipe before it resumed) and, after a broker wipe, inputs that no surviving node held
-  in the newest state of the app at the wipe (the queues went with the broker). Apps upgraded to
-  another module are checked for duplicates only (their state restarts by design);
-- no reset: after a wipe, the final state holds every input of the newest state a surviving
-  node held at the wipe (its running instance, or the checkpoint it had seen) — a broker that
-  lost everything must not make the mesh start an app again from zero or from older state.
+  after a wipe before it resumed) and, only with `wipe`, inputs that no surviving node held in
+  the newest state of the app at the wipe (the queues went with the broker). With `upgrade`,
+  that app is checked for duplicates only (its state restarts by design). Under every other
+  fault (crash, pause, partition, restart, join, leave, migrate, stop, deploy, slow, jitter)
+  nothing acknowledged may be lost or applied twice: that is the Mosquitto guarantee;
+- no reset (only with `wipe`): the final state holds every input of the newest state a
+  surviving node held at the wipe (its running instance, or the checkpoint it had seen): a
+  broker that lost everything must not make the mesh start an app again from zero or from
+  older state. (The fault schedule crashes no node around a wipe, so "surviving" is exact.)
+- stopped apps (`stop`) run nowhere and do not come back; their owner record and checkpoint
+  left on the broker (only the node running an app clears them) are noted, not failed.
 """
 
 from __future__ import annotations
