@@ -29,18 +29,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from mesh import reconcile
 from mesh.errors import BrokerError, MeshError
 from mesh.reconcile import (
-    Claim,
-    Fence,
     HandOver,
     Held,
-    Replace,
     Running,
-    Start,
-    Stop,
     Unplaceable,
     View,
 )
 from mesh.wire import AppSpec, NodeRecord, OwnerRecord
+from tests.sim import actions
 from tests.sim.app import SimApp, SimSnapshot
 from tests.sim.client import Client
 from tests.sim.loop import Event, Future, Lock, Task, first, gather, sleep
@@ -50,7 +46,6 @@ if TYPE_CHECKING:
     from tests.sim.device import Device
 
 RECONCILE_EVERY_S = 10.0
-SNAPSHOT_WAIT_S = 5.0
 REJOIN_GRACE_S = 1.0  # plus 1.5x keepalive
 KEEP_EVERY_S = 5.0
 SYNC_WAIT_S = 30.0
@@ -95,15 +90,15 @@ class SimNode:
         self.synced = False
         self._sync_token = 0
         self._synced = Event()
-        self._dirty = Event()
-        self._waking: dict[str, Event] = {}
+        self.dirty = Event()
+        self.waking: dict[str, Event] = {}
         self._busy = Lock()
         self.claim_after = 0.0
         self._kept_at: dict[str, float] = {}
         self._started_ms = int(self.loop.now * 1000)
         self.control: Client | None = None
         self._tasks: list[Task] = []
-        self._acting: dict[str, Task] = {}  # each app's action under way
+        self.acting: dict[str, Task] = {}  # each app's action under way
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -119,7 +114,7 @@ class SimNode:
         self._tasks.append(task)
         return task
 
-    def _sleep(self, seconds: float) -> Future[None]:
+    def sleep(self, seconds: float) -> Future[None]:
         return sleep(self.loop, self.proc, seconds)
 
     def trace(self, what: str) -> None:
@@ -142,7 +137,7 @@ class SimNode:
         if self.SYNC_MARKER:
             self._sync_token = self.world.token()
             await control.publish(f"{root}/nodes/{self.id}/sync", self._sync_token)
-            await first(self._synced.wait(), control.lost, self._sleep(SYNC_WAIT_S))
+            await first(self._synced.wait(), control.lost, self.sleep(SYNC_WAIT_S))
             if not self.synced:
                 raise BrokerError("the broker did not send the mesh's records in time")
         else:
@@ -174,9 +169,9 @@ class SimNode:
         if control is not None and not control.lost_reason:
             with contextlib.suppress(BrokerError):
                 await control.publish(f"{self.root}/nodes/{self.id}",
-                                      replace(self._record(), leaving=True), retain=True)
+                                      replace(self.record(), leaving=True), retain=True)
         await self._busy.acquire()
-        await gather([task.done for task in self._acting.values()])
+        await gather([task.done for task in self.acting.values()])
         for action in reconcile.plan_leave(self._view()):
             app = self.hosted.get(action.app)
             if app is None:  # mesh/node.py: `self.hosted[action.app]` raises KeyError
@@ -187,7 +182,7 @@ class SimNode:
                 raise LeaveAborted(action.app)
             try:
                 if isinstance(action, HandOver):
-                    await self._hand_over(app, action.target, action.epoch,
+                    await actions.hand_over(self, app, action.target, action.epoch,
                                           self.owners.get(action.app))
                 else:
                     await app.shutdown()
@@ -221,7 +216,7 @@ class SimNode:
         control, held = self.control, carry.held
         plan = reconcile.plan_rebuild(self._view(), held)
         for name in plan.forget:  # the mesh went on without us: ours are stale
-            self._gone_from_here(name)
+            self.gone_from_here(name)
         if held.only_if_empty and self.specs:
             return
         for name, snap in carry.retained.items():  # adopt: restore a lost device's apps
@@ -245,8 +240,8 @@ class SimNode:
                    f"owners {[n for n, _ in plan.owners]}")
 
     async def _wake_after(self, seconds: float) -> None:
-        await self._sleep(seconds)
-        self._dirty.set()
+        await self.sleep(seconds)
+        self.dirty.set()
 
     def keep(self, snap: SimSnapshot) -> None:
         """A checkpoint of an app here was stored: keep it on disk too, now and then."""
@@ -255,7 +250,7 @@ class SimNode:
             self._kept_at[snap.app] = now
             self.device.disk.checkpoints[snap.app] = snap
 
-    def _gone_from_here(self, name: str) -> None:
+    def gone_from_here(self, name: str) -> None:
         self._kept_at.pop(name, None)
         self.device.disk.checkpoints.pop(name, None)
 
@@ -271,7 +266,7 @@ class SimNode:
                 if node_id == self.id and payload == self._sync_token:
                     self.synced = True
                     self._synced.set()
-                    self._dirty.set()
+                    self.dirty.set()
             case ("apps", app, "spec"):
                 self._set(self.specs, app, payload)
                 if isinstance(payload, AppSpec):
@@ -292,31 +287,31 @@ class SimNode:
             table.pop(key, None)
         else:
             table[key] = payload
-        self._dirty.set()
+        self.dirty.set()
         self._wake(key)
 
     def _wake(self, key: str) -> None:
-        waker = self._waking.get(key)
+        waker = self.waking.get(key)
         if waker is not None:
             waker.set()
 
     # --- reconciling ------------------------------------------------------------------------
 
-    def _record(self) -> NodeRecord:
+    def record(self) -> NodeRecord:
         running = tuple(sorted(n for n, a in self.hosted.items() if a.status == "running"))
         return NodeRecord(id=self.id, caps=self.device.caps, labels=self.device.labels,
                           apps=running, broker="sim", load=float(len(running)),
                           started_ms=self._started_ms)
 
     async def _publish_record(self) -> None:
-        record = self._record()
+        record = self.record()
         if self.control and not self.leaving and self.members.get(self.id) != record:
             self.members[self.id] = record
             await self.control.publish(f"{self.root}/nodes/{self.id}", record, retain=True)
 
     def _view(self) -> View:
         members = dict(self.members)
-        members[self.id] = self._record()
+        members[self.id] = self.record()
         hosted = {name: Running(app.epoch, app.spec.module, app.status)
                   for name, app in self.hosted.items()}
         return View(self.id, members, dict(self.specs), dict(self.owners), hosted,
@@ -324,10 +319,10 @@ class SimNode:
 
     async def _reconciler(self) -> None:
         while True:
-            await first(self._dirty.wait(), self._sleep(RECONCILE_EVERY_S))
-            self._dirty.clear()
-            await self._sleep(0.005)  # let a burst of retained messages land first
-            self._dirty.clear()
+            await first(self.dirty.wait(), self.sleep(RECONCILE_EVERY_S))
+            self.dirty.clear()
+            await self.sleep(0.005)  # let a burst of retained messages land first
+            self.dirty.clear()
             await self._busy.acquire()
             try:
                 if not self.leaving:
@@ -346,146 +341,26 @@ class SimNode:
         for action in todo:
             # Each app's action goes on by itself (as in mesh/node.py): a slow one holds up
             # neither this pass nor another app's.
-            if action.app not in self._acting:
-                self._acting[action.app] = self.spawn(self._act(action, view),
+            if action.app not in self.acting:
+                self.acting[action.app] = self.spawn(self._act(action, view),
                                                       type(action).__name__)
         await self._publish_record()
 
     async def _act(self, action: reconcile.Action, view: View) -> None:
         try:
-            await self._execute(action, view)
+            await actions.execute(self, action, view)
         except MeshError:
             pass  # tried again on the next change, or within RECONCILE_EVERY_S
         else:
-            self._dirty.set()  # the node's record, and what it decides next, may change now
+            self.dirty.set()  # the node's record, and what it decides next, may change now
         finally:
-            self._acting.pop(action.app, None)
+            self.acting.pop(action.app, None)
 
-    async def _execute(self, action: reconcile.Action, view: View) -> None:
-        """`mesh.actions.execute`."""
-        match action:
-            case Stop(app):
-                await self._stop_app(app)
-            case Fence(app, owner, epoch):
-                if app in self.hosted:
-                    self.trace(f"fence {app}@{self.hosted[app].epoch}: {owner} owns it at "
-                               f"{epoch}")
-                await self._let_go(app)
-            case Replace(app):
-                await self.hosted.pop(app).close()
-                self._dirty.set()
-            case HandOver(app, target, epoch):
-                await self._hand_over(self.hosted[app], target, epoch, view.owners.get(app))
-            case Start(app, epoch):
-                await self._start(view.specs[app], epoch, handover=True)
-            case Claim(app, epoch, failover):
-                await self._claim(view.specs[app], epoch, view.owners.get(app),
-                                  failover=failover)
-
-    async def _let_go(self, name: str) -> None:
-        """The app runs here no more: close it, and forget what this device kept of it."""
-        app = self.hosted.pop(name, None)
-        self._gone_from_here(name)
-        if app is not None:
-            await app.close()
-
-    async def _claim(self, spec: AppSpec, epoch: int, known: OwnerRecord | None, *,
-                     failover: bool) -> None:
-        """`known`: the owner record the decision went by (for the invariants)."""
-        assert self.control is not None
-        record = OwnerRecord(self.id, epoch)
-        self.world.ledger.intend(record, known)
-        self.owners[spec.app] = record  # ours until the broker says otherwise
-        self.trace(f"claim {spec.app}@{epoch}{' (failover)' if failover else ''}")
-        await self.control.publish(self.topic(spec.app, "owner"), record, retain=True)
-        await self._start(spec, epoch, handover=False)
-
-    async def _start(self, spec: AppSpec, epoch: int, *, handover: bool) -> None:
-        name = spec.app
-        await self._sleep(self.rng.uniform(0.0005, 0.005))  # the module, from the cache
-        snap = await self._checkpoint_for(name, spec, epoch if handover else None)
-        owner = self.owners.get(name)
-        if name in self.hosted or owner is None or (owner.node, owner.epoch) != (self.id, epoch):
-            return  # things moved on while we waited
-        app = SimApp(self, spec, epoch, self.world.chunks.get(name, 0))
-        self.hosted[name] = app
-        try:
-            await app.start(snap)
-        except BrokerError:  # not the app: try again later
-            if self.hosted.get(name) is app:
-                del self.hosted[name]
-            await app.close()
-            return
-        except MeshError:  # stopped while it started
-            await app.close()
-            app.status = "failed"
-            return
-        self.trace(f"start {name}@{epoch} from "
-                   f"{f'{snap.epoch}.{snap.seq} ({len(snap.state)} inputs)' if snap else '-'}")
-
-    async def _checkpoint_for(self, name: str, spec: AppSpec,
-                              epoch: int | None) -> SimSnapshot | None:
-        """The handover checkpoint for `epoch`, else the newest; waits while news comes."""
-        deadline = self.loop.now + SNAPSHOT_WAIT_S
-        waker = self._waking.setdefault(name, Event())
-        while True:
-            snap = self.snapshots.get(name)
-            usable = snap if snap is not None and snap.module == spec.module else None
-            wanted = epoch is not None and (usable is None or usable.epoch < epoch)
-            if not wanted or self.loop.now >= deadline:
-                return usable
-            waker.clear()
-            await first(waker.wait(), self._sleep(deadline - self.loop.now))
-            if waker.is_set():
-                deadline = self.loop.now + SNAPSHOT_WAIT_S  # news came: keep waiting
-
-    async def _hand_over(self, app: SimApp, target: str, epoch: int,
-                         known: OwnerRecord | None) -> None:
-        assert self.control is not None
-        name = app.name
-        self.trace(f"hand over {name}@{app.epoch} to {target} at {epoch}")
-        try:
-            await app.hand_over(epoch)
-        except MeshError:
-            self.hosted.pop(name, None)
-            await app.close()
-            self._dirty.set()
-            raise
-        record = OwnerRecord(target, epoch)
-        self.world.ledger.intend(record, known)
-        await self.control.publish(self.topic(name, "owner"), record, retain=True)
-        self.owners[name] = record
-        await self._let_go(name)
-
-    async def _stop_app(self, name: str) -> None:
-        if name not in self.hosted:
-            return
-        self.trace(f"stop {name}")
-        await self._let_go(name)
-        assert self.control is not None
-        for part in ("snapshot", "owner"):
-            await self.control.publish(self.topic(name, part), None, retain=True)
 
     def app_lost(self, app: SimApp, reason: str) -> None:
         """The app's session ended under us: taken over, or the broker is gone."""
         if self.hosted.get(app.name) is app:
-            self.spawn(self._fence_if_taken(app, reason), f"{app.name}-lost")
-
-    async def _fence_if_taken(self, app: SimApp, reason: str) -> None:
-        control = self.control
-        assert control is not None
-        record = replace(self._record(), leaving=self.leaving)
-        publishing = self.spawn(control.publish(f"{self.root}/nodes/{self.id}", record,
-                                                retain=True), "record")
-        await first(publishing.done, self._sleep(self.device.keepalive))
-        if not publishing.done.done() or publishing.done.exception() is not None:
-            publishing.cancel()
-            if control.lost_reason:
-                return  # the broker is gone: the node keeps the app's state for the next one
-        if self.hosted.get(app.name) is app:
-            self.trace(f"fence {app.name}@{app.epoch}: lost its session ({reason})")
-            await self._let_go(app.name)
-            self._dirty.set()
+            self.spawn(actions.fence_if_taken(self, app, reason), f"{app.name}-lost")
 
 
 def _brief(actions: Sequence[reconcile.Action]) -> str:
