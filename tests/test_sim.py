@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from tests.sim.app import SimApp
-from tests.sim.faults import DEFAULT_KINDS
+from tests.sim.faults import DEFAULT_KINDS, Fault
 from tests.sim.mutants import MUTANTS
 from tests.sim.node import SimNode
-from tests.sim.runner import report, run_seed, sweep
+from tests.sim.runner import report, run_seed, setup_for, sweep
+from tests.sim.world import run
 
 ROOT = Path(__file__).resolve().parent.parent
 CI_SEEDS = int(os.environ.get("SIM_SEEDS", "2000"))
@@ -153,3 +154,18 @@ def test_known_bug_a_claim_restores_a_checkpoint_older_than_the_owner_acked(
     "past it). Default fault kinds, rare"))
 def test_known_bug_an_interrupted_handover_makes_checkpoint_epochs_go_back() -> None:
     _fails(11389, DEFAULT_KINDS, drop=(4, 5))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "rival claims: n2 and n1 both claim a0 at epoch 1 (neither had the other's record); n2's "
+    "claim is delayed in the network (jitter, 265 ms) and lands after n1's handover of a0 to "
+    "n0 at epoch 2, so the owner epoch goes back to 1, n2 runs a0 at 1 from the epoch-2 "
+    "checkpoint and later hands it over at 2 again. "
+    "No compare-and-set on retained messages: the executor could start at the restored "
+    "checkpoint's epoch, or claim again past an epoch it saw while its claim was out. Fault "
+    "kind `jitter` (here from t=0), off in the default sweep"))
+def test_known_bug_a_late_rival_claim_sends_the_owner_epoch_back() -> None:
+    setup = setup_for(2633)
+    setup.faults.insert(0, Fault(0.0, "jitter", "network", 3.0))
+    result = run(setup)
+    assert result.ok, report(result)
