@@ -64,25 +64,36 @@ async def claim(node: Node, spec: wire.AppSpec, epoch: int, *, failover: bool) -
 
 
 async def start(node: Node, spec: wire.AppSpec, epoch: int, *, handover: bool,
-                 failover: bool = False) -> None:
+                failover: bool = False) -> None:
     """Start the app here at `epoch`: from the handover checkpoint, the newest, or fresh."""
     name = spec.app
     began = time.monotonic()
+
+    def moved_on() -> bool:  # things may move on while we wait
+        owner = node.owners.get(name)
+        return owner is None or (owner.node, owner.epoch) != (node.id, epoch)
+
     module = await node.module(spec.module)
-    checkpoint = await checkpoint_for(node, name, spec, epoch if handover else None)
-    snap = checkpoint.snap if checkpoint else None
-    owner = node.owners.get(name)
-    if name in node.hosted or owner is None or (owner.node, owner.epoch) != (node.id, epoch):
-        return  # things moved on while we waited
-    hosted = HostedApp(node.host_ctx, spec, module, epoch)
-    node.hosted[name] = hosted
+    if name in node.hosted or moved_on():
+        return
+    hosted = node.hosted[name] = HostedApp(node.host_ctx, spec, module, epoch)
+    checkpoint = None
     try:
+        if not handover:
+            # A takeover: fence the old owner at the broker first (it can store nothing after
+            # that), then wait for every checkpoint it stored before, and restore the newest.
+            await hosted.take_session()
+            await node.sync()
+        checkpoint = await checkpoint_for(node, name, spec, epoch if handover else None)
+        if moved_on() or node.hosted.get(name) is not hosted:
+            raise BrokerError("it moved on meanwhile")
         if checkpoint:
-            await hosted.start(snap, checkpoint.pieces, checkpoint.matches)
+            await hosted.start(checkpoint.snap, checkpoint.pieces, checkpoint.matches)
         else:
             await hosted.start(None)
     except (BrokerError, SnapshotIncomplete) as exc:  # not the app: try again later
-        node.hosted.pop(name, None)
+        if node.hosted.get(name) is hosted:
+            del node.hosted[name]
         await hosted.close()
         log.warning("%s: could not start: %s", name, exc)
         if checkpoint and isinstance(exc, SnapshotIncomplete):
@@ -91,9 +102,11 @@ async def start(node: Node, spec: wire.AppSpec, epoch: int, *, handover: bool,
         return
     except MeshError as exc:  # the app itself (a trap, a bad checkpoint): it stays failed
         await hosted.close()
-        hosted.state, hosted.failure = "failed", str(exc)
-        node.event("failed", app=name, reason=str(exc))
+        if node.hosted.get(name) is hosted:
+            hosted.state, hosted.failure = "failed", str(exc)
+            node.event("failed", app=name, reason=str(exc))
         return
+    snap = checkpoint.snap if checkpoint else None
     kind: EventKind = "migrated" if handover else "failed-over" if failover else "started"
     node.event(kind, app=name, detail={
         "epoch": epoch, "restored_seq": snap.seq if snap else None,

@@ -183,13 +183,7 @@ class HostedApp:
         if snapshot is not None:
             self._skip = set(snapshot.applied)
             self._seq = snapshot.seq
-        session = Connection(self.ctx.broker, self.ctx.topics.app_session(self.name),
-                             on_message=self._on_input, clean_session=False,
-                             manual_ack=True, keepalive=self.ctx.keepalive)
-        self._session = session  # queued inputs may arrive as soon as it connects
-        await session.connect()
-        await session.subscribe(f"{self._in_prefix}/#", *self.spec.subscriptions,
-                                qos=1)  # in/# matches .../in itself too
+        session = await self.take_session()
         if self._closed:
             raise MeshError(f"app {self.name} was stopped while it started")
         self.state = "running"
@@ -197,6 +191,19 @@ class HostedApp:
                        asyncio.create_task(self._watch(session), name=f"{self.name}-session")]
         if self.spec.tick_ms:
             self._tasks.append(asyncio.create_task(self._ticks(), name=f"{self.name}-ticks"))
+
+    async def take_session(self) -> Connection:
+        """Connect the app's own session, if not yet: the broker disconnects whoever held it
+        (a stale owner can store nothing from then on) and sends its queued inputs, which
+        wait here until `start`."""
+        if self._session is None:
+            self._session = Connection(self.ctx.broker, self.ctx.topics.app_session(self.name),
+                                       on_message=self._on_input, clean_session=False,
+                                       manual_ack=True, keepalive=self.ctx.keepalive)
+            await self._session.connect()
+            await self._session.subscribe(f"{self._in_prefix}/#", *self.spec.subscriptions,
+                                          qos=1)  # in/# matches .../in itself too
+        return self._session
 
     def _new_instance(self) -> App:
         """A new instance of the app under this device's caps (on the worker thread)."""

@@ -85,8 +85,8 @@ class Node:
         self._modules: dict[str, AppModule] = {}
         self.kept = recovery.DiskCopies(self.store, self.spawn)  # apps' checkpoints on disk
         self._said_goodbye: set[str] = set()  # peers whose mDNS goodbye came
-        self._sync = secrets.token_hex(8)  # our marker: every retained record is here once back
-        self._synced = asyncio.Event()
+        self._synced = False  # every retained record the broker held at our join is here
+        self._syncing: dict[bytes, asyncio.Event] = {}  # markers on their way back to us
         self._dirty = asyncio.Event()
         self._unplaceable: set[str] = set()
         self._pruned = 0.0  # when the inbox was last pruned
@@ -133,15 +133,10 @@ class Node:
                                 t.node_sync(self.id))
         await self._publish_record()
         # The broker may still be sending the retained records (a bounded window at a time),
-        # and the ack of our own publish can overtake them. Our marker comes after them on
-        # this session: once it is back, every record the broker held is here, and no claim
-        # can lower an epoch we have not seen yet.
-        await control.publish(t.node_sync(self.id), self._sync.encode())
-        try:
-            await asyncio.wait_for(self._synced.wait(), SYNC_WAIT_S)
-        except TimeoutError:
-            raise BrokerError(f"the broker did not send the mesh's records within "
-                              f"{SYNC_WAIT_S:.0f} s") from None
+        # and the ack of our own publish can overtake them: no claim can lower an epoch we
+        # have not seen yet once our marker is back.
+        await self.sync()
+        self._synced = True
         if self.carried is not None:
             await recovery.rebuild(self, self.carried)
         self.event("joined", detail={"caps": ",".join(self.config.caps)})
@@ -221,13 +216,26 @@ class Node:
                     hosted={name: Running(h.epoch, h.spec.module, h.state)
                             for name, h in self.hosted.items()},
                     now=time.monotonic(), claim_after=self.claim_after,
-                    synced=self._synced.is_set())
+                    synced=self._synced)
 
     def live_members(self) -> dict[str, wire.NodeRecord]:
         members = {node_id: replace(record, leaving=True) if node_id in self._said_goodbye
                    else record for node_id, record in self.members.items()}
         members[self.id] = self.record()
         return members
+
+    async def sync(self) -> None:
+        """Wait until everything the broker sent us before now has arrived: a marker we send
+        ourselves comes back after it, on the same session."""
+        marker = secrets.token_hex(8).encode()
+        back = self._syncing[marker] = asyncio.Event()
+        try:
+            await self.control.publish(self.topics.node_sync(self.id), marker)
+            await asyncio.wait_for(back.wait(), SYNC_WAIT_S)
+        except TimeoutError:
+            raise BrokerError(f"the broker did not answer within {SYNC_WAIT_S:.0f} s") from None
+        finally:
+            del self._syncing[marker]
 
     def peer_gone(self, node_id: str) -> None:
         """A peer said goodbye on the LAN: place nothing more there, as if it were leaving."""
@@ -290,9 +298,8 @@ class Node:
             case ("nodes", node_id, "cmd") if node_id == self.id:
                 commands.receive(self, payload, everyone=False)
             case ("nodes", node_id, "sync") if node_id == self.id:
-                if payload == self._sync.encode():
-                    self._synced.set()
-                    self._dirty.set()
+                if (marker := self._syncing.get(payload)) is not None:
+                    marker.set()
 
     def _set(self, table: dict[str, Any], key: str, payload: bytes, cls: type[Any]) -> None:
         if not payload:
