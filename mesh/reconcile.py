@@ -11,10 +11,9 @@ The rules, for each app with a spec:
 - it runs here, but an owner record names another node at the same or a higher epoch: stop it
   at once (`Fence`);
 - it runs here on another module than the spec's: stop it and start again (`Replace`);
-- it runs here and placement keeps it here, but the owner record names this node at a higher
-  epoch: the mesh handed it a newer incarnation (a handover to this node raced a start here
-  from an older record): stop this one and start again for that epoch, from its handover
-  checkpoint (`Replace`);
+- it runs here, but the owner record names this node at a higher epoch: the mesh handed it a
+  newer incarnation (a handover to this node raced a start here from an older record): stop
+  this one and start again for that epoch, from its handover checkpoint (`Replace`);
 - it runs here, and placement now picks another node: hand it over (`HandOver`) at the epoch
   after both the app's and its owner record's;
 - it does not run here, and its owner record names this node: it was handed to us, or we own
@@ -166,10 +165,10 @@ def decide_app(view: View, spec: AppSpec, target: str | None) -> Action | None:
             return Fence(name, owner.node, owner.epoch)
         if running.module != spec.module:
             return Replace(name)
-        if running.state == "running" and target is not None and target != view.node:
-            return HandOver(name, target, handover_epoch(running, owner))
         if owner is not None and owner.node == view.node and owner.epoch > running.epoch:
             return Replace(name)  # not the incarnation handed here: its state may be older
+        if running.state == "running" and target is not None and target != view.node:
+            return HandOver(name, target, handover_epoch(running, owner))
         return None
     if not view.synced:
         return None  # an owner record may still be on its way: acting now could lower an epoch

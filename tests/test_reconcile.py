@@ -95,10 +95,18 @@ def test_a_new_module_replaces_the_running_instance() -> None:
 
 
 def test_an_app_placed_elsewhere_is_handed_over_past_every_epoch_seen() -> None:
-    hosted = {"app": Running(2, MODULE)}
+    hosted = {"app": Running(5, MODULE)}
     owners = {"app": OwnerRecord("a", 5)}
     assert decide(view(specs=(pinned("app", "b"),), owners=owners, hosted=hosted)) == [
         HandOver("app", "b", 6)]
+
+
+def test_an_instance_older_than_the_owner_record_naming_this_node_is_replaced() -> None:
+    hosted = {"app": Running(2, MODULE)}  # started from an old record; a handover here at 5
+    owners = {"app": OwnerRecord("a", 5)}
+    for pin in ("a", "b"):  # ... wherever placement puts it next
+        assert decide(view(specs=(pinned("app", pin),), owners=owners, hosted=hosted)) == [
+            Replace("app")]
 
 
 def test_a_failed_app_is_not_handed_over() -> None:
