@@ -140,13 +140,12 @@ class Retained:
     def head(self, base: str) -> bytes | None:
         return self._heads.get(base)
 
-    def adopt(self, other: Retained) -> None:
-        """Take `other`'s blobs where this store has none (what a node held, for a broker
-        that lacks it)."""
-        for base, head in other._heads.items():
-            if base not in self._heads:
-                self._heads[base] = head
-                self._chunks[base] = dict(other._chunks.get(base, {}))
+    def copy_from(self, other: Retained, base: str) -> None:
+        """Hold what `other` holds at `base` instead of what this store held there."""
+        self.whole(base, b"")
+        if (head := other._heads.get(base)) is not None:
+            self._heads[base] = head
+        self._chunks[base] = dict(other._chunks.get(base, {}))
 
     def parts(self, base: str) -> Mapping[int, bytes]:
         return self._chunks.get(base, {})

@@ -32,7 +32,7 @@ from mesh.election import BrokerAd
 from mesh.errors import BrokerError
 from mesh.mqtt import BrokerAddress
 from mesh.node import Node, NodeConfig
-from mesh.recovery import Carry
+from mesh.recovery import CARRY_RETRY_S, Carry
 from mesh.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 SEARCH_S = 1.5  # how long a device that boots looks for a broker before it hosts one
 LOOK_EVERY_S = 0.25
 RETRY_S = (1.0, 30.0)  # backoff when a broker cannot be reached
-CARRY_RETRY_S = 2.0  # ... at most, while holding apps' state to give back
 
 
 class Device:
@@ -108,7 +107,7 @@ class Device:
                 else:
                     # A given broker outlives us (others may have taken our apps over
                     # meanwhile): we start again from what it holds, unless it lost it all.
-                    carry = replace(node.carry, only_if_empty=True)
+                    carry = replace(node.carry, only_if_lost=True)
 
     # --- choosing a broker ------------------------------------------------------------------
 

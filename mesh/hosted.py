@@ -233,7 +233,9 @@ class HostedApp:
         app = self._app
         if self.state == "running" and app is not None:
             try:
-                snap = await self._run(lambda: app.snapshot(epoch=self.epoch, seq=self._seq))
+                applied = self._applied()  # if the broker kept them, they come again
+                snap = await self._run(lambda: app.snapshot(epoch=self.epoch, seq=self._seq,
+                                                            applied=applied))
             except MeshError as exc:
                 log.warning("%s: cannot keep its state: %s", self.name, exc)
         await self.close()
@@ -486,8 +488,7 @@ class HostedApp:
         assert app is not None
         assert session is not None
         held, ticked = list(self._unacked), self._ticked
-        # Restored ids not yet redelivered stay skippable for whoever restores this one.
-        applied = tuple(sorted({mid for mid, qos in held if qos} | self._skip))
+        applied = self._applied()
         epoch, seq = self.epoch, self._seq + 1
         pieces: Sequence[Buffer]
         if final:
@@ -505,6 +506,11 @@ class HostedApp:
             self._ack(mid, qos)
         del self._unacked[:len(held)]
         self._ticked -= ticked
+
+    def _applied(self) -> tuple[int, ...]:
+        """The packet ids of inputs applied but not acknowledged (their redeliveries are to be
+        skipped), with restored ones not redelivered yet."""
+        return tuple(sorted({mid for mid, qos in self._unacked if qos} | self._skip))
 
     def _ack(self, mid: int, qos: int) -> None:
         if qos and self._session is not None:

@@ -28,6 +28,7 @@ from mesh.mqtt import BrokerAddress, Connection, Message
 from mesh.reconcile import (
     Action,
     HandOver,
+    Missing,
     Running,
     Unplaceable,
     View,
@@ -80,6 +81,8 @@ class Node:
         self.hosted: dict[str, HostedApp] = {}
         self.stopped: asyncio.Event = asyncio.Event()
         self.leaving = False
+        self.marked = False  # the broker holds the mesh's marker (it did not lose its store)
+        self.missing: dict[str, str] = {}  # apps that should start here but have no checkpoint
         self.claim_after = 0.0  # after a broker change, claims of others' apps wait this long
         self._started_ms = int(time.time() * 1000)
         self._modules: dict[str, AppModule] = {}
@@ -129,7 +132,7 @@ class Node:
         # all here before the owner records that may make this node restore one.
         await control.subscribe(f"{t.root}/apps/+/snapshot/+", f"{t.root}/apps/+/snapshot",
                                 f"{t.root}/nodes/+", f"{t.root}/apps/+/spec",
-                                f"{t.root}/apps/+/owner", t.cmd, t.node_cmd(self.id),
+                                f"{t.root}/apps/+/owner", t.mesh, t.cmd, t.node_cmd(self.id),
                                 t.node_sync(self.id))
         await self._publish_record()
         # The broker may still be sending the retained records (a bounded window at a time),
@@ -137,8 +140,7 @@ class Node:
         # have not seen yet once our marker is back.
         await self.sync()
         self._synced = True
-        if self.carried is not None:
-            await recovery.rebuild(self, self.carried)
+        await recovery.after_join(self, self.carried)
         self.event("joined", detail={"caps": ",".join(self.config.caps)})
         self._tasks = [asyncio.create_task(self._reconciler(), name="reconcile"),
                        asyncio.create_task(self._watch_control(control), name="control")]
@@ -216,7 +218,7 @@ class Node:
                     hosted={name: Running(h.epoch, h.spec.module, h.state)
                             for name, h in self.hosted.items()},
                     now=time.monotonic(), claim_after=self.claim_after,
-                    synced=self._synced)
+                    synced=self._synced, checkpoints=self.inbox.versions())
 
     def live_members(self) -> dict[str, wire.NodeRecord]:
         members = {node_id: replace(record, leaving=True) if node_id in self._said_goodbye
@@ -297,6 +299,8 @@ class Node:
                 commands.receive(self, payload, everyone=True)
             case ("nodes", node_id, "cmd") if node_id == self.id:
                 commands.receive(self, payload, everyone=False)
+            case ("mesh",):
+                self.marked = bool(payload)
             case ("nodes", node_id, "sync") if node_id == self.id:
                 if (marker := self._syncing.get(payload)) is not None:
                     marker.set()
@@ -358,10 +362,15 @@ class Node:
             self.event("unplaceable", app=name,
                        reason=f"no node has all of: {', '.join(unplaceable[name].requires)}")
         self._unplaceable = set(unplaceable)
+        missing, self.missing = self.missing, {a.app: a.reason for a in todo
+                                               if isinstance(a, Missing)}
+        for name in self.missing.keys() - missing.keys():  # an alarm, not a fresh start
+            log.error("%s: %s", name, self.missing[name])
+            self.event("failed", app=name, reason=self.missing[name])
         for action in todo:
             # Each app's action goes on by itself: a slow one (a busy app, a checkpoint still
             # arriving) holds up neither this pass nor another app's failover.
-            if not isinstance(action, Unplaceable) and action.app not in self._acting:
+            if not isinstance(action, Unplaceable | Missing) and action.app not in self._acting:
                 self._acting[action.app] = self.spawn(
                     self._act(action, view), f"{action.app}-{type(action).__name__.lower()}")
         await self._publish_record()
@@ -385,8 +394,9 @@ class Node:
 
     def record(self) -> wire.NodeRecord:
         running = tuple(sorted(n for n, h in self.hosted.items() if h.state == "running"))
-        failed = {n: (h.failure or "failed")[:200] for n, h in sorted(self.hosted.items())
-                  if h.state == "failed"}
+        failed = {n: r[:200] for n, r in sorted({**self.missing, **{
+            n: h.failure or "failed" for n, h in self.hosted.items() if h.state == "failed"}
+            }.items())}
         return wire.NodeRecord(id=self.id, caps=self.config.caps, labels=self.config.labels,
                                apps=running, broker=str(self.config.broker),
                                load=float(len(running)), started_ms=self._started_ms,

@@ -28,14 +28,14 @@ An app that runs here without a spec is stopped for good (`Stop`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from mesh.placement import Placement
 from mesh.wire import AppSpec, NodeRecord, OwnerRecord
 
 AppState = Literal["starting", "running", "stopped", "failed"]
-MAX_EPOCH = (1 << 63) - 1  # epochs and sequence numbers are CBOR unsigned ints below this
+Version = tuple[int, int]  # a checkpoint's (epoch, seq): a later one is higher
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +59,8 @@ class View:
     now: float = 0.0
     claim_after: float = 0.0  # after a lost broker: no claims of others' apps before this
     synced: bool = True  # every retained record the broker held when we subscribed is here
+    # The newest checkpoint of each app this node holds (all its pieces here or not).
+    checkpoints: Mapping[str, Version] = field(default_factory=dict)
 
     def placement(self) -> Placement:
         """Placement over the members that are not leaving."""
@@ -119,6 +121,15 @@ class Claim:
 
 
 @dataclass(frozen=True, slots=True)
+class Missing:
+    """It should start here, but no checkpoint as new as its owner record says it reached is
+    to be had: an alarm (the app is failed, with the reason), never a fresh start."""
+
+    app: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown:
     """Leaving with nowhere to hand it: a last checkpoint, then stop."""
 
@@ -133,7 +144,7 @@ class Unplaceable:
     requires: tuple[str, ...]
 
 
-Action = Stop | Fence | Replace | HandOver | Start | Claim | Shutdown | Unplaceable
+Action = Stop | Fence | Replace | HandOver | Start | Claim | Missing | Shutdown | Unplaceable
 
 
 def handover_epoch(running: Running, owner: OwnerRecord | None) -> int:
@@ -172,13 +183,24 @@ def decide_app(view: View, spec: AppSpec, target: str | None) -> Action | None:
         return None
     if not view.synced:
         return None  # an owner record may still be on its way: acting now could lower an epoch
-    if owner is not None and owner.node == view.node:
+    mine = owner is not None and owner.node == view.node
+    if not mine and not (target == view.node and (owner is None or
+                                                 owner.node not in view.members)):
+        return None
+    if owner is not None and owner.seq > 0:
+        held = view.checkpoints.get(name)
+        if held is None or held[1] < owner.seq:
+            return Missing(name, f"no valid checkpoint: its owner record (node {owner.node}, "
+                                 f"epoch {owner.epoch}) says it reached checkpoint {owner.seq}, "
+                                 f"and the newest here is "
+                                 f"{'none' if held is None else held[1]}; waiting for a node "
+                                 f"that holds it (or `mesh restart {name} --fresh`)")
+    if mine:
+        assert owner is not None
         return Start(name, owner.epoch)
-    if target == view.node and (owner is None or owner.node not in view.members):
-        if owner is not None and view.now < view.claim_after:
-            return None  # its owner may still be on its way back from a lost broker
-        return Claim(name, (owner.epoch if owner else 0) + 1, failover=owner is not None)
-    return None
+    if owner is not None and view.now < view.claim_after:
+        return None  # its owner may still be on its way back from a lost broker
+    return Claim(name, (owner.epoch if owner else 0) + 1, failover=owner is not None)
 
 
 def plan_leave(view: View) -> list[HandOver | Shutdown]:
@@ -205,10 +227,12 @@ class Held:
 
     specs: Mapping[str, AppSpec]
     owners: Mapping[str, OwnerRecord]
-    suspended: Mapping[str, int]  # its own apps' state, kept: app -> the epoch it ran at
-    # Given back only to a broker that holds no app at all (one that lost everything, as an
-    # embedded broker does when it restarts); a broker that has apps is the mesh's memory.
-    only_if_empty: bool = False
+    suspended: Mapping[str, Version]  # its own apps' state, kept
+    copies: Mapping[str, Version] = field(default_factory=dict)  # others' checkpoints it holds
+    # Specs and owner records go back only to a broker that lost its store (it has no mesh
+    # marker): a broker that kept it is the mesh's memory, and what it lacks was removed on
+    # purpose. A node that joins a broker it was given (`--broker`) holds its state this way.
+    only_if_lost: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,26 +242,37 @@ class Rebuild:
     specs: tuple[AppSpec, ...] = ()  # with their modules
     resume: tuple[tuple[str, int], ...] = ()  # own apps: checkpoint + owner record at epoch
     owners: tuple[tuple[str, OwnerRecord], ...] = ()  # others' apps: epochs to go past
-    forget: tuple[str, ...] = ()  # kept copies the mesh went on without
+    copies: tuple[str, ...] = ()  # others' apps: the checkpoint held, newer than the broker's
+    forget: tuple[str, ...] = ()  # own apps' kept state the mesh went on without
     grace: bool = False  # let the other survivors come back before claiming their apps
 
 
-def plan_rebuild(view: View, held: Held) -> Rebuild:
-    """Joined a broker after losing one: what of `held` it lacks, given what it has (`view`)."""
-    if held.only_if_empty and view.specs:
-        return Rebuild(forget=tuple(
-            name for name in sorted(held.suspended)
-            if name not in view.specs or (owner := view.owners.get(name)) is None
-            or owner.node != view.node))
-    specs = tuple(spec for name, spec in sorted(held.specs.items()) if name not in view.specs)
-    resume = []
-    for name, epoch in sorted(held.suspended.items()):
-        owner = view.owners.get(name)
-        if owner is not None and (owner.node != view.node or owner.epoch > epoch):
-            continue  # another node took it over meanwhile
-        if name not in held.specs and name not in view.specs:
-            continue  # stopped meanwhile
-        resume.append((name, epoch + 1))
+def plan_rebuild(view: View, held: Held, *, lost: bool) -> Rebuild:
+    """Joined a broker after losing one (or after a restart): what of `held` to give it, given
+    what it has (`view`) and whether it `lost` its store. The newest state wins: an app's state
+    kept here goes back unless the broker holds a newer checkpoint or the app moved on."""
+    give = lost or not held.only_if_lost
+    specs = tuple(spec for name, spec in sorted(held.specs.items())
+                  if give and name not in view.specs)
+    known = set(view.specs) | {spec.app for spec in specs}
     owners = tuple((name, owner) for name, owner in sorted(held.owners.items())
-                   if name not in view.owners and name not in held.suspended)
-    return Rebuild(specs, tuple(resume), owners, grace=not held.only_if_empty)
+                   if give and name in known and name not in view.owners
+                   and name not in held.suspended)
+    resume, forget = [], []
+    for name, version in sorted(held.suspended.items()):
+        owner = view.owners.get(name)
+        newer = view.checkpoints.get(name)
+        if name not in known:
+            forget.append(name)  # stopped meanwhile
+        elif owner is not None and owner.node != view.node and owner.epoch > version[0]:
+            forget.append(name)  # another node took it over meanwhile
+        elif newer is not None and newer > version:
+            forget.append(name)  # the broker holds a newer state: it goes on from that
+        else:
+            resume.append((name, max(version[0], owner.epoch if owner else 0) + 1))
+    running = {name for name, owner in (*view.owners.items(), *owners)
+               if owner.node in view.members}
+    copies = tuple(name for name, version in sorted(held.copies.items())
+                   if name in known and name not in held.suspended and name not in running
+                   and (view.checkpoints.get(name) or (-1, -1)) < version)
+    return Rebuild(specs, tuple(resume), owners, copies, tuple(forget), grace=give)

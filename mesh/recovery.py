@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
@@ -18,16 +19,17 @@ from typing import TYPE_CHECKING, Any
 
 from mesh import chunks, wire
 from mesh.errors import MeshError
-from mesh.reconcile import Held, plan_rebuild
+from mesh.reconcile import Held, Version, plan_rebuild
 from mesh.store import StateStore
-from mesh.transfer import publish_blob, publish_snapshot
+from mesh.transfer import publish_blob, publish_snapshot, republish
 
 if TYPE_CHECKING:
     from mesh.node import Node
 
 log = logging.getLogger(__name__)
 
-REJOIN_GRACE_S = 1.0  # plus 1.5x keepalive
+REJOIN_GRACE_S = 1.0  # plus 1.5x keepalive, plus CARRY_RETRY_S
+CARRY_RETRY_S = 2.0  # how often, at most, a node holding apps' state tries a lost broker again
 KEEP_EVERY_S = 5.0  # how often an app's newest checkpoint is also written to this device's disk
 
 
@@ -38,11 +40,10 @@ class Carry:
     members: set[str]
     specs: dict[str, wire.AppSpec]
     owners: dict[str, wire.OwnerRecord]
-    retained: chunks.Retained
-    suspended: dict[str, wire.Snapshot] = field(default_factory=dict)
-    # Given back only to a broker that holds no app at all (one that lost everything, as an
-    # embedded broker does when it restarts); a broker that has apps is the mesh's memory.
-    only_if_empty: bool = False
+    retained: chunks.Retained  # the checkpoints of every app, as this node last had them
+    copies: dict[str, Version] = field(default_factory=dict)  # ... and how new they are
+    suspended: dict[str, wire.Snapshot] = field(default_factory=dict)  # its own apps' state
+    only_if_lost: bool = False  # see `mesh.reconcile.Held`
 
     @classmethod
     def from_disk(cls, store: StateStore, node_id: str) -> Carry:
@@ -50,12 +51,13 @@ class Carry:
         kept = store.checkpoints()
         return cls(set(), store.specs(), {app: wire.OwnerRecord(node_id, snap.epoch, snap.seq)
                                           for app, snap in kept.items()},
-                   chunks.Retained(), kept, only_if_empty=True)
+                   chunks.Retained(), suspended=kept, only_if_lost=True)
 
     def held(self) -> Held:
         return Held(self.specs, self.owners,
-                    {name: snap.epoch for name, snap in self.suspended.items()},
-                    self.only_if_empty)
+                    {name: snap.version for name, snap in self.suspended.items()},
+                    {name: v for name, v in self.copies.items() if name not in self.suspended},
+                    self.only_if_lost)
 
 
 class DiskCopies:
@@ -100,18 +102,28 @@ async def suspend(node: Node) -> Carry:
             await hosted.close()
     node.hosted.clear()
     return Carry(set(node.members) - {node.id}, dict(node.specs), dict(node.owners),
-                 node.inbox.retained, suspended)
+                 node.inbox.retained, node.inbox.versions(), suspended)
 
 
-async def rebuild(node: Node, carry: Carry) -> None:
-    """Joined after losing a broker: give this one back what it lacks of what we held."""
-    plan = plan_rebuild(node.view(), carry.held())
+async def after_join(node: Node, carry: Carry | None) -> None:
+    """Just joined, with every retained record here: a broker without the mesh's marker lost
+    its store (or never had one). Give it what it lacks of `carry`, and mark it."""
+    lost = not node.marked
+    if carry is not None:
+        await rebuild(node, carry, lost=lost)
+    if lost:
+        marker = wire.MeshRecord(secrets.token_hex(8), int(time.time() * 1000))
+        await node.control.publish(node.topics.mesh, wire.encode(marker), retain=True)
+
+
+async def rebuild(node: Node, carry: Carry, *, lost: bool) -> None:
+    """Joined after losing a broker: give this one back what it lacks of what we held (`lost`:
+    it lost its store), and keep the newer of its checkpoints and ours."""
+    plan = plan_rebuild(node.view(), carry.held(), lost=lost)
     for name in plan.forget:  # the mesh went on without us: ours are stale
         node.kept.forget(name)
-    if carry.only_if_empty and node.specs:
-        return
+    node.inbox.adopt(carry.retained, carry.copies)
     control, topics = node.control, node.topics
-    node.inbox.retained.adopt(carry.retained)
     for spec in plan.specs:
         await control.publish(topics.app(spec.app, "spec"), wire.encode(spec), retain=True)
         wasm = await asyncio.to_thread(node.store.module, spec.module)
@@ -119,20 +131,27 @@ async def rebuild(node: Node, carry: Carry) -> None:
             await publish_blob(control, topics.module(spec.module), wasm)
     for name, epoch in plan.resume:  # ours: they go on from where they were
         kept = carry.suspended[name]
-        snap = replace(kept, epoch=epoch, seq=kept.seq + 1, applied=())
+        # Its `applied` stay: inputs applied but not acked come again (DUP) if the broker kept
+        # them, and are skipped.
+        snap = replace(kept, epoch=epoch, seq=kept.seq + 1)
         await publish_snapshot(control, topics.app(name, "snapshot"), snap, [snap.memory.data])
         record = node.owners[name] = wire.OwnerRecord(node.id, epoch, snap.seq)
         await control.publish(topics.app(name, "owner"), wire.encode(record), retain=True)
     for name, owner in plan.owners:  # the epochs a takeover must go past
         node.owners[name] = owner
         await control.publish(topics.app(name, "owner"), wire.encode(owner), retain=True)
+    for name in plan.copies:  # the newest checkpoint we hold of an app no one runs now
+        await republish(control, carry.retained, topics.app(name, "snapshot"))
     if plan.grace:
         # The other survivors come back too, each with its own apps: give them a moment
         # before taking over an app whose owner has not come back yet. (Each notices
-        # the loss on its own keepalive: a silent broker, within 1.5 K.)
-        grace = REJOIN_GRACE_S + 1.5 * node.config.keepalive
+        # the loss on its own keepalive: a silent broker, within 1.5 K; a node given its
+        # broker tries again at least every CARRY_RETRY_S.)
+        grace = REJOIN_GRACE_S + 1.5 * node.config.keepalive + CARRY_RETRY_S
         node.claim_after = time.monotonic() + grace
         node.wake_after(grace)
-    if plan.specs or plan.resume:
-        log.info("node %s gave the broker back %d app specs and the state of its own apps %s",
-                 node.id, len(plan.specs), ", ".join(name for name, _ in plan.resume) or "(none)")
+    if plan.specs or plan.resume or plan.copies:
+        log.info("node %s gave the broker back %d app specs, the state of its own apps %s and "
+                 "the checkpoints of %s", node.id, len(plan.specs),
+                 ", ".join(name for name, _ in plan.resume) or "(none)",
+                 ", ".join(plan.copies) or "(none)")

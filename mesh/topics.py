@@ -9,6 +9,11 @@ from dataclasses import dataclass
 class Topics:
     root: str = "mesh"
 
+    @property
+    def mesh(self) -> str:
+        """The mesh's marker: a broker without it has lost its store."""
+        return f"{self.root}/mesh"
+
     def node(self, node: str) -> str:
         return f"{self.root}/nodes/{node}"
 

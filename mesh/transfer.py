@@ -99,6 +99,22 @@ async def _publish_parts(conn: Connection, topic: str, parts: Iterable[bytes],
         await asyncio.gather(*sending, return_exceptions=True)
 
 
+async def republish(conn: Connection, held: chunks.Retained, topic: str) -> None:
+    """Publish the checkpoint `held` has at `topic` again (retained): its chunks, then its
+    header. Nothing if its chunks are not all there."""
+    head = held.head(topic)
+    if head is None:
+        return
+    external = wire.decode(wire.Snapshot, head).memory.external
+    if external is not None:
+        parts = held.parts(topic)
+        wanted = range(external.first, external.first + external.count)
+        if any(index not in parts for index in wanted):
+            return
+        await _publish_parts(conn, topic, (parts[index] for index in wanted), external.first)
+    await conn.publish(topic, head, retain=True)
+
+
 # --- receiving ---------------------------------------------------------------------------------
 
 
@@ -148,6 +164,21 @@ class Inbox:
     def version(self, app: str) -> tuple[int, int] | None:
         """(epoch, seq) of the newest checkpoint of `app` this node has seen, if any."""
         return self._versions.get(app)
+
+    def versions(self) -> dict[str, tuple[int, int]]:
+        return dict(self._versions)
+
+    def adopt(self, held: chunks.Retained, versions: Mapping[str, tuple[int, int]]) -> None:
+        """Take the checkpoints in `held` (what this node had before it lost a broker) that are
+        newer than the ones here."""
+        for app, version in versions.items():
+            mine = self._versions.get(app)
+            if mine is None or mine < version:
+                topic = self.topics.app(app, "snapshot")
+                self.retained.copy_from(held, topic)
+                self._versions[app] = version
+                self._decoded.pop(app, None)
+                self._touched[app] = time.monotonic()
 
     def _check_head(self, app: str, payload: bytes) -> None:
         """Only a valid checkpoint of `app`, no older than the one held, replaces that one (an

@@ -289,6 +289,17 @@ EventKind = Literal["joined", "left", "peer-left", "deployed", "unplaceable", "s
 
 
 @dataclass(frozen=True, slots=True)
+class MeshRecord:
+    """Retained at `<root>/mesh` by the first node of a mesh: a broker without it has lost its
+    store (or never had one), and nodes give it back what they hold."""
+
+    KIND: ClassVar[str] = "mesh"
+    MAX_BYTES: ClassVar[int] = 4096
+    id: str
+    created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     """An input (or tick) the app could not take, retained at `<root>/apps/<app>/dead/<n>`."""
 
@@ -321,10 +332,10 @@ class Event:
 
 
 WireObject = (NodeRecord | AppSpec | OwnerRecord | Snapshot | Manifest | Command | Reply | Event
-              | DeadLetter)
+              | DeadLetter | MeshRecord)
 _TOP_LEVEL: dict[str, type[Any]] = {
     cls.KIND: cls for cls in (NodeRecord, AppSpec, OwnerRecord, Snapshot, Manifest, Command,
-                              Reply, Event, DeadLetter)
+                              Reply, Event, DeadLetter, MeshRecord)
 }
 
 

@@ -11,6 +11,7 @@ from mesh.reconcile import (
     Fence,
     HandOver,
     Held,
+    Missing,
     Rebuild,
     Replace,
     Running,
@@ -152,35 +153,69 @@ def test_leaving_hands_each_running_app_to_the_next_node_and_shuts_down_the_rest
     assert plan_leave(v) == [Shutdown("broken"), Shutdown("lonely"), HandOver("one", "b", 5)]
 
 
-def test_a_rebuild_gives_back_what_the_broker_lacks() -> None:
+def test_a_rebuild_gives_a_broker_that_lost_its_store_what_it_lacks() -> None:
     held = Held(specs={"mine": spec("mine"), "theirs": spec("theirs"), "known": spec("known")},
                 owners={"mine": OwnerRecord("a", 3), "theirs": OwnerRecord("c", 6),
                         "known": OwnerRecord("c", 1)},
-                suspended={"mine": 3})
-    broker = view(specs=(spec("known"),), owners={"known": OwnerRecord("c", 2)})
-    assert plan_rebuild(broker, held) == Rebuild(
+                suspended={"mine": (3, 10)}, copies={"theirs": (6, 4), "known": (2, 9)})
+    broker = view(specs=(spec("known"),), owners={"known": OwnerRecord("c", 2)},
+                  checkpoints={"known": (2, 9)})
+    assert plan_rebuild(broker, held, lost=True) == Rebuild(
         specs=(spec("mine"), spec("theirs")), resume=(("mine", 4),),
-        owners=(("theirs", OwnerRecord("c", 6)),), grace=True)
+        owners=(("theirs", OwnerRecord("c", 6)),), copies=("theirs",), grace=True)
 
 
-def test_a_rebuild_does_not_resume_an_app_taken_over_meanwhile() -> None:
+def test_a_checkpoint_held_goes_back_only_where_it_is_newer_and_no_member_runs_the_app() -> None:
+    held = Held(specs={}, owners={}, suspended={},
+                copies={"older": (2, 5), "newer": (2, 9), "running": (2, 9), "gone": (2, 9)})
+    broker = view(nodes=("a", "b"), specs=tuple(spec(n) for n in ("older", "newer", "running")),
+                  owners={"running": OwnerRecord("b", 2), "newer": OwnerRecord("c", 2)},
+                  checkpoints={"older": (2, 7), "newer": (2, 8), "running": (2, 8)})
+    assert plan_rebuild(broker, held, lost=False).copies == ("newer",)
+
+
+def test_a_rebuild_resumes_own_state_only_where_it_is_the_newest() -> None:
     held = Held(specs={"mine": spec("mine")}, owners={"mine": OwnerRecord("a", 3)},
-                suspended={"mine": 3})
-    for owner in (OwnerRecord("b", 4), OwnerRecord("a", 4)):
-        broker = view(specs=(spec("mine"),), owners={"mine": owner})
-        assert plan_rebuild(broker, held).resume == ()
+                suspended={"mine": (3, 10)}, only_if_lost=True)
+    cases = [  # (owner record, broker's checkpoint) -> resumed at
+        (OwnerRecord("a", 3), (3, 7), 4),  # an older autosave: ours goes on
+        (OwnerRecord("a", 3), (3, 10), 4),  # the same: ours holds inputs not yet acked too
+        (OwnerRecord("a", 3), None, 4),  # the checkpoint is lost: ours goes on
+        (OwnerRecord("a", 3), (3, 11), None),  # the broker's is newer: it goes on from that
+        (OwnerRecord("b", 4), (3, 7), None),  # taken over meanwhile
+        (OwnerRecord("a", 5), (5, 12), None),  # handed back here meanwhile
+        (OwnerRecord("b", 2), (2, 3), 4),  # a stale record: ours is newer
+    ]
+    for owner, checkpoint, epoch in cases:
+        broker = view(specs=(spec("mine"),), owners={"mine": owner},
+                      checkpoints={"mine": checkpoint} if checkpoint else {})
+        plan = plan_rebuild(broker, held, lost=False)
+        assert plan.resume == ((("mine", epoch),) if epoch else ()), (owner, checkpoint)
+        assert plan.forget == (() if epoch else ("mine",))
 
 
-def test_disk_copies_go_only_to_an_empty_broker_and_are_forgotten_when_stale() -> None:
-    held = Held(specs={"mine": spec("mine"), "moved": spec("moved")},
-                owners={"mine": OwnerRecord("a", 3), "moved": OwnerRecord("a", 3)},
-                suspended={"mine": 3, "moved": 3}, only_if_empty=True)
-    broker = view(specs=(spec("mine"), spec("moved")),
-                  owners={"mine": OwnerRecord("a", 3), "moved": OwnerRecord("b", 4)})
-    assert plan_rebuild(broker, held) == Rebuild(forget=("moved",))
-    empty = plan_rebuild(view(), held)
-    assert empty.resume == (("mine", 4), ("moved", 4))
-    assert not empty.grace
+def test_a_broker_emptied_on_purpose_gets_nothing_back() -> None:
+    held = Held(specs={"stopped": spec("stopped")}, owners={"stopped": OwnerRecord("a", 3)},
+                suspended={"stopped": (3, 4)}, only_if_lost=True)
+    assert plan_rebuild(view(), held, lost=False) == Rebuild(forget=("stopped",))
+    wiped = plan_rebuild(view(), held, lost=True)
+    assert wiped.specs == (spec("stopped"),)
+    assert wiped.resume == (("stopped", 4),)
+    assert wiped.grace
+
+
+def test_no_checkpoint_as_new_as_the_owner_record_says_is_an_alarm_not_a_fresh_start() -> None:
+    owners = {"app": OwnerRecord("gone", 4, seq=12)}
+    for checkpoints in ({}, {"app": (4, 11)}):
+        actions = decide(view(specs=(pinned("app", "a"),), owners=owners,
+                              checkpoints=checkpoints))
+        assert len(actions) == 1
+        assert isinstance(actions[0], Missing)
+        assert "checkpoint 12" in actions[0].reason
+    assert decide(view(specs=(pinned("app", "a"),), owners=owners,
+                       checkpoints={"app": (4, 12)})) == [Claim("app", 5, failover=True)]
+    mine = {"app": OwnerRecord("a", 4, seq=12)}
+    assert isinstance(decide(view(specs=(pinned("app", "a"),), owners=mine))[0], Missing)
 
 
 # --- properties over many views -----------------------------------------------------------

@@ -1,4 +1,4 @@
-"""What a device keeps on disk, and what a node gives back to a broker: pure, no broker."""
+"""What a device keeps on disk, and what a node takes back after a lost broker: no broker."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from pathlib import Path
 
 from mesh import chunks, wire
 from mesh.store import StateStore
+from mesh.topics import Topics
+from mesh.transfer import Inbox
 
 SHA = "ab" * 32
 
@@ -37,14 +39,17 @@ def test_damaged_or_misplaced_files_are_skipped(tmp_path: Path) -> None:
     assert {app: snap.seq for app, snap in store.checkpoints().items()} == {"counter": 1}
 
 
-def test_a_node_adopts_only_the_blobs_a_broker_lacks() -> None:
-    held, fresh = chunks.Retained(), chunks.Retained()
-    held.whole("a", b"old head a")
-    held.chunk("a", "0", b"old chunk")
-    held.whole("b", b"head b")
-    held.chunk("b", "2", b"chunk b")
-    fresh.whole("a", b"new head a")
-    fresh.adopt(held)
-    assert fresh.head("a") == b"new head a"
-    assert fresh.parts("a") == {}
-    assert (fresh.head("b"), dict(fresh.parts("b"))) == (b"head b", {2: b"chunk b"})
+def test_a_node_takes_the_checkpoints_it_held_only_where_they_are_newer() -> None:
+    inbox = Inbox(Topics())
+    inbox.snapshot("a", None, wire.encode(snapshot("a", 5)))  # the broker's is newer
+    inbox.snapshot("b", None, wire.encode(snapshot("b", 1)))  # the broker's is older
+    held = chunks.Retained()
+    for app, seq in (("a", 3), ("b", 4), ("c", 2)):
+        held.whole(f"mesh/apps/{app}/snapshot", wire.encode(snapshot(app, seq)))
+    held.chunk("mesh/apps/b/snapshot", "2", b"chunk")
+    inbox.adopt(held, {"a": (2, 3), "b": (2, 4), "c": (2, 2)})
+    assert {app: inbox.version(app) for app in "abc"} == {"a": (2, 5), "b": (2, 4), "c": (2, 2)}
+    assert inbox.retained.parts("mesh/apps/b/snapshot") == {2: b"chunk"}
+    checkpoint = inbox.checkpoint("b")
+    assert checkpoint is not None
+    assert checkpoint.snap.seq == 4
