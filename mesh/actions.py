@@ -84,7 +84,11 @@ async def start(node: Node, spec: wire.AppSpec, epoch: int, *, handover: bool,
             # that), then wait for every checkpoint it stored before, and restore the newest.
             await hosted.take_session()
             await node.sync()
-        checkpoint = await checkpoint_for(node, name, spec, epoch if handover else None)
+        # A handover's owner record names the checkpoint it stored (seq); one that names none
+        # (a start over) has none to wait for.
+        owner = node.owners.get(name)
+        handed = handover and owner is not None and owner.seq > 0
+        checkpoint = await checkpoint_for(node, name, spec, epoch if handed else None)
         if moved_on() or node.hosted.get(name) is not hosted:
             raise BrokerError("it moved on meanwhile")
         if checkpoint:

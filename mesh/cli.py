@@ -233,6 +233,8 @@ def _add_clients(sub: Subparsers) -> None:
     restart = sub.add_parser("restart", help="start a failed app again from its newest "
                              "checkpoint")
     restart.add_argument("app")
+    restart.add_argument("--fresh", action="store_true",
+                         help="start it over from its first start, dropping its state")
     migrate = sub.add_parser("migrate", help="move a running app, with its state, to a node")
     migrate.add_argument("app")
     migrate.add_argument("node")

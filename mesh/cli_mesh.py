@@ -140,7 +140,8 @@ async def _client(args: argparse.Namespace) -> int:
                   "nodes": "nodes"}
             result = await mesh.request(wire.Command(op=op[args.command],
                                                      app=getattr(args, "app", None),
-                                                     to=getattr(args, "node", None)))
+                                                     to=getattr(args, "node", None),
+                                                     fresh=getattr(args, "fresh", False)))
     print(json.dumps(result) if args.json or not isinstance(result, list)
           else _table(result))
     return 0

@@ -79,10 +79,13 @@ async def _perform(node: Node, command: wire.Command) -> Any:
         case "restart":
             name = _known_app(node, command)
             owner = node.owners.get(name)
+            if command.fresh:
+                return await _start_over(node, name)
             if owner is not None and owner.node == node.id:
                 return await restart(node, name)
             if owner is None or owner.node not in node.live_members():
-                raise MeshError(f"app {name!r} has no owner in the mesh to restart it")
+                raise MeshError(f"app {name!r} has no owner in the mesh to restart it from its "
+                                "newest checkpoint; `mesh restart --fresh` starts it over")
             # Its owner restarts it; the reply is ours.
             await control.publish(topics.node_cmd(owner.node),
                                   wire.encode(replace(command, id=None)))
@@ -105,6 +108,21 @@ async def restart(node: Node, name: str) -> dict[str, Any]:
     node.event("restarted", app=name, reason=hosted.failure)
     node.changed()
     return {"app": name, "node": node.id, "state": "restarting"}
+
+
+async def _start_over(node: Node, name: str) -> dict[str, Any]:
+    """The operator's way to start an app over: its checkpoint dropped, then ownership taken
+    here at the next epoch with no checkpoint to go on from (the owner, if any, is fenced)."""
+    owner = node.owners.get(name)
+    topics = node.topics
+    for topic in (*node.inbox.snapshot_parts(name), topics.app(name, "snapshot")):
+        await node.control.publish(topic, b"", retain=True)
+    record = wire.OwnerRecord(node.id, (owner.epoch if owner else 0) + 1)
+    node.owners[name] = record
+    await node.control.publish(topics.app(name, "owner"), wire.encode(record), retain=True)
+    node.event("restarted", app=name, reason="started over (--fresh): its state dropped")
+    node.changed()
+    return {"app": name, "node": node.id, "state": "restarting", "fresh": True}
 
 
 def _known_app(node: Node, command: wire.Command) -> str:
@@ -147,8 +165,8 @@ def app_table(node: Node) -> list[dict[str, Any]]:
             hosted = node.hosted[name]
             state = "failed" if hosted.state == "failed" else "running"
             reason = hosted.failure
-        elif host is not None and name in host.failed:
-            state, reason = "failed", host.failed[name]
+        elif failed := [m.failed[name] for m in members.values() if name in m.failed]:
+            state, reason = "failed", failed[0]  # where it failed, or could not start
         elif host is not None and name in host.apps:
             state = "running"
         else:

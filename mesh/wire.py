@@ -251,6 +251,7 @@ class Command:
     spec: AppSpec | None = None
     payload: bytes | None = None
     topic: str | None = None
+    fresh: bool = False  # restart: from the app's first start, its state dropped
 
     def __post_init__(self) -> None:
         if self.op not in OPS:

@@ -176,18 +176,30 @@ class Observer:
     output_times: dict[str, list[float]] = field(default_factory=dict)
     replies: dict[str, bytes] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _subscribed: threading.Event = field(default_factory=threading.Event)
 
     def __enter__(self) -> Observer:
         host, port = self.broker.removeprefix("mqtt://").split(":")
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"observer-{port}")
         self.client.on_message = self._on_message
+        self.client.on_connect = self._subscribe  # again after a broker restart, too
+        self.client.on_disconnect = self._forget
+        self.client.reconnect_delay_set(1, 1)
         self.client.connect(host, int(port))
-        r = self.root
-        self.client.subscribe([(f"{r}/nodes/+", 1), (f"{r}/apps/+/owner", 1),
-                               (f"{r}/events", 1), (f"{r}/apps/+/out/#", 1),
-                               (f"{r}/replies/+", 1)])
         self.client.loop_start()
+        wait_until(self._subscribed.is_set, 10, "the observer to subscribe")
         return self
+
+    def _forget(self, *_: Any) -> None:
+        with self._lock:  # what the broker holds comes again (a restarted one may hold less)
+            self.nodes.clear()
+            self.owners.clear()
+
+    def _subscribe(self, client: paho.Client, *_: Any) -> None:
+        r = self.root
+        client.subscribe([(f"{r}/nodes/+", 1), (f"{r}/apps/+/owner", 1), (f"{r}/events", 1),
+                          (f"{r}/apps/+/out/#", 1), (f"{r}/replies/+", 1)])
+        self._subscribed.set()
 
     def __exit__(self, *exc: object) -> None:
         self.client.loop_stop()

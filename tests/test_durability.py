@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,9 @@ from tests.harness import (
     Cluster,
     Observer,
     assert_exactly_once,
+    count_of,
     counter_hash,
+    free_port,
     mesh_cli,
     mosquitto,
     stream,
@@ -271,3 +276,133 @@ def test_an_owner_record_at_an_epoch_nothing_can_follow_is_refused(
         obs.publish("mesh/apps/counter/in", b"c")
         assert wait_count(obs, "counter", 3) == \
             f"3 {counter_hash([b'a', b'b', b'c'])}".encode()
+
+
+# --- the broker lost: kill -9, and back empty or from an older autosave ---------------------
+
+PERSISTENT = """\
+listener {port} 127.0.0.1
+allow_anonymous true
+user root
+persistence true
+persistence_location {dir}/
+autosave_interval {autosave}
+max_inflight_messages 100
+max_queued_messages 100000
+"""
+
+
+class Broker:
+    """Mosquitto with persistence, on one port, that a test kills and starts again."""
+
+    def __init__(self, workdir: Path, autosave: int) -> None:
+        self.port = free_port()
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.dir = workdir / "broker"
+        self.dir.mkdir()
+        self.conf = workdir / "persistent.conf"
+        self.conf.write_text(PERSISTENT.format(port=self.port, dir=self.dir, autosave=autosave))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def store(self) -> Path:
+        return self.dir / "mosquitto.db"
+
+    def start(self) -> None:
+        with (self.dir / "mosquitto.log").open("ab") as log:
+            self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=log,
+                                         stderr=log)
+        wait_until(lambda: accepts(self.port), 20, "mosquitto to listen")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def accepts(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        return True
+    return False
+
+
+def fold(output: bytes, payload: bytes) -> bytes:
+    """The counter's output after one more input `payload`, from its output `output`."""
+    count, value = (int(part) for part in output.split())
+    for byte in payload:
+        value = (value * 33 + byte) & ((1 << 64) - 1)
+    return f"{count + 1} {value}".encode()
+
+
+@pytest.mark.parametrize("store", ["lost", "older"])
+def test_a_broker_killed_and_back_empty_or_older_loses_nothing_a_node_held(
+        store: str, tmp_path: Path, cluster: Cluster) -> None:
+    """kill -9 of Mosquitto, back with an empty store (killed before its first autosave) or
+    with an older one (an autosave before the last inputs): the owner, held up until the other
+    node has given the broker back what it held, goes on from the state it had."""
+    require_tool("mosquitto")
+    broker = Broker(tmp_path, autosave=3600 if store == "lost" else 2)
+    broker.start()
+    try:
+        with Observer(broker.url) as obs:
+            for node in ("alpha", "beta"):
+                cluster.start(node, broker.url)
+            wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "nodes to join")
+            result = mesh_cli("deploy", "counter", str(COUNTER_WAT), "--on", "alpha",
+                              broker=broker.url)
+            assert result.returncode == 0, result.stderr
+            wait_until(lambda: obs.running("counter") == "alpha", 20, "counter on alpha")
+            for i in range(30):
+                obs.publish("mesh/apps/counter/in", f"first-{i}".encode())
+            wait_count(obs, "counter", 30)
+            if store == "older":
+                saved = broker.store.stat().st_mtime if broker.store.exists() else 0.0
+                wait_until(lambda: broker.store.exists() and broker.store.stat().st_mtime
+                           > saved, 10, "an autosave")
+                for i in range(30):
+                    obs.publish("mesh/apps/counter/in", f"second-{i}".encode())
+                wait_count(obs, "counter", 60)
+            held = obs.last_output("counter")
+            assert held is not None
+            broker.kill()
+            wait_until(lambda: "lost the broker" in cluster["alpha"].log(), 10, "alpha to notice")
+            cluster["alpha"].signal(signal.SIGSTOP)  # beta gives the new broker back first
+            try:
+                broker.start()
+                wait_until(lambda: "beta" in obs.nodes, 20, "beta back")
+            finally:
+                cluster["alpha"].signal(signal.SIGCONT)
+            wait_until(lambda: obs.running("counter") == "alpha", 30, "counter back on alpha")
+            obs.publish("mesh/apps/counter/in", b"after")
+            assert wait_count(obs, "counter", count_of(held) + 1) == fold(held, b"after")
+    finally:
+        broker.stop()
+
+
+def test_restart_fresh_is_the_operators_way_to_start_an_app_over(
+        broker: str, cluster: Cluster) -> None:
+    with Observer(broker) as obs:
+        for node in ("alpha", "beta"):
+            cluster.start(node, broker)
+        wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "nodes to join")
+        result = mesh_cli("deploy", "counter", str(COUNTER_WAT), "--on", "beta", broker=broker)
+        assert result.returncode == 0, result.stderr
+        wait_until(lambda: obs.running("counter") == "beta", 20, "counter on beta")
+        for payload in (b"a", b"b"):
+            obs.publish("mesh/apps/counter/in", payload)
+        wait_count(obs, "counter", 2)
+        wait_until(lambda: wire.decode(wire.Snapshot, retained(
+            broker, "mesh/apps/counter/snapshot")).host.delivered == 2, 10, "a checkpoint")
+        result = mesh_cli("restart", "counter", "--fresh", broker=broker)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["fresh"] is True
+        wait_until(lambda: obs.has_event("migrated", app="counter", node="beta"), 20,
+                   "counter started over, and back on beta")
+        obs.publish("mesh/apps/counter/in", b"x")
+        wait_until(lambda: obs.last_output("counter") == f"1 {counter_hash([b'x'])}".encode(),
+                   20, "a count from the start")
