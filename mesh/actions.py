@@ -17,7 +17,19 @@ from typing import TYPE_CHECKING
 from mesh import wire
 from mesh.errors import BrokerError, MeshError, SnapshotIncomplete, WireError
 from mesh.hosted import MAX_DEAD, HostedApp
-from mesh.reconcile import Action, Claim, Fence, HandOver, Replace, Start, Stop, View
+from mesh.reconcile import (
+    Action,
+    Claim,
+    Fence,
+    HandOver,
+    Missing,
+    Replace,
+    Start,
+    Stop,
+    Unplaceable,
+    View,
+)
+from mesh.runtime import AppModule
 from mesh.transfer import Checkpoint
 from mesh.wire import EventKind
 
@@ -27,6 +39,34 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SNAPSHOT_WAIT_S = 5.0
+MODULE_WAIT_S = 30.0
+
+def report(node: Node, todo: list[Action]) -> None:
+    """Tell what a pass found but cannot act on, once per app when it starts to be so: apps
+    no member can run, and apps that cannot start for want of a checkpoint (an alarm)."""
+    unplaceable = {a.app: a for a in todo if isinstance(a, Unplaceable)}
+    for name in unplaceable.keys() - node.unplaceable:
+        node.event("unplaceable", app=name,
+                   reason=f"no node has all of: {', '.join(unplaceable[name].requires)}")
+    node.unplaceable = set(unplaceable)
+    missing, node.missing = node.missing, {a.app: a.reason for a in todo
+                                           if isinstance(a, Missing)}
+    for name in node.missing.keys() - missing.keys():
+        log.error("%s: %s", name, node.missing[name])
+        node.event("failed", app=name, reason=node.missing[name])
+
+
+async def module(node: Node, sha256: str, wait: float = MODULE_WAIT_S) -> AppModule:
+    """The module with this hash: from memory, the disk, or the broker's store."""
+    if sha256 in node.modules:
+        return node.modules[sha256]
+    wasm = await asyncio.to_thread(node.store.module, sha256)
+    if wasm is None:
+        wasm = await node.inbox.fetch_module(node.control, sha256, wait)
+        await asyncio.to_thread(node.store.save_module, sha256, wasm)
+    loaded = node.modules[sha256] = await asyncio.to_thread(node.runtime.load, wasm)
+    return loaded
+
 
 async def execute(node: Node, action: Action, view: View) -> None:
     """Carry out one action decided on `view`."""
@@ -73,10 +113,10 @@ async def start(node: Node, spec: wire.AppSpec, epoch: int, *, handover: bool,
         owner = node.owners.get(name)
         return owner is None or (owner.node, owner.epoch) != (node.id, epoch)
 
-    module = await node.module(spec.module)
+    loaded = await module(node, spec.module)
     if name in node.hosted or moved_on():
         return
-    hosted = node.hosted[name] = HostedApp(node.host_ctx, spec, module, epoch)
+    hosted = node.hosted[name] = HostedApp(node.host_ctx, spec, loaded, epoch)
     checkpoint = None
     try:
         if not handover:

@@ -11,7 +11,7 @@ import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from mesh import wire
+from mesh import actions, wire
 from mesh.errors import MeshError, WireError
 from mesh.placement import Placement
 
@@ -134,7 +134,7 @@ def _known_app(node: Node, command: wire.Command) -> str:
 
 async def _deploy(node: Node, spec: wire.AppSpec) -> dict[str, Any]:
     try:
-        await node.module(spec.module, wait=DEPLOY_MODULE_WAIT_S)
+        await actions.module(node, spec.module, wait=DEPLOY_MODULE_WAIT_S)
     except MeshError as exc:
         raise MeshError(f"cannot deploy {spec.app}: {exc}") from None
     members = node.live_members()

@@ -22,21 +22,19 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TypeVar
 
 import paho.mqtt.client as paho
 
 from mesh import wire
+from mesh.context import AppHostIO, HostContext
 from mesh.errors import MeshError, SnapshotIncomplete
 from mesh.journal import MAX_JOURNAL_BYTES, Input, Journal, Tick, apply
-from mesh.mqtt import BrokerAddress, Connection, Message
+from mesh.mqtt import Connection, Message
 from mesh.reconcile import AppState
-from mesh.runtime import App, AppModule, Limits, LocalIO, Runtime
+from mesh.runtime import App, AppModule, Limits
 from mesh.snapshot import Buffer
-from mesh.topics import Topics
 from mesh.transfer import publish_snapshot
-from mesh.wire import EventKind
 
 log = logging.getLogger(__name__)
 
@@ -49,52 +47,6 @@ DEFAULT_CHECKPOINT_MS = 1000
 DEFAULT_CHECKPOINT_EVERY = 20
 POISON_LIMIT = 3  # inputs in a row that fail before the app is failed for good
 MAX_DEAD = 16  # dead letters kept per app (retained at dead/0 .. dead/15, oldest overwritten)
-
-
-@dataclass
-class AppHostIO(LocalIO):
-    """Where a hosted app's effects go; called on its worker thread.
-
-    Publications are collected during a job on the worker and handed to the event loop in one
-    go when it ends (`flush`): one wake-up of the loop per batch of inputs, not per output.
-    """
-
-    loop: asyncio.AbstractEventLoop = field(kw_only=True)
-    send: Callable[[list[tuple[str, bytes]]], None] = field(kw_only=True)
-    pending: list[tuple[str, bytes]] = field(default_factory=list)
-    muted: bool = False  # replaying what was published already
-
-    def publish(self, topic: str, payload: bytes) -> None:
-        if not self.muted:
-            self.pending.append((topic, payload))
-
-    def flush(self) -> None:
-        if self.pending:
-            self.loop.call_soon_threadsafe(self.send, self.pending)
-            self.pending = []
-
-
-class EventSink(Protocol):
-    """Where a hosted app reports what happens to it (the node's event stream)."""
-
-    def __call__(self, kind: EventKind, *, app: str | None = None, reason: str | None = None,
-                 detail: dict[str, Any] | None = None) -> None: ...
-
-
-@dataclass
-class HostContext:
-    """What a hosted app needs from its node."""
-
-    runtime: Runtime
-    broker: BrokerAddress
-    topics: Topics
-    keepalive: int
-    sensors: dict[str, Callable[[], bytes]]
-    event: EventSink
-    lost: Callable[[HostedApp, str], None]
-    app_memory_bytes: int | None = None  # this device's caps on what one app may use
-    call_timeout_ms: int | None = None
-    kept: Callable[[wire.Snapshot], None] = lambda snap: None  # a checkpoint was stored
 
 
 class HostedApp:

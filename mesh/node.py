@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from mesh import actions, commands, recovery, wire
+from mesh.context import HostContext
 from mesh.errors import BrokerError, MeshError, WireError
 from mesh.events import Events
-from mesh.hosted import HostContext, HostedApp
+from mesh.hosted import HostedApp
 from mesh.mqtt import BrokerAddress, Connection, Message
 from mesh.reconcile import (
     Action,
@@ -42,7 +43,6 @@ from mesh.transfer import Inbox
 
 log = logging.getLogger(__name__)
 
-MODULE_WAIT_S = 30.0
 SYNC_WAIT_S = 30.0
 RECONCILE_EVERY_S = 10.0
 PRUNE_EVERY_S = 5.0
@@ -85,13 +85,13 @@ class Node:
         self.missing: dict[str, str] = {}  # apps that should start here but have no checkpoint
         self.claim_after = 0.0  # after a broker change, claims of others' apps wait this long
         self._started_ms = int(time.time() * 1000)
-        self._modules: dict[str, AppModule] = {}
+        self.modules: dict[str, AppModule] = {}  # loaded, by sha256 (see `actions.module`)
         self.kept = recovery.DiskCopies(self.store, self.spawn)  # apps' checkpoints on disk
         self._said_goodbye: set[str] = set()  # peers whose mDNS goodbye came
         self._synced = False  # every retained record the broker held at our join is here
         self._syncing: dict[bytes, asyncio.Event] = {}  # markers on their way back to us
         self._dirty = asyncio.Event()
-        self._unplaceable: set[str] = set()
+        self.unplaceable: set[str] = set()
         self._pruned = 0.0  # when the inbox was last pruned
         self._control: Connection | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -318,20 +318,6 @@ class Node:
         self._dirty.set()  # our own record cleared (a late Last Will) is published again
         self.inbox.wake(key)
 
-    # --- modules ----------------------------------------------------------------------------
-
-    async def module(self, sha256: str, wait: float = MODULE_WAIT_S) -> AppModule:
-        """The module with this hash: from memory, the disk, or the broker's store."""
-        if sha256 in self._modules:
-            return self._modules[sha256]
-        wasm = await asyncio.to_thread(self.store.module, sha256)
-        if wasm is None:
-            wasm = await self.inbox.fetch_module(self.control, sha256, wait)
-            await asyncio.to_thread(self.store.save_module, sha256, wasm)
-        module = await asyncio.to_thread(self.runtime.load, wasm)
-        self._modules[sha256] = module
-        return module
-
     # --- reconciling ------------------------------------------------------------------------
 
     async def _reconciler(self) -> None:
@@ -357,16 +343,7 @@ class Node:
             if dropped := self.inbox.prune(view.specs, view.now):
                 log.info("dropped %d bytes of checkpoint pieces no app needs", dropped)
         todo = decide(view)
-        unplaceable = {a.app: a for a in todo if isinstance(a, Unplaceable)}
-        for name in unplaceable.keys() - self._unplaceable:
-            self.event("unplaceable", app=name,
-                       reason=f"no node has all of: {', '.join(unplaceable[name].requires)}")
-        self._unplaceable = set(unplaceable)
-        missing, self.missing = self.missing, {a.app: a.reason for a in todo
-                                               if isinstance(a, Missing)}
-        for name in self.missing.keys() - missing.keys():  # an alarm, not a fresh start
-            log.error("%s: %s", name, self.missing[name])
-            self.event("failed", app=name, reason=self.missing[name])
+        actions.report(self, todo)
         for action in todo:
             # Each app's action goes on by itself: a slow one (a busy app, a checkpoint still
             # arriving) holds up neither this pass nor another app's failover.
