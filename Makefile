@@ -21,6 +21,7 @@ check: $(VENV)/.installed
 bench: $(VENV)/.installed system-deps
 	$(BIN)/python benchmarks/runtime_bench.py
 	$(BIN)/python benchmarks/mesh_bench.py
+	$(BIN)/python benchmarks/broker_bench.py
 	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python benchmarks/lan_bench.py; \
 	else echo "benchmarks/lan_bench.py needs root (network namespaces): skipped"; fi
 

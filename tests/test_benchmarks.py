@@ -17,6 +17,8 @@ from tests.lan import can_build_lans
     ("mesh_bench.py", "mosquitto",
      ("migration downtime ms", "kill -9 of the owner", "ratio node / bare",
       "apps moved by a join")),
+    ("broker_bench.py", "mosquitto",
+     ("checkpoints stored per s", "autosave_on_changes, every change")),
     ("lan_bench.py", "ip",
      ("boots on a LAN with a mesh", "its mDNS goodbye", "cable pulled",
       "the lost device's app")),
