@@ -34,7 +34,12 @@ async def execute(node: SimNode, action: reconcile.Action, view: View) -> None:
                            f"{epoch}")
             await let_go(node, app)
         case Replace(app):
-            await node.hosted.pop(app).close()
+            old = node.hosted.pop(app)
+            record = view.owners.get(app)
+            why = ("another module" if old.spec.module != view.specs[app].module else
+                   f"the owner record names it here at {record.epoch if record else '-'}")
+            node.trace(f"replace {app}@{old.epoch}: {why}")
+            await old.close()
             node.dirty.set()
         case HandOver(app, target, epoch):
             await hand_over(node, node.hosted[app], target, epoch, view.owners.get(app))
@@ -42,7 +47,8 @@ async def execute(node: SimNode, action: reconcile.Action, view: View) -> None:
             await start(node, view.specs[app], epoch, handover=True)
         case Claim(app, epoch, failover):
             await claim(node, view.specs[app], epoch, view.owners.get(app),
-                              failover=failover)
+                        failover=failover)
+
 
 async def let_go(node: SimNode, name: str) -> None:
     """The app runs here no more: close it, and forget what this device kept of it."""
@@ -51,39 +57,86 @@ async def let_go(node: SimNode, name: str) -> None:
     if app is not None:
         await app.close()
 
+
 async def claim(node: SimNode, spec: AppSpec, epoch: int, known: OwnerRecord | None, *,
-                 failover: bool) -> None:
-    """`known`: the owner record the decision went by (for the invariants)."""
+                failover: bool) -> None:
+    """Publish ownership at `epoch`, then start. `known`: the owner record the decision went
+    by (for the invariants)."""
     assert node.control is not None
-    record = OwnerRecord(node.id, epoch)
+    before = node.owners.get(spec.app)
+    held = node.snapshots.get(spec.app)  # `node.inbox.version`
+    record = OwnerRecord(node.id, epoch, max(before.seq if before else 0,
+                                             held.seq if held else 0))
     node.world.ledger.intend(record, known)
-    node.owners[spec.app] = record  # ours until the broker says otherwise
+    # Ours until the broker says otherwise: a rival claim that it orders after this one
+    # arrives after the publish completes, and must not be overwritten by it.
+    node.owners[spec.app] = record
     node.trace(f"claim {spec.app}@{epoch}{' (failover)' if failover else ''}")
     await node.control.publish(node.topic(spec.app, "owner"), record, retain=True)
     await start(node, spec, epoch, handover=False)
 
+
 async def start(node: SimNode, spec: AppSpec, epoch: int, *, handover: bool) -> None:
+    """Start the app here at `epoch`. A claim (`handover` false) takes the app's session first,
+    fencing the old owner at the broker, and syncs, so every checkpoint the old owner stored
+    is here before it chooses the newest; a handover waits for the checkpoint of `epoch`."""
     name = spec.app
+
+    def moved_on() -> bool:  # things may move on while we wait
+        owner = node.owners.get(name)
+        return owner is None or (owner.node, owner.epoch) != (node.id, epoch)
+
     await node.sleep(node.rng.uniform(0.0005, 0.005))  # the module, from the cache
-    snap = await checkpoint_for(node, name, spec, epoch if handover else None)
-    owner = node.owners.get(name)
-    if name in node.hosted or owner is None or (owner.node, owner.epoch) != (node.id, epoch):
-        return  # things moved on while we waited
-    app = SimApp(node, spec, epoch, node.world.chunks.get(name, 0))
-    node.hosted[name] = app
+    # The `choose-first` mutant: a claim chooses its checkpoint before it takes the session
+    # (mesh/actions.py before 870eddb).
+    early = not handover and not node.CLAIM_FENCES_FIRST
+    snap = await checkpoint_for(node, name, spec, None) if early else None
+    if name in node.hosted or moved_on():
+        return
+    app = node.hosted[name] = SimApp(node, spec, epoch, node.world.chunks.get(name, 0))
     try:
-        await app.start(snap)
-    except BrokerError:  # not the app: try again later
+        if not handover and not early:
+            await app.take_session()
+            await node.sync()
+        if not early:
+            # A handover's owner record names the checkpoint it stored (seq); one that names
+            # none has none to wait for.
+            owner = node.owners.get(name)
+            handed = handover and owner is not None and owner.seq > 0
+            snap = await checkpoint_for(node, name, spec, epoch if handed else None)
+        if moved_on() or node.hosted.get(name) is not app:
+            raise BrokerError("it moved on meanwhile")
+        await app.start(snap, _seq_floor(node, name, epoch) if snap is None else 0)
+    except BrokerError as exc:  # not the app: try again later
         if node.hosted.get(name) is app:
             del node.hosted[name]
         await app.close()
+        node.trace(f"could not start {name}@{epoch}: {exc}")
         return
     except MeshError:  # stopped while it started
         await app.close()
-        app.status = "failed"
+        if node.hosted.get(name) is app:
+            app.status = "failed"
         return
     node.trace(f"start {name}@{epoch} from "
                f"{f'{snap.epoch}.{snap.seq} ({len(snap.state)} inputs)' if snap else '-'}")
+
+
+def _seq_floor(node: SimNode, name: str, epoch: int) -> int:
+    """A fresh start with a checkpoint held (of another module: an upgrade): hosted.py starts
+    at seq 0, so its checkpoints, (epoch, 1), (epoch, 2), ..., are older than the old module's
+    and every node's transfer.Inbox refuses them; a failover before they pass it starts the
+    app from zero (tests/test_sim.py). The model goes on from the held seq (one fix) and notes
+    it as a finding."""
+    held = node.snapshots.get(name)
+    if held is None or held.epoch > epoch:
+        return 0
+    node.world.finding(f"{node.id}: {name} starts afresh at {epoch} with checkpoint "
+                       f"{held.epoch}.{held.seq} of module {held.module[:8]} held: hosted.py "
+                       "starts at seq 0 (every node refuses its checkpoints as older)",
+                       violation=False)
+    return held.seq if node.FRESH_START_GOES_ON_FROM_SEQ else 0
+
 
 async def checkpoint_for(node: SimNode, name: str, spec: AppSpec,
                           epoch: int | None) -> SimSnapshot | None:
@@ -101,6 +154,7 @@ async def checkpoint_for(node: SimNode, name: str, spec: AppSpec,
         if waker.is_set():
             deadline = node.loop.now + SNAPSHOT_WAIT_S  # news came: keep waiting
 
+
 async def hand_over(node: SimNode, app: SimApp, target: str, epoch: int,
                      known: OwnerRecord | None) -> None:
     assert node.control is not None
@@ -113,11 +167,12 @@ async def hand_over(node: SimNode, app: SimApp, target: str, epoch: int,
         await app.close()
         node.dirty.set()
         raise
-    record = OwnerRecord(target, epoch)
+    record = OwnerRecord(target, epoch, app.seq)
     node.world.ledger.intend(record, known)
     await node.control.publish(node.topic(name, "owner"), record, retain=True)
     node.owners[name] = record
     await let_go(node, name)
+
 
 async def stop_app(node: SimNode, name: str) -> None:
     if name not in node.hosted:
@@ -127,6 +182,7 @@ async def stop_app(node: SimNode, name: str) -> None:
     assert node.control is not None
     for part in ("snapshot", "owner"):
         await node.control.publish(node.topic(name, part), None, retain=True)
+
 
 async def fence_if_taken(node: SimNode, app: SimApp, reason: str) -> None:
     """The app's session ended under us: if the broker still answers, another node took the

@@ -3,7 +3,8 @@
 Modelled: the device joins with what it kept on disk (`Carry.from_disk`: its apps' newest kept
 checkpoints as its own at their epochs, the specs it saw; given back only to a broker with no
 apps), retries a broker it cannot reach with a backoff from 1 s doubling to 30 s, and after a
-lost broker joins again at once with what it held, `only_if_empty` (a given broker outlives us).
+lost broker joins again at once with what it held, `only_if_lost` (a given broker outlives us);
+while it holds state to give back, it tries a broker at least every CARRY_RETRY_S.
 The disk survives crashes: specs are written as they arrive, an app's newest checkpoint at most
 every 5 s and when the broker is lost. Faults: `crash` (kill -9: the OS closes the sockets),
 `boot`, `pause`/`resume` (SIGSTOP/SIGCONT), `cut`/`heal` (a partition from the broker), `leave`
@@ -22,7 +23,7 @@ from mesh.reconcile import Held
 from mesh.wire import AppSpec, OwnerRecord
 from tests.sim.app import SimSnapshot
 from tests.sim.loop import Event, Process, Task, first, sleep
-from tests.sim.node import Carry, LeaveAborted, SimNode
+from tests.sim.node import CARRY_RETRY_S, Carry, SimNode
 
 if TYPE_CHECKING:
     from tests.sim.world import World
@@ -38,9 +39,10 @@ class Disk:
     def carry(self, node_id: str) -> Carry:
         """`Carry.from_disk`."""
         kept = dict(self.checkpoints)
-        held = Held(dict(self.specs), {app: OwnerRecord(node_id, snap.epoch)
+        held = Held(dict(self.specs), {app: OwnerRecord(node_id, snap.epoch, snap.seq)
                                        for app, snap in kept.items()},
-                    {app: snap.epoch for app, snap in kept.items()}, only_if_empty=True)
+                    {app: (snap.epoch, snap.seq) for app, snap in kept.items()},
+                    only_if_lost=True)
         return Carry(held, {}, kept)
 
 
@@ -82,20 +84,18 @@ class Device:
             except BrokerError:
                 await node.teardown()
                 await first(self._stopping.wait(), sleep(loop, self.proc, backoff))
-                backoff = min(backoff * 2, RETRY_S[1])
+                # Holding apps' state for the broker: try often (device.py).
+                backoff = min(backoff * 2, RETRY_S[1] if self.carrying is None else
+                              CARRY_RETRY_S)
                 continue
             self.carrying, backoff = None, RETRY_S[0]
             await first(node.stopped.wait(), self._stopping.wait())
             if self._stopping.is_set():
-                try:
-                    await node.leave()
-                except LeaveAborted:  # the exception ends the process (after __aexit__)
-                    await node.teardown()
-                    break
+                await node.leave()
             await node.teardown()
             self.node = None
             if node.carry is not None:
-                held = replace(node.carry.held, only_if_empty=True)
+                held = replace(node.carry.held, only_if_lost=True)
                 self.carrying = replace(node.carry, held=held)
         self.gone = True
         self.world.trace(self.id, "left")

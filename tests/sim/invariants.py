@@ -122,7 +122,9 @@ class Ledger:
         (Rival claims are exempt: each went by a record older than the other's.)"""
         known = self._intents.pop(id(record), None)
         stored = self._owner.get(app)
-        if (stored is not None and known == stored and record.node != stored.node
+        if (stored is not None and known is not None
+                and (known.node, known.epoch) == (stored.node, stored.epoch)
+                and record.node != stored.node
                 and record.epoch <= stored.epoch):
             self.violation(f"{app}: new owner {record.node} at epoch {record.epoch} replaces "
                            f"{stored.node} at {stored.epoch}, which {client_id} knew")

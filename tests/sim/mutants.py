@@ -66,8 +66,14 @@ def ack_before_checkpoint() -> contextlib.AbstractContextManager[None]:
 
 
 def no_sync() -> contextlib.AbstractContextManager[None]:
-    """No sync marker: synced as soon as the node's own record is acknowledged."""
+    """No sync marker at the join: synced as soon as the node's own record is acknowledged."""
     return _patched(SimNode, "SYNC_MARKER", False)
+
+
+def choose_first() -> contextlib.AbstractContextManager[None]:
+    """A claim chooses the checkpoint to restore before it takes the app's session (and
+    without syncing): a live old owner can store a newer one, and ack inputs, meanwhile."""
+    return _patched(SimNode, "CLAIM_FENCES_FIRST", False)
 
 
 MUTANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
@@ -76,6 +82,7 @@ MUTANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "handover-same-epoch": handover_same_epoch,
     "ack-before-checkpoint": ack_before_checkpoint,
     "no-sync": no_sync,
+    "choose-first": choose_first,
 }
 
 

@@ -3,20 +3,26 @@
 One `SimNode` is one `mesh.node.Node` object: one join of a broker (with mesh/actions.py and
 mesh/recovery.py, which carry out its actions and its rebuild). It keeps the members,
 specs, owner records and newest checkpoints from the retained messages; joins with a Last Will
-that clears its record, subscribes, publishes its record and then a QoS 1 sync marker on
-`<root>/nodes/<id>/sync`, and counts itself synced (`View.synced`) once the marker is back (its
-session's order puts every retained message queued before it first). It then runs
+that clears its record, subscribes, publishes its record and syncs (`sync`: a QoS 1 marker on
+`<root>/nodes/<id>/sync`, back on the same session after every message queued before it; a claim
+syncs again), and counts itself synced (`View.synced`) once the join's marker is back. A
+checkpoint replaces the one held only if it is no older (`transfer.Inbox`). It then runs
 `mesh.reconcile.decide` on every change (debounced 5 ms, and every 10 s anyway) and carries out
 each app's action as its own task (none for an app whose last one is still under way), with
 the real node's steps, awaits and re-checks; a lost app session is fenced if
 the control session still answers; a lost broker suspends every app, keeping its state
-(`Carry`), for the next join, which gives back what `plan_rebuild` says. The device loop
-around it (join, backoff, rejoin with `only_if_empty`) is `tests.sim.device`.
+(`Carry`), for the next join, which gives back what `plan_rebuild` says (`after_join`: a
+broker without the mesh's marker, `<root>/mesh`, lost its store; the first node to see that
+marks it). An app whose owner record's seq is past every checkpoint here is `Missing`: an
+alarm (in the node record's `failed`), not acted on. The device loop around it (join,
+backoff, rejoin with `only_if_lost`) is `tests.sim.device`.
+
+Owner records carry the checkpoint seq their owner went on from, as the real ones do (the
+`Missing` rule reads it); the invariants compare owner records by (node, epoch) only.
 
 Not modelled: modules (always at hand, a few ms to load), commands and replies, events, mDNS
-goodbyes, failed apps (wasm traps, dead letters), snapshot chunks that are incomplete, the
-checkpoint seq that owner records carry (no decision reads it yet). Mirrors mesh/node.py,
-actions.py and recovery.py as of commit 83f55ef.
+goodbyes, failed apps (wasm traps, dead letters), snapshot chunks that are incomplete. Mirrors
+mesh/node.py, actions.py, hosted.py, recovery.py and transfer.Inbox as of commit ad88520.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from mesh.errors import BrokerError, MeshError
 from mesh.reconcile import (
     HandOver,
     Held,
+    Missing,
     Running,
     Unplaceable,
     View,
@@ -46,13 +53,10 @@ if TYPE_CHECKING:
     from tests.sim.device import Device
 
 RECONCILE_EVERY_S = 10.0
-REJOIN_GRACE_S = 1.0  # plus 1.5x keepalive
+REJOIN_GRACE_S = 1.0  # plus 1.5x keepalive, plus CARRY_RETRY_S
+CARRY_RETRY_S = 2.0  # how often, at most, a device holding apps' state tries a broker again
 KEEP_EVERY_S = 5.0
 SYNC_WAIT_S = 30.0
-
-
-class LeaveAborted(Exception):
-    """The real leave would die here with a KeyError (the process exits)."""
 
 
 @dataclass
@@ -60,15 +64,22 @@ class Carry:
     """What a node held when it lost its broker (`mesh.node.Carry`)."""
 
     held: Held
-    retained: dict[str, SimSnapshot] = field(default_factory=dict)  # others' checkpoints
+    retained: dict[str, SimSnapshot] = field(default_factory=dict)  # every app's checkpoint
     suspended: dict[str, SimSnapshot] = field(default_factory=dict)  # its own apps' state
 
 
 class SimNode:
-    # The `no-sync` mutant clears this: synced as soon as the record is acknowledged.
+    # The `choose-first` mutant clears this: a claim chooses its checkpoint, then takes the
+    # app's session (the order before the fix).
+    CLAIM_FENCES_FIRST: ClassVar[bool] = True
+    # A finding about mesh/actions.py's start (see tests.sim.actions.start): an app started
+    # afresh (an upgrade) goes on from the seq of the newest checkpoint held, so that its
+    # checkpoints are newer than the old module's; cleared, it starts at seq 0 as the real
+    # one does, and every node's Inbox refuses its checkpoints as older.
+    FRESH_START_GOES_ON_FROM_SEQ: ClassVar[bool] = True
+    # The `no-sync` mutant clears this: the join does not sync (synced once its record is
+    # acknowledged); a claim still does.
     SYNC_MARKER: ClassVar[bool] = True
-    # A finding about mesh/node.py's leave (see `leave`): a violation when set.
-    LEAVE_KEYERROR_IS_VIOLATION: ClassVar[bool] = False
 
     def __init__(self, device: Device, carried: Carry | None) -> None:
         self.device = device
@@ -87,9 +98,10 @@ class SimNode:
         self.hosted: dict[str, SimApp] = {}
         self.stopped = Event()
         self.leaving = False
-        self.synced = False
-        self._sync_token = 0
-        self._synced = Event()
+        self.marked = False  # the broker holds the mesh's marker (it did not lose its store)
+        self.missing: dict[str, str] = {}  # apps that should start here but have no checkpoint
+        self.synced = False  # every retained record the broker held at our join is here
+        self._syncing: dict[int, Event] = {}  # markers on their way back to us
         self.dirty = Event()
         self.waking: dict[str, Event] = {}
         self._busy = Lock()
@@ -132,21 +144,30 @@ class SimNode:
         await control.connect()
         await control.subscribe(f"{root}/apps/+/snapshot/+", f"{root}/apps/+/snapshot",
                                 f"{root}/nodes/+", f"{root}/apps/+/spec", f"{root}/apps/+/owner",
-                                f"{root}/nodes/{self.id}/sync")
+                                f"{root}/mesh", f"{root}/nodes/{self.id}/sync")
         await self._publish_record()
         if self.SYNC_MARKER:
-            self._sync_token = self.world.token()
-            await control.publish(f"{root}/nodes/{self.id}/sync", self._sync_token)
-            await first(self._synced.wait(), control.lost, self.sleep(SYNC_WAIT_S))
-            if not self.synced:
-                raise BrokerError("the broker did not send the mesh's records in time")
-        else:
-            self.synced = True
-        if self.carried is not None:
-            await self._rebuild(self.carried)
+            await self.sync()
+        self.synced = True
+        await self._after_join(self.carried)
         self.trace(f"joined ({len(self.specs)} specs, {len(self.owners)} owners)")
         self.spawn(self._reconciler(), "reconcile")
         self.spawn(self._watch_control(control), "control")
+
+    async def sync(self) -> None:
+        """`Node.sync`: wait until everything the broker sent us before now has arrived (a
+        marker we send ourselves comes back after it, on the same session). As in the real
+        one, a broker lost after the marker's PUBACK is noticed only after SYNC_WAIT_S."""
+        assert self.control is not None
+        marker = self.world.token()
+        back = self._syncing[marker] = Event()
+        try:
+            await self.control.publish(f"{self.root}/nodes/{self.id}/sync", marker)
+            await first(back.wait(), self.sleep(SYNC_WAIT_S))
+            if not back.is_set():
+                raise BrokerError(f"the broker did not answer within {SYNC_WAIT_S:.0f} s")
+        finally:
+            del self._syncing[marker]
 
     async def teardown(self) -> None:
         """`Node.__aexit__`: cancel what runs, close what is left and the control session."""
@@ -174,12 +195,9 @@ class SimNode:
         await gather([task.done for task in self.acting.values()])
         for action in reconcile.plan_leave(self._view()):
             app = self.hosted.get(action.app)
-            if app is None:  # mesh/node.py: `self.hosted[action.app]` raises KeyError
-                self.world.finding(
-                    f"{self.id}: node.leave() raises KeyError: {action.app} left `hosted` "
-                    "during the leave (broker lost, or a session taken over); the process "
-                    "dies with its record still retained", self.LEAVE_KEYERROR_IS_VIOLATION)
-                raise LeaveAborted(action.app)
+            if app is None:  # the broker was lost meanwhile: its state is kept, suspended
+                self.trace(f"leave: {action.app} is no longer here (suspended)")
+                continue
             try:
                 if isinstance(action, HandOver):
                     await actions.hand_over(self, app, action.target, action.epoch,
@@ -206,38 +224,59 @@ class SimNode:
                 self.device.disk.checkpoints[name] = snap
         self.hosted.clear()
         held = Held(dict(self.specs), dict(self.owners),
-                    {name: snap.epoch for name, snap in suspended.items()})
+                    {name: (snap.epoch, snap.seq) for name, snap in suspended.items()},
+                    {name: (snap.epoch, snap.seq) for name, snap in self.snapshots.items()
+                     if name not in suspended})
         self.carry = Carry(held, dict(self.snapshots), suspended)
         self.stopped.set()
 
-    async def _rebuild(self, carry: Carry) -> None:
-        """Joined after losing a broker: give this one back what it lacks of what we held."""
+    async def _after_join(self, carry: Carry | None) -> None:
+        """`recovery.after_join`: a broker without the mesh's marker lost its store (or never
+        had one). Give it what it lacks of `carry`, and mark it."""
         assert self.control is not None
-        control, held = self.control, carry.held
-        plan = reconcile.plan_rebuild(self._view(), held)
+        lost = not self.marked
+        if carry is not None:
+            await self._rebuild(carry, lost=lost)
+        if lost:
+            await self.control.publish(f"{self.root}/mesh", ("mesh", self.world.token()),
+                                       retain=True)
+
+    async def _rebuild(self, carry: Carry, *, lost: bool) -> None:
+        """Joined after losing a broker: give this one back what it lacks of what we held, and
+        keep the newer of its checkpoints and ours."""
+        assert self.control is not None
+        control = self.control
+        plan = reconcile.plan_rebuild(self._view(), carry.held, lost=lost)
         for name in plan.forget:  # the mesh went on without us: ours are stale
             self.gone_from_here(name)
-        if held.only_if_empty and self.specs:
-            return
-        for name, snap in carry.retained.items():  # adopt: restore a lost device's apps
-            self.snapshots.setdefault(name, snap)
+        for name, snap in carry.retained.items():  # `Inbox.adopt`: the newer ones
+            mine = self.snapshots.get(name)
+            if mine is None or (mine.epoch, mine.seq) < (snap.epoch, snap.seq):
+                self.snapshots[name] = snap
         for spec in plan.specs:
             await control.publish(self.topic(spec.app, "spec"), spec, retain=True)
-        for name, epoch in plan.resume:
+        for name, epoch in plan.resume:  # ours: they go on from where they were
             kept = carry.suspended[name]
-            snap = replace(kept, epoch=epoch, seq=kept.seq + 1, applied=())
+            # Its `applied` stay: inputs applied but not acked come again (DUP) if the broker
+            # kept them, and are skipped.
+            snap = replace(kept, epoch=epoch, seq=kept.seq + 1)
             await control.publish(self.topic(name, "snapshot"), snap, retain=True)
-            record = self.owners[name] = OwnerRecord(self.id, epoch)
+            record = self.owners[name] = OwnerRecord(self.id, epoch, snap.seq)
             await control.publish(self.topic(name, "owner"), record, retain=True)
-        for name, owner in plan.owners:
+        for name, owner in plan.owners:  # the epochs a takeover must go past
             self.owners[name] = owner
             await control.publish(self.topic(name, "owner"), owner, retain=True)
+        for name in plan.copies:  # the newest checkpoint we hold of an app no one runs now
+            await control.publish(self.topic(name, "snapshot"), carry.retained[name],
+                                  retain=True)
         if plan.grace:
-            grace = REJOIN_GRACE_S + 1.5 * self.device.keepalive
+            grace = REJOIN_GRACE_S + 1.5 * self.device.keepalive + CARRY_RETRY_S
             self.claim_after = self.loop.now + grace
             self.spawn(self._wake_after(grace), "rejoin-grace")
-        self.trace(f"rebuilt: specs {[s.app for s in plan.specs]} resumed {plan.resume} "
-                   f"owners {[n for n, _ in plan.owners]}")
+        self.trace(f"rebuilt ({'lost' if lost else 'kept'} store): specs "
+                   f"{[s.app for s in plan.specs]} resumed {plan.resume} owners "
+                   f"{[n for n, _ in plan.owners]} copies {list(plan.copies)} forgot "
+                   f"{list(plan.forget)}")
 
     async def _wake_after(self, seconds: float) -> None:
         await self.sleep(seconds)
@@ -262,11 +301,12 @@ class SimNode:
         match parts:
             case ("nodes", node_id):
                 self._set(self.members, node_id, payload)
+            case ("mesh",):
+                self.marked = payload is not None
             case ("nodes", node_id, "sync"):
-                if node_id == self.id and payload == self._sync_token:
-                    self.synced = True
-                    self._synced.set()
-                    self.dirty.set()
+                marker = self._syncing.get(payload) if isinstance(payload, int) else None
+                if node_id == self.id and marker is not None:
+                    marker.set()
             case ("apps", app, "spec"):
                 self._set(self.specs, app, payload)
                 if isinstance(payload, AppSpec):
@@ -276,10 +316,14 @@ class SimNode:
             case ("apps", app, "owner"):
                 self._set(self.owners, app, payload)
             case ("apps", app, "snapshot"):
-                if isinstance(payload, SimSnapshot):
-                    self.snapshots[app] = payload
-                else:
+                held = self.snapshots.get(app)
+                if not isinstance(payload, SimSnapshot):
                     self.snapshots.pop(app, None)
+                elif held is None or (payload.epoch, payload.seq) >= (held.epoch, held.seq):
+                    self.snapshots[app] = payload
+                else:  # `Inbox._check_head`: older than the one held, refused
+                    self.trace(f"refused checkpoint {app} {payload.epoch}.{payload.seq}: "
+                               f"older than {held.epoch}.{held.seq}")
                 self._wake(app)
 
     def _set(self, table: dict[str, Any], key: str, payload: object) -> None:
@@ -299,9 +343,11 @@ class SimNode:
 
     def record(self) -> NodeRecord:
         running = tuple(sorted(n for n, a in self.hosted.items() if a.status == "running"))
+        failed = {**self.missing, **{n: "failed" for n, a in self.hosted.items()
+                                     if a.status == "failed"}}
         return NodeRecord(id=self.id, caps=self.device.caps, labels=self.device.labels,
                           apps=running, broker="sim", load=float(len(running)),
-                          started_ms=self._started_ms)
+                          started_ms=self._started_ms, failed=dict(sorted(failed.items())))
 
     async def _publish_record(self) -> None:
         record = self.record()
@@ -315,7 +361,9 @@ class SimNode:
         hosted = {name: Running(app.epoch, app.spec.module, app.status)
                   for name, app in self.hosted.items()}
         return View(self.id, members, dict(self.specs), dict(self.owners), hosted,
-                    now=self.loop.now, claim_after=self.claim_after, synced=self.synced)
+                    now=self.loop.now, claim_after=self.claim_after, synced=self.synced,
+                    checkpoints={name: (snap.epoch, snap.seq)
+                                 for name, snap in self.snapshots.items()})
 
     async def _reconciler(self) -> None:
         while True:
@@ -335,7 +383,11 @@ class SimNode:
     async def _reconcile_all(self) -> None:
         view = self._view()
         actions = reconcile.decide(view)
-        todo = [a for a in actions if not isinstance(a, Unplaceable)]
+        missing, self.missing = self.missing, {a.app: a.reason for a in actions
+                                               if isinstance(a, Missing)}
+        for name in self.missing.keys() - missing.keys():  # an alarm, not a fresh start
+            self.trace(f"missing {name}: {self.missing[name]}")
+        todo = [a for a in actions if not isinstance(a, Unplaceable | Missing)]
         if todo:
             self.trace(f"decide {_brief(todo)} | owners {_owners(view)}")
         for action in todo:
