@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -46,6 +47,7 @@ DEFAULT_CHECKPOINT_MS = 1000
 # than this, so by default a checkpoint (which acknowledges them) comes at least this often.
 DEFAULT_CHECKPOINT_EVERY = 20
 POISON_LIMIT = 3  # inputs in a row that fail before the app is failed for good
+ACKED_MEMORY = 4096  # well under the 65535 packet ids a session cycles through
 MAX_DEAD = 16  # dead letters kept per app (retained at dead/0 .. dead/15, oldest overwritten)
 
 
@@ -70,9 +72,12 @@ class HostedApp:
         self._tick_queued = False
         self._unacked: list[tuple[int, int]] = []  # (packet id, QoS) applied, not yet acked
         self._journal = Journal()  # to take back a call that fails
+        # The last packet ids acked: a broker back from an older store sends them again (DUP).
+        self._acked: deque[int] = deque(maxlen=ACKED_MEMORY)
         self._streak = 0  # inputs in a row that failed
         self._dead = 0  # dead letters written
         self._skip: set[int] = set()
+        self._stored = 0  # checkpoints stored since the start
         self._tasks: list[asyncio.Task[None]] = []
         self._final: asyncio.Future[None] | None = None  # a handover's checkpoint
         self._pausing = False
@@ -185,7 +190,9 @@ class HostedApp:
         app = self._app
         if self.state == "running" and app is not None:
             try:
-                applied = self._applied()  # if the broker kept them, they come again
+                # If the broker kept them, they come again; and one back from an older
+                # store sends again what it took for unacknowledged then.
+                applied = self._applied(recent=True)
                 snap = await self._run(lambda: app.snapshot(epoch=self.epoch, seq=self._seq,
                                                             applied=applied))
             except MeshError as exc:
@@ -458,13 +465,18 @@ class HostedApp:
             self._ack(mid, qos)
         del self._unacked[:len(held)]
         self._ticked -= ticked
+        self._stored += 1
+        if self._stored == 2:  # redeliveries come first on a session: all in by now
+            self._skip.clear()  # (a packet id comes back into use after 65535 others)
 
-    def _applied(self) -> tuple[int, ...]:
+    def _applied(self, *, recent: bool = False) -> tuple[int, ...]:
         """The packet ids of inputs applied but not acknowledged (their redeliveries are to be
-        skipped), with restored ones not redelivered yet."""
-        return tuple(sorted({mid for mid, qos in self._unacked if qos} | self._skip))
+        skipped), with restored ones not redelivered yet; `recent`: and the last ones acked."""
+        return tuple(sorted({mid for mid, qos in self._unacked if qos} | self._skip
+                            | (set(self._acked) if recent else set())))
 
     def _ack(self, mid: int, qos: int) -> None:
         if qos and self._session is not None:
             self._session.ack(mid)
+            self._acked.append(mid)
 
