@@ -13,6 +13,7 @@ import pytest
 import wasmtime
 
 from mesh.runtime import Runtime
+from tests.harness import Cluster, mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 COUNTER_WAT = ROOT / "mesh" / "apps" / "counter.wat"
@@ -59,3 +60,19 @@ def mesh(*args: str | Path, cache_dir: Path | None = None,
         env["MESH_CACHE_DIR"] = str(cache_dir)
     return subprocess.run([sys.executable, "-m", "mesh", "-q", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[str]:
+    """Mosquitto: the broker on which the no-loss guarantees hold."""
+    require_tool("mosquitto")
+    with mosquitto(tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    nodes = Cluster(tmp_path)
+    yield nodes
+    nodes.stop_all()
+    print(nodes.logs())  # shown when the test failed

@@ -7,7 +7,6 @@ import json
 import signal
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,6 @@ from tests.harness import (
     counter_hash,
     free_port,
     mesh_cli,
-    mosquitto,
     stream,
     wait_count,
     wait_until,
@@ -44,19 +42,21 @@ TICKER = """(module
     (drop (call $publish (i32.const 0) (i32.const 4) (i32.const 16) (i32.const 8)))))"""
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[str]:
-    require_tool("mosquitto")
-    with mosquitto(tmp_path) as url:
-        yield url
+def running_on(obs: Observer, cluster: Cluster, broker: str, app: str, *args: str, node: str,
+               module: Path = COUNTER_WAT) -> None:
+    """Nodes alpha and beta in the mesh, and `app` deployed from `module` running on `node`."""
+    for each in ("alpha", "beta"):
+        cluster.start(each, broker)
+    wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "nodes to join")
+    result = mesh_cli("deploy", app, str(module), "--on", node, *args, broker=broker)
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: obs.running(app) == node, 20, f"{app} on {node}")
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    nodes = Cluster(tmp_path)
-    yield nodes
-    nodes.stop_all()
-    print(nodes.logs())  # shown when the test failed
+def checkpointed(broker: str, app: str, delivered: int) -> None:
+    """Wait until the app's stored checkpoint holds `delivered` inputs."""
+    wait_until(lambda: wire.decode(wire.Snapshot, retained(
+        broker, f"mesh/apps/{app}/snapshot")).host.delivered == delivered, 10, "a checkpoint")
 
 
 def ticks(obs: Observer, app: str) -> list[int]:
@@ -68,12 +68,8 @@ def test_a_tick_driven_app_goes_on_from_its_ticks_after_kill_9(
     module = tmp_path / "ticker.wat"
     module.write_text(TICKER)
     with Observer(broker) as obs:
-        for node in ("alpha", "beta"):
-            cluster.start(node, broker)
-        wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "nodes to join")
-        result = mesh_cli("deploy", "ticker", str(module), "--on", "alpha", "--tick-ms", "50",
-                          broker=broker)
-        assert result.returncode == 0, result.stderr
+        running_on(obs, cluster, broker, "ticker", "--tick-ms", "50", node="alpha",
+                   module=module)
         wait_until(lambda: len(ticks(obs, "ticker")) >= 60, 30, "60 ticks on alpha")
         cluster["alpha"].signal(signal.SIGKILL)
         before = len(ticks(obs, "ticker"))
@@ -98,15 +94,11 @@ def test_a_long_call_holds_up_neither_its_stop_nor_another_apps_failover(
     spinner = tmp_path / "spinner.wat"
     spinner.write_text(SPINNER)
     with Observer(broker) as obs:
-        for node in ("alpha", "beta"):
-            cluster.start(node, broker)
-        wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "nodes to join")
-        for args in (("counter", str(COUNTER_WAT), "--on", "alpha"),
-                     ("spinner", str(spinner), "--on", "beta", "--timeout-ms", "60000")):
-            result = mesh_cli("deploy", *args, broker=broker)
-            assert result.returncode == 0, result.stderr
-        wait_until(lambda: obs.running("counter") == "alpha" and obs.running("spinner") == "beta",
-                   20, "both apps running")
+        running_on(obs, cluster, broker, "counter", node="alpha")
+        result = mesh_cli("deploy", "spinner", str(spinner), "--on", "beta", "--timeout-ms",
+                          "60000", broker=broker)
+        assert result.returncode == 0, result.stderr
+        wait_until(lambda: obs.running("spinner") == "beta", 20, "spinner on beta")
         obs.publish("mesh/apps/spinner/in", b"spin")  # beta's call now runs for 60 s
         obs.publish("mesh/apps/counter/in", b"one")
         wait_count(obs, "counter", 1)
@@ -147,12 +139,7 @@ def test_an_input_the_app_cannot_take_goes_to_a_dead_letter_and_the_app_goes_on(
         broker: str, cluster: Cluster) -> None:
     big = b"x" * 70_000  # more than the counter's 64 KiB input buffer: its mesh_alloc says no
     with Observer(broker) as obs:
-        for node in ("alpha", "beta"):
-            cluster.start(node, broker)
-        wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "nodes to join")
-        result = mesh_cli("deploy", "counter", str(COUNTER_WAT), "--on", "beta", broker=broker)
-        assert result.returncode == 0, result.stderr
-        wait_until(lambda: obs.running("counter") == "beta", 20, "counter on beta")
+        running_on(obs, cluster, broker, "counter", node="beta")
         for payload in (b"a", big, b"b"):
             obs.publish("mesh/apps/counter/in", payload)
         assert wait_count(obs, "counter", 2) == f"2 {counter_hash([b'a', b'b'])}".encode()
@@ -196,12 +183,7 @@ def garbage(i: int) -> tuple[str, bytes]:
 
 def test_a_garbage_flood_costs_the_mesh_nothing(broker: str, cluster: Cluster) -> None:
     with Observer(broker) as obs:
-        for node in ("alpha", "beta"):
-            cluster.start(node, broker)
-        wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "nodes to join")
-        result = mesh_cli("deploy", "counter", str(COUNTER_WAT), "--on", "alpha", broker=broker)
-        assert result.returncode == 0, result.stderr
-        wait_until(lambda: obs.running("counter") == "alpha", 20, "counter on alpha")
+        running_on(obs, cluster, broker, "counter", node="alpha")
         payloads, publisher = stream(obs, "counter", 300)
         host, port = broker.removeprefix("mqtt://").split(":")
         flooder = paho.Client(CallbackAPIVersion.VERSION2, client_id="flooder")
@@ -226,12 +208,7 @@ def test_a_garbage_flood_costs_the_mesh_nothing(broker: str, cluster: Cluster) -
 def test_garbage_on_a_checkpoint_topic_never_replaces_a_good_checkpoint(
         broker: str, cluster: Cluster) -> None:
     with Observer(broker) as obs:
-        for node in ("alpha", "beta"):
-            cluster.start(node, broker)
-        wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "nodes to join")
-        result = mesh_cli("deploy", "counter", str(COUNTER_WAT), "--on", "alpha", broker=broker)
-        assert result.returncode == 0, result.stderr
-        wait_until(lambda: obs.running("counter") == "alpha", 20, "counter on alpha")
+        running_on(obs, cluster, broker, "counter", node="alpha")
         for payload in (b"a", b"b"):
             obs.publish("mesh/apps/counter/in", payload)
         wait_count(obs, "counter", 2)
@@ -253,17 +230,11 @@ def test_garbage_on_a_checkpoint_topic_never_replaces_a_good_checkpoint(
 def test_an_owner_record_at_an_epoch_nothing_can_follow_is_refused(
         broker: str, cluster: Cluster) -> None:
     with Observer(broker) as obs:
-        for node in ("alpha", "beta"):
-            cluster.start(node, broker)
-        wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "nodes to join")
-        result = mesh_cli("deploy", "counter", str(COUNTER_WAT), "--on", "alpha", broker=broker)
-        assert result.returncode == 0, result.stderr
-        wait_until(lambda: obs.running("counter") == "alpha", 20, "counter on alpha")
+        running_on(obs, cluster, broker, "counter", node="alpha")
         for payload in (b"a", b"b"):
             obs.publish("mesh/apps/counter/in", payload)
         wait_count(obs, "counter", 2)
-        wait_until(lambda: wire.decode(wire.Snapshot, retained(
-            broker, "mesh/apps/counter/snapshot")).host.delivered == 2, 10, "a checkpoint")
+        checkpointed(broker, "counter", 2)
         forged = cbor2.dumps({"v": 1, "kind": "owner", "node": "alpha", "epoch": 2**64 - 1})
         obs.publish("mesh/apps/counter/owner", forged, retain=True)
         wait_until(lambda: obs.has_event("rejected", node="beta"), 10, "the record refused")
@@ -350,13 +321,7 @@ def test_a_broker_killed_and_back_empty_or_older_loses_nothing_a_node_held(
     broker.start()
     try:
         with Observer(broker.url) as obs:
-            for node in ("alpha", "beta"):
-                cluster.start(node, broker.url)
-            wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "nodes to join")
-            result = mesh_cli("deploy", "counter", str(COUNTER_WAT), "--on", "alpha",
-                              broker=broker.url)
-            assert result.returncode == 0, result.stderr
-            wait_until(lambda: obs.running("counter") == "alpha", 20, "counter on alpha")
+            running_on(obs, cluster, broker.url, "counter", node="alpha")
             for i in range(30):
                 obs.publish("mesh/apps/counter/in", f"first-{i}".encode())
             wait_count(obs, "counter", 30)
@@ -387,17 +352,11 @@ def test_a_broker_killed_and_back_empty_or_older_loses_nothing_a_node_held(
 def test_restart_fresh_is_the_operators_way_to_start_an_app_over(
         broker: str, cluster: Cluster) -> None:
     with Observer(broker) as obs:
-        for node in ("alpha", "beta"):
-            cluster.start(node, broker)
-        wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "nodes to join")
-        result = mesh_cli("deploy", "counter", str(COUNTER_WAT), "--on", "beta", broker=broker)
-        assert result.returncode == 0, result.stderr
-        wait_until(lambda: obs.running("counter") == "beta", 20, "counter on beta")
+        running_on(obs, cluster, broker, "counter", node="beta")
         for payload in (b"a", b"b"):
             obs.publish("mesh/apps/counter/in", payload)
         wait_count(obs, "counter", 2)
-        wait_until(lambda: wire.decode(wire.Snapshot, retained(
-            broker, "mesh/apps/counter/snapshot")).host.delivered == 2, 10, "a checkpoint")
+        checkpointed(broker, "counter", 2)
         result = mesh_cli("restart", "counter", "--fresh", broker=broker)
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["fresh"] is True

@@ -50,22 +50,6 @@ def any_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
             yield url
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[str]:
-    """Mosquitto: the broker on which the no-loss guarantees hold."""
-    require_tool("mosquitto")
-    with mosquitto(tmp_path) as url:
-        yield url
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    nodes = Cluster(tmp_path)
-    yield nodes
-    nodes.stop_all()
-    print(nodes.logs())  # shown when the test failed
-
-
 def deploy(broker: str, app: str, *args: str) -> None:
     result = mesh_cli("deploy", app, str(COUNTER_WAT), *args, broker=broker)
     assert result.returncode == 0, result.stderr
