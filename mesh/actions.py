@@ -134,7 +134,8 @@ async def start(node: Node, spec: wire.AppSpec, epoch: int, *, handover: bool,
         if checkpoint:
             await hosted.start(checkpoint.snap, checkpoint.pieces, checkpoint.matches)
         else:
-            await hosted.start(None)
+            held = node.inbox.version(name)  # of another module: this is an upgrade
+            await hosted.start(None, seq=held[1] if held and held[0] <= epoch else 0)
     except (BrokerError, SnapshotIncomplete) as exc:  # not the app: try again later
         if node.hosted.get(name) is hosted:
             del node.hosted[name]

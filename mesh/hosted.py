@@ -107,11 +107,13 @@ class HostedApp:
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self, snapshot: wire.Snapshot | None, pieces: Sequence[bytes] | None = None,
-                    check: Callable[[], bool] | None = None) -> None:
+                    check: Callable[[], bool] | None = None, *, seq: int = 0) -> None:
         """Instantiate and either start fresh or restore `snapshot`; then take the session.
 
         `pieces` hold the snapshot's memory bytes when they came as chunks; `check` tells
         whether they are the right ones (it hashes them, on another thread while restoring).
+        `seq`: a fresh start's checkpoints number on from it (past an older module's, whose
+        checkpoints every node holds: theirs must be newer).
         """
         def instantiate() -> App:
             app = self._new_instance()
@@ -137,6 +139,7 @@ class HostedApp:
             raise SnapshotIncomplete(f"the memory chunks of {self.name}'s checkpoint are not "
                                      "all its own")
         self._journal.checkpointed(snapshot, pieces)
+        self._seq = seq
         if snapshot is not None:
             self._skip = set(snapshot.applied)
             self._seq = snapshot.seq

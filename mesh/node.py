@@ -35,6 +35,7 @@ from mesh.reconcile import (
     View,
     decide,
     plan_leave,
+    stale_owner,
 )
 from mesh.runtime import AppModule, Runtime
 from mesh.store import StateStore
@@ -286,6 +287,12 @@ class Node:
                 else:
                     self.store.forget_spec(app)
             case ("apps", app, "owner"):
+                held = self.owners.get(app)
+                if held and payload and stale_owner(held, wire.decode(wire.OwnerRecord, payload)):
+                    if held.node == self.id:  # ours: put it back
+                        self.spawn(self.control.publish(self.topics.app(app, "owner"),
+                                                        wire.encode(held), retain=True), "owner")
+                    raise WireError(f"an owner record of {app} older than epoch {held.epoch}")
                 self._set(self.owners, app, payload, wire.OwnerRecord)
             case ("apps", app, "snapshot"):  # kept as is; put together only when needed
                 self.inbox.snapshot(app, None, payload)

@@ -152,6 +152,13 @@ def handover_epoch(running: Running, owner: OwnerRecord | None) -> int:
     return max(running.epoch, owner.epoch if owner else 0) + 1
 
 
+def stale_owner(held: OwnerRecord | None, incoming: OwnerRecord) -> bool:
+    """An owner record below the epoch of the one held is a claim that landed late (retained
+    messages have no compare-and-set): it is refused, and an owner that still runs the app
+    publishes its own record again."""
+    return held is not None and incoming.epoch < held.epoch
+
+
 def decide(view: View) -> list[Action]:
     """The actions that bring this node in line with `view`, in the order to take them."""
     actions: list[Action] = [Stop(app) for app in sorted(set(view.hosted) - set(view.specs))]
@@ -200,7 +207,8 @@ def decide_app(view: View, spec: AppSpec, target: str | None) -> Action | None:
         return Start(name, owner.epoch)
     if owner is not None and view.now < view.claim_after:
         return None  # its owner may still be on its way back from a lost broker
-    return Claim(name, (owner.epoch if owner else 0) + 1, failover=owner is not None)
+    newest = view.checkpoints.get(name, (0, 0))[0]  # past every epoch seen, record or state
+    return Claim(name, max(owner.epoch if owner else 0, newest) + 1, failover=owner is not None)
 
 
 def plan_leave(view: View) -> list[HandOver | Shutdown]:
@@ -275,4 +283,8 @@ def plan_rebuild(view: View, held: Held, *, lost: bool) -> Rebuild:
     copies = tuple(name for name, version in sorted(held.copies.items())
                    if name in known and name not in held.suspended and name not in running
                    and (view.checkpoints.get(name) or (-1, -1)) < version)
-    return Rebuild(specs, tuple(resume), owners, copies, tuple(forget), grace=give)
+    # Claims of apps whose owner is not back yet wait a little, whatever was given back: the
+    # other survivors of the lost broker come back too, each with its own apps. (A device
+    # that held nothing, new or wiped, has no one to wait for.)
+    return Rebuild(specs, tuple(resume), owners, copies, tuple(forget),
+                   grace=bool(held.specs or held.owners or held.suspended))

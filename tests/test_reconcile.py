@@ -23,6 +23,7 @@ from mesh.reconcile import (
     decide,
     plan_leave,
     plan_rebuild,
+    stale_owner,
 )
 from mesh.wire import AppSpec, NodeRecord, OwnerRecord
 
@@ -57,6 +58,20 @@ def test_an_app_whose_owner_is_gone_is_claimed_past_its_epoch() -> None:
     owners = {"app": OwnerRecord("gone", 7)}
     assert decide(view(specs=(pinned("app", "a"),), owners=owners)) == [
         Claim("app", 8, failover=True)]
+
+
+def test_an_owner_record_below_the_epoch_held_is_stale() -> None:
+    held = OwnerRecord("a", 3)
+    assert stale_owner(held, OwnerRecord("b", 2))  # a claim that landed late
+    assert not stale_owner(held, OwnerRecord("b", 3))  # a rival at the same epoch: fenced
+    assert not stale_owner(held, OwnerRecord("b", 4))
+    assert not stale_owner(None, OwnerRecord("b", 1))
+
+
+def test_a_claim_goes_past_the_epoch_of_the_newest_checkpoint_too() -> None:
+    owners = {"app": OwnerRecord("gone", 2)}  # a record that went back: its state did not
+    assert decide(view(specs=(pinned("app", "a"),), owners=owners,
+                       checkpoints={"app": (3, 9)})) == [Claim("app", 4, failover=True)]
 
 
 def test_an_app_whose_owner_is_a_member_is_not_claimed_even_while_it_leaves() -> None:
@@ -197,7 +212,7 @@ def test_a_rebuild_resumes_own_state_only_where_it_is_the_newest() -> None:
 def test_a_broker_emptied_on_purpose_gets_nothing_back() -> None:
     held = Held(specs={"stopped": spec("stopped")}, owners={"stopped": OwnerRecord("a", 3)},
                 suspended={"stopped": (3, 4)}, only_if_lost=True)
-    assert plan_rebuild(view(), held, lost=False) == Rebuild(forget=("stopped",))
+    assert plan_rebuild(view(), held, lost=False) == Rebuild(forget=("stopped",), grace=True)
     wiped = plan_rebuild(view(), held, lost=True)
     assert wiped.specs == (spec("stopped"),)
     assert wiped.resume == (("stopped", 4),)

@@ -123,18 +123,12 @@ async def start(node: SimNode, spec: AppSpec, epoch: int, *, handover: bool) -> 
 
 
 def _seq_floor(node: SimNode, name: str, epoch: int) -> int:
-    """A fresh start with a checkpoint held (of another module: an upgrade): hosted.py starts
-    at seq 0, so its checkpoints, (epoch, 1), (epoch, 2), ..., are older than the old module's
-    and every node's transfer.Inbox refuses them; a failover before they pass it starts the
-    app from zero (tests/test_sim.py). The model goes on from the held seq (one fix) and notes
-    it as a finding."""
+    """A fresh start with a checkpoint held (of another module: an upgrade) numbers its
+    checkpoints on from the held one's seq (mesh/actions.py), or every node would refuse them
+    as older. `SimNode.FRESH_START_GOES_ON_FROM_SEQ` off brings back the old bug (seq 0)."""
     held = node.snapshots.get(name)
     if held is None or held.epoch > epoch:
         return 0
-    node.world.finding(f"{node.id}: {name} starts afresh at {epoch} with checkpoint "
-                       f"{held.epoch}.{held.seq} of module {held.module[:8]} held: hosted.py "
-                       "starts at seq 0 (every node refuses its checkpoints as older)",
-                       violation=False)
     return held.seq if node.FRESH_START_GOES_ON_FROM_SEQ else 0
 
 

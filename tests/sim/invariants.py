@@ -1,7 +1,9 @@
 """What must hold on every schedule, checked as the broker stores things and at the end.
 
 Checked while the world runs (on what the broker accepts, so on what fencing lets through):
-- an app's owner epoch (its retained owner record) never goes backwards while its spec exists;
+- an app's owner epoch (its retained owner record) never goes backwards while its spec exists,
+  for longer than REPAIR_S: MQTT has no compare-and-set, so a claim that lands late can
+  overwrite a newer record; every node refuses it and the owner puts its record back;
 - a new owner bumps the epoch: an owner record naming another node than the stored one has a
   higher epoch, if its publisher knew the stored one when it decided (rival claims made at the
   same time, each without the other's record, may share an epoch: the design lets the later
@@ -49,8 +51,12 @@ if TYPE_CHECKING:
     from tests.sim.world import World
 
 
+REPAIR_S = 3.0  # how long a retained owner record may stay behind the newest epoch
+
+
 class Ledger:
     def __init__(self, world: World) -> None:
+        self._back: dict[str, object] = {}  # apps whose retained owner epoch went back
         self.world = world
         self.root = world.root
         self.violations: list[str] = []
@@ -101,8 +107,9 @@ class Ledger:
             elif isinstance(payload, OwnerRecord):
                 before = self._owner_epoch.get(app, 0)
                 if payload.epoch < before:
-                    self.violation(f"{app}: owner epoch went back from {before} to "
-                                   f"{payload.epoch} ({payload.node}, from {client_id})")
+                    self._went_back(app, before, payload, client_id)
+                else:
+                    self._back.pop(app, None)
                 self._owner_epoch[app] = max(before, payload.epoch)
                 self._new_owner_bumps(app, payload, client_id)
                 self._owner[app] = payload
@@ -111,6 +118,19 @@ class Ledger:
                 self._checkpoint(payload, client_id)
             elif not has_spec:
                 self._forget(app)
+
+    def _went_back(self, app: str, before: int, record: OwnerRecord, client_id: str) -> None:
+        """A claim that landed late (retained messages have no compare-and-set): the nodes
+        refuse it, and the owner puts its record back. It must be back within REPAIR_S."""
+        token = object()
+        self._back[app] = token
+        text = (f"{app}: owner epoch went back from {before} to {record.epoch} "
+                f"({record.node}, from {client_id}) and was not put back in {REPAIR_S} s")
+
+        def check() -> None:
+            if self._back.get(app) is token:
+                self.violation(text)
+        self.world.loop.call_at(self.world.loop.now + REPAIR_S, check)
 
     def intend(self, record: OwnerRecord, known: OwnerRecord | None) -> None:
         """A node is about to publish `record`, having decided on owner record `known`."""
@@ -148,6 +168,7 @@ class Ledger:
         self._stored[key] = snap
 
     def _forget(self, app: str) -> None:
+        self._back.pop(app, None)
         self._owner_epoch.pop(app, None)
         self._owner.pop(app, None)
         for key in [key for key in self._stored if key[0] == app]:
@@ -155,6 +176,7 @@ class Ledger:
 
     def wiped(self) -> None:
         """The broker lost everything: what survives is what the live nodes hold now."""
+        self._back.clear()
         self._owner_epoch.clear()
         self._owner.clear()
         self._stored.clear()

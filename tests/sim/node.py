@@ -314,6 +314,16 @@ class SimNode:
                 else:
                     self.device.disk.specs.pop(app, None)
             case ("apps", app, "owner"):
+                owner = self.owners.get(app)
+                if owner and isinstance(payload, OwnerRecord) and reconcile.stale_owner(
+                        owner, payload):
+                    # node.py: a claim that landed late is refused; an owner puts its back
+                    self.trace(f"refused owner {app}={payload.node}@{payload.epoch}: older "
+                               f"than {owner.node}@{owner.epoch}")
+                    if owner.node == self.id and self.control:
+                        self.spawn(self.control.publish(self.topic(app, "owner"), owner,
+                                                        retain=True), "owner")
+                    return
                 self._set(self.owners, app, payload)
             case ("apps", app, "snapshot"):
                 held = self.snapshots.get(app)
