@@ -202,12 +202,15 @@ def decide_app(view: View, spec: AppSpec, target: str | None) -> Action | None:
                                  f"and the newest here is "
                                  f"{'none' if held is None else held[1]}; waiting for a node "
                                  f"that holds it (or `mesh restart {name} --fresh`)")
+    newest = view.checkpoints.get(name, (0, 0))[0]  # past every epoch seen, record or state
     if mine:
         assert owner is not None
-        return Start(name, owner.epoch)
-    if owner is not None and view.now < view.claim_after:
+        if newest <= owner.epoch:
+            return Start(name, owner.epoch)
+        # The record lags the app's state (a resume whose record never landed): running at
+        # the record's epoch, its checkpoints would be refused as older. Claim past it.
+    elif owner is not None and view.now < view.claim_after:
         return None  # its owner may still be on its way back from a lost broker
-    newest = view.checkpoints.get(name, (0, 0))[0]  # past every epoch seen, record or state
     return Claim(name, max(owner.epoch if owner else 0, newest) + 1, failover=owner is not None)
 
 
@@ -280,9 +283,11 @@ def plan_rebuild(view: View, held: Held, *, lost: bool) -> Rebuild:
             resume.append((name, max(version[0], owner.epoch if owner else 0) + 1))
     running = {name for name, owner in (*view.owners.items(), *owners)
                if owner.node in view.members}
+    # A broker that kept its store keeps its checkpoints: a copy given back could land over a
+    # newer one stored meanwhile (no compare-and-set), and a claimer holds its own copy anyway.
     copies = tuple(name for name, version in sorted(held.copies.items())
-                   if name in known and name not in held.suspended and name not in running
-                   and (view.checkpoints.get(name) or (-1, -1)) < version)
+                   if lost and name in known and name not in held.suspended
+                   and name not in running and (view.checkpoints.get(name) or (-1, -1)) < version)
     # Claims of apps whose owner is not back yet wait a little, whatever was given back: the
     # other survivors of the lost broker come back too, each with its own apps. (A device
     # that held nothing, new or wiped, has no one to wait for.)

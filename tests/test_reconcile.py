@@ -68,6 +68,12 @@ def test_an_owner_record_below_the_epoch_held_is_stale() -> None:
     assert not stale_owner(None, OwnerRecord("b", 1))
 
 
+def test_an_owner_record_lagging_its_apps_checkpoint_is_claimed_past_again() -> None:
+    owners = {"app": OwnerRecord("a", 1)}  # a resume at 2 stored its checkpoint, not its record
+    assert decide(view(specs=(pinned("app", "a"),), owners=owners,
+                       checkpoints={"app": (2, 3)})) == [Claim("app", 3, failover=True)]
+
+
 def test_a_claim_goes_past_the_epoch_of_the_newest_checkpoint_too() -> None:
     owners = {"app": OwnerRecord("gone", 2)}  # a record that went back: its state did not
     assert decide(view(specs=(pinned("app", "a"),), owners=owners,
@@ -186,7 +192,8 @@ def test_a_checkpoint_held_goes_back_only_where_it_is_newer_and_no_member_runs_t
     broker = view(nodes=("a", "b"), specs=tuple(spec(n) for n in ("older", "newer", "running")),
                   owners={"running": OwnerRecord("b", 2), "newer": OwnerRecord("c", 2)},
                   checkpoints={"older": (2, 7), "newer": (2, 8), "running": (2, 8)})
-    assert plan_rebuild(broker, held, lost=False).copies == ("newer",)
+    assert plan_rebuild(broker, held, lost=True).copies == ("newer",)
+    assert plan_rebuild(broker, held, lost=False).copies == ()  # it keeps its own
 
 
 def test_a_rebuild_resumes_own_state_only_where_it_is_the_newest() -> None:

@@ -231,3 +231,14 @@ def test_a_resumed_app_skips_inputs_whose_ack_the_broker_lost(
     _holds(seed, DEFAULT_KINDS)
     monkeypatch.setattr(SimApp, "SUSPEND_KEEPS_RECENT_ACKS", False)
     assert not run_seed(seed).ok
+
+
+@pytest.mark.parametrize("seed", [7780, 19601])
+def test_an_owner_record_lagging_its_apps_state_is_claimed_past(seed: int) -> None:
+    """Was (20,000-seed sweep): a node resumed its app at epoch 2 and crashed after storing the
+    checkpoint but before its owner record; back from disk, it saw its old record (epoch 1)
+    and started the app at 1 from checkpoint 2.3, so every node refused its checkpoints as
+    older; another node then gave the broker back its copy 2.3 over the owner's newer 2.7.
+    Fixed in mesh.reconcile: an app whose record lags its newest checkpoint's epoch is claimed
+    past it, and copies go back only to a broker that lost its store."""
+    _holds(seed, DEFAULT_KINDS)
