@@ -105,6 +105,21 @@ async def suspend(node: Node) -> Carry:
                  node.inbox.retained, node.inbox.versions(), suspended)
 
 
+async def _give_copies(node: Node, carry: Carry, names: tuple[str, ...], after: float) -> None:
+    """The newest checkpoints we hold of apps no one ran, given back to a broker that lost its
+    store: after the grace, and only where no newer one came meanwhile (an owner back with its
+    own state) and the owner is not back (a copy stored over a newer one would be a step back:
+    retained messages have no compare-and-set)."""
+    await asyncio.sleep(after)
+    members = node.live_members()
+    for name in names:
+        owner = node.owners.get(name)
+        held = node.inbox.version(name)
+        if (owner is None or owner.node not in members) and (held is None or
+                                                            held <= carry.copies[name]):
+            await republish(node.control, carry.retained, node.topics.app(name, "snapshot"))
+
+
 async def after_join(node: Node, carry: Carry | None) -> None:
     """Just joined, with every retained record here: a broker without the mesh's marker lost
     its store (or never had one). Give it what it lacks of `carry`, and mark it."""
@@ -140,16 +155,16 @@ async def rebuild(node: Node, carry: Carry, *, lost: bool) -> None:
     for name, owner in plan.owners:  # the epochs a takeover must go past
         node.owners[name] = owner
         await control.publish(topics.app(name, "owner"), wire.encode(owner), retain=True)
-    for name in plan.copies:  # the newest checkpoint we hold of an app no one runs now
-        await republish(control, carry.retained, topics.app(name, "snapshot"))
+    # The other survivors come back too, each with its own apps: give them a moment before
+    # taking over an app whose owner has not come back yet. (Each notices the loss on its own
+    # keepalive: a silent broker, within 1.5 K; a node given its broker tries again at least
+    # every CARRY_RETRY_S.)
+    grace = REJOIN_GRACE_S + 1.5 * node.config.keepalive + CARRY_RETRY_S
     if plan.grace:
-        # The other survivors come back too, each with its own apps: give them a moment
-        # before taking over an app whose owner has not come back yet. (Each notices
-        # the loss on its own keepalive: a silent broker, within 1.5 K; a node given its
-        # broker tries again at least every CARRY_RETRY_S.)
-        grace = REJOIN_GRACE_S + 1.5 * node.config.keepalive + CARRY_RETRY_S
         node.claim_after = time.monotonic() + grace
         node.wake_after(grace)
+    if plan.copies:  # for whoever takes those apps over, once their owners had their chance
+        node.spawn(_give_copies(node, carry, plan.copies, grace), "copies")
     if plan.specs or plan.resume or plan.copies:
         log.info("node %s gave the broker back %d app specs, the state of its own apps %s and "
                  "the checkpoints of %s", node.id, len(plan.specs),

@@ -266,17 +266,29 @@ class SimNode:
         for name, owner in plan.owners:  # the epochs a takeover must go past
             self.owners[name] = owner
             await control.publish(self.topic(name, "owner"), owner, retain=True)
-        for name in plan.copies:  # the newest checkpoint we hold of an app no one runs now
-            await control.publish(self.topic(name, "snapshot"), carry.retained[name],
-                                  retain=True)
+        grace = REJOIN_GRACE_S + 1.5 * self.device.keepalive + CARRY_RETRY_S
         if plan.grace:
-            grace = REJOIN_GRACE_S + 1.5 * self.device.keepalive + CARRY_RETRY_S
             self.claim_after = self.loop.now + grace
             self.spawn(self._wake_after(grace), "rejoin-grace")
+        if plan.copies:  # recovery._give_copies: after the grace, checked again
+            self.spawn(self._give_copies(carry, plan.copies, grace), "copies")
         self.trace(f"rebuilt ({'lost' if lost else 'kept'} store): specs "
                    f"{[s.app for s in plan.specs]} resumed {plan.resume} owners "
                    f"{[n for n, _ in plan.owners]} copies {list(plan.copies)} forgot "
                    f"{list(plan.forget)}")
+
+    async def _give_copies(self, carry: Carry, names: tuple[str, ...], after: float) -> None:
+        await self.sleep(after)
+        members = {**self.members, self.id: self.record()}
+        for name in names:
+            owner = self.owners.get(name)
+            held = self.snapshots.get(name)
+            copy = carry.retained[name]
+            if (owner is None or owner.node not in members) and (
+                    held is None or (held.epoch, held.seq) <= (copy.epoch, copy.seq)):
+                assert self.control is not None
+                await self.control.publish(self.topic(name, "snapshot"), copy, retain=True)
+                self.trace(f"gave back copy {name} {copy.epoch}.{copy.seq}")
 
     async def _wake_after(self, seconds: float) -> None:
         await self.sleep(seconds)
