@@ -241,3 +241,29 @@ def test_an_owner_record_lagging_its_apps_state_is_claimed_past(seed: int) -> No
     Fixed in mesh.reconcile: an app whose record lags its newest checkpoint's epoch is claimed
     past it, and copies go back only to a broker that lost its store."""
     _holds(seed, DEFAULT_KINDS)
+
+
+# --- open: a broker that lost its store (fault kind `wipe`, off in the default sweep) ---------
+# About 1 seed in 80 of the default kinds plus `wipe` still fails (25 of 2,000 from 200,000):
+# stopped apps that come back (10), acknowledged inputs lost (9), two writers (3), others (3).
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "wipe: an app stopped before the broker lost its store comes back, given back by a node "
+    "that still held its spec (the stop's clearing of the spec was lost with the store)"))
+def test_open_a_stopped_app_comes_back_after_a_wipe() -> None:
+    _holds(200108, (*DEFAULT_KINDS, "wipe"))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "wipe: an input the publisher saw acknowledged, applied and held by a surviving node at "
+    "the wipe, is missing from the final state"))
+def test_open_an_input_held_by_a_survivor_is_lost_after_a_wipe() -> None:
+    _holds(200089, (*DEFAULT_KINDS, "wipe"))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "wipe: a checkpoint is stored that does not extend the one stored before it (two writers "
+    "while survivors rebuild the broker)"))
+def test_open_two_writers_while_a_wiped_broker_is_rebuilt() -> None:
+    _holds(200929, (*DEFAULT_KINDS, "wipe"))
