@@ -53,6 +53,14 @@ def running_on(obs: Observer, cluster: Cluster, broker: str, app: str, *args: st
     wait_until(lambda: obs.running(app) == node, 20, f"{app} on {node}")
 
 
+def fed_and_checkpointed(obs: Observer, broker: str, app: str, payloads: list[bytes]) -> None:
+    """Send `payloads` to the app, and wait until a stored checkpoint holds them all."""
+    for payload in payloads:
+        obs.publish(f"mesh/apps/{app}/in", payload)
+    wait_count(obs, app, len(payloads))
+    checkpointed(broker, app, len(payloads))
+
+
 def checkpointed(broker: str, app: str, delivered: int) -> None:
     """Wait until the app's stored checkpoint holds `delivered` inputs."""
     wait_until(lambda: wire.decode(wire.Snapshot, retained(
@@ -209,11 +217,7 @@ def test_garbage_on_a_checkpoint_topic_never_replaces_a_good_checkpoint(
         broker: str, cluster: Cluster) -> None:
     with Observer(broker) as obs:
         running_on(obs, cluster, broker, "counter", node="alpha")
-        for payload in (b"a", b"b"):
-            obs.publish("mesh/apps/counter/in", payload)
-        wait_count(obs, "counter", 2)
-        stored = wire.decode(wire.Snapshot, retained(broker, "mesh/apps/counter/snapshot"))
-        assert stored.host.delivered == 2
+        fed_and_checkpointed(obs, broker, "counter", [b"a", b"b"])
         # Garbage as the newest checkpoint (not retained), by any client; then the owner is
         # lost and the next one takes over from the newest checkpoint it holds.
         obs.publish("mesh/apps/counter/snapshot", b"\x01\x02\x03")
@@ -231,10 +235,7 @@ def test_an_owner_record_at_an_epoch_nothing_can_follow_is_refused(
         broker: str, cluster: Cluster) -> None:
     with Observer(broker) as obs:
         running_on(obs, cluster, broker, "counter", node="alpha")
-        for payload in (b"a", b"b"):
-            obs.publish("mesh/apps/counter/in", payload)
-        wait_count(obs, "counter", 2)
-        checkpointed(broker, "counter", 2)
+        fed_and_checkpointed(obs, broker, "counter", [b"a", b"b"])
         forged = cbor2.dumps({"v": 1, "kind": "owner", "node": "alpha", "epoch": 2**64 - 1})
         obs.publish("mesh/apps/counter/owner", forged, retain=True)
         wait_until(lambda: obs.has_event("rejected", node="beta"), 10, "the record refused")
@@ -353,10 +354,7 @@ def test_restart_fresh_is_the_operators_way_to_start_an_app_over(
         broker: str, cluster: Cluster) -> None:
     with Observer(broker) as obs:
         running_on(obs, cluster, broker, "counter", node="beta")
-        for payload in (b"a", b"b"):
-            obs.publish("mesh/apps/counter/in", payload)
-        wait_count(obs, "counter", 2)
-        checkpointed(broker, "counter", 2)
+        fed_and_checkpointed(obs, broker, "counter", [b"a", b"b"])
         result = mesh_cli("restart", "counter", "--fresh", broker=broker)
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["fresh"] is True
