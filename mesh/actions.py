@@ -131,10 +131,16 @@ async def start(node: Node, spec: wire.AppSpec, epoch: int, *, handover: bool,
         checkpoint = await checkpoint_for(node, name, spec, epoch if handed else None)
         if moved_on() or node.hosted.get(name) is not hosted:
             raise BrokerError("it moved on meanwhile")
+        held = node.inbox.version(name)
+        if handover and owner is not None and owner.seq == 0 and held and held[0] < epoch:
+            checkpoint = None  # started over (`restart --fresh`): not from one before that
+        elif checkpoint is None and held and node.inbox.module_of(name) == spec.module:
+            # Its checkpoint's header is here but not all of it: never a fresh start over it.
+            raise SnapshotIncomplete(f"the checkpoint of {name} has not all arrived")
         if checkpoint:
             await hosted.start(checkpoint.snap, checkpoint.pieces, checkpoint.matches)
         else:
-            held = node.inbox.version(name)  # of another module: this is an upgrade
+            # Numbered past any checkpoint seen (an upgrade's old module's): never refused.
             await hosted.start(None, seq=held[1] if held and held[0] <= epoch else 0)
     except (BrokerError, SnapshotIncomplete) as exc:  # not the app: try again later
         if node.hosted.get(name) is hosted:

@@ -149,8 +149,17 @@ class HostedApp:
         self.state = "running"
         self._tasks = [asyncio.create_task(self._process(), name=f"{self.name}-inputs"),
                        asyncio.create_task(self._watch(session), name=f"{self.name}-session")]
+        self._tasks[0].add_done_callback(self._inputs_ended)
         if self.spec.tick_ms:
             self._tasks.append(asyncio.create_task(self._ticks(), name=f"{self.name}-ticks"))
+
+    def _inputs_ended(self, task: asyncio.Task[None]) -> None:
+        """The input loop stopped: if by an error while the app should run, the app has failed
+        (it would apply nothing more, and no node would take it over)."""
+        if task.cancelled() or self._pausing or self.state != "running":
+            return
+        if (error := task.exception()) is not None:
+            self._tasks.append(asyncio.ensure_future(self._fail(f"its input loop failed: {error}")))
 
     async def take_session(self) -> Connection:
         """Connect the app's own session, if not yet: the broker disconnects whoever held it

@@ -115,6 +115,8 @@ async def _give_copies(node: Node, carry: Carry, names: tuple[str, ...], after: 
     for name in names:
         owner = node.owners.get(name)
         held = node.inbox.version(name)
+        if name not in node.specs:  # stopped meanwhile
+            continue
         if (owner is None or owner.node not in members) and (held is None or
                                                             held <= carry.copies[name]):
             await republish(node.control, carry.retained, node.topics.app(name, "snapshot"))

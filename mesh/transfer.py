@@ -148,6 +148,7 @@ class Inbox:
         self._modules: dict[str, asyncio.Future[bytes]] = {}
         self._touched: dict[str, float] = {}  # app -> when a piece of its checkpoint came
         self._versions: dict[str, tuple[int, int]] = {}  # app -> (epoch, seq) of the one held
+        self._module_of: dict[str, str] = {}  # app -> the module of the one held
 
     def snapshot(self, app: str, index: str | None, payload: bytes) -> None:
         """A message at an app's checkpoint topic (`index` None) or at one of its chunks."""
@@ -164,6 +165,10 @@ class Inbox:
     def version(self, app: str) -> tuple[int, int] | None:
         """(epoch, seq) of the newest checkpoint of `app` this node has seen, if any."""
         return self._versions.get(app)
+
+    def module_of(self, app: str) -> str | None:
+        """The module of the newest checkpoint of `app` this node has seen, if any."""
+        return self._module_of.get(app) if app in self._versions else None
 
     def versions(self) -> dict[str, tuple[int, int]]:
         return dict(self._versions)
@@ -194,6 +199,7 @@ class Inbox:
             raise WireError(f"checkpoint {snap.version} of {app} is older than the one held, "
                             f"{held}")
         self._versions[app] = snap.version
+        self._module_of[app] = snap.module
 
     def prune(self, specs: Mapping[str, wire.AppSpec], now: float) -> int:
         """Drop pieces that cannot be a checkpoint the mesh needs, and return how many bytes:

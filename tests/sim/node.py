@@ -284,6 +284,8 @@ class SimNode:
             owner = self.owners.get(name)
             held = self.snapshots.get(name)
             copy = carry.retained[name]
+            if name not in self.specs:  # stopped meanwhile
+                continue
             if (owner is None or owner.node not in members) and (
                     held is None or (held.epoch, held.seq) <= (copy.epoch, copy.seq)):
                 assert self.control is not None
