@@ -153,12 +153,15 @@ class Inbox:
     def snapshot(self, app: str, index: str | None, payload: bytes) -> None:
         """A message at an app's checkpoint topic (`index` None) or at one of its chunks."""
         topic = self.topics.app(app, "snapshot")
+        snap = None
         if index is None:
-            self._check_head(app, payload)
+            snap = self._check_head(app, payload)
             self.retained.whole(topic, payload)
         else:
             self.retained.chunk(topic, index, payload)
         self._decoded.pop(app, None)
+        if snap is not None and snap.memory.external is None:  # whole: decoded once, here
+            self._decoded[app] = Checkpoint(payload, snap)
         self._touched[app] = time.monotonic()
         self.wake(app)
 
@@ -185,12 +188,13 @@ class Inbox:
                 self._decoded.pop(app, None)
                 self._touched[app] = time.monotonic()
 
-    def _check_head(self, app: str, payload: bytes) -> None:
+    def _check_head(self, app: str, payload: bytes) -> wire.Snapshot | None:
         """Only a valid checkpoint of `app`, no older than the one held, replaces that one (an
-        empty payload clears it: the app was stopped). Raises WireError otherwise."""
+        empty payload clears it: the app was stopped); returns it decoded. Raises WireError
+        otherwise."""
         if not payload:
             self._versions.pop(app, None)
-            return
+            return None
         snap = wire.decode(wire.Snapshot, payload)
         if snap.app != app:
             raise WireError(f"a checkpoint of {snap.app!r} published as {app!r}'s")
@@ -200,6 +204,7 @@ class Inbox:
                             f"{held}")
         self._versions[app] = snap.version
         self._module_of[app] = snap.module
+        return snap
 
     def prune(self, specs: Mapping[str, wire.AppSpec], now: float) -> int:
         """Drop pieces that cannot be a checkpoint the mesh needs, and return how many bytes:
