@@ -186,8 +186,12 @@ def bench_failover(work: Path, quick: bool) -> None:
     for how, signum in (("kill -9 of the owner", signal.SIGKILL),
                         ("owner silent (SIGSTOP)", signal.SIGSTOP)):
         times = []
-        for _ in range(rounds):
-            with two_nodes(work) as (broker, obs, cluster):
+        for round_ in range(rounds):
+            # New devices each round: state kept from an earlier round's mesh would make them
+            # wait a rejoin grace before taking over another's app.
+            fresh = work / f"failover-{signum}-{round_}"
+            fresh.mkdir()
+            with two_nodes(fresh) as (broker, obs, cluster):
                 try:
                     mesh("deploy", "counter", str(ROOT / "mesh/apps/counter.wat"), "--on",
                          "alpha", "--checkpoint-every", "1", broker=broker)
