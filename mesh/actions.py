@@ -198,9 +198,15 @@ async def hand_over(node: Node, hosted: HostedApp, action: HandOver) -> None:
     name, target, epoch = action.app, action.target, action.epoch
     began = time.monotonic()
     node.event("migrating", app=name, detail={"to": target, "epoch": epoch})
+    previous = hosted.epoch
     try:
         await hosted.hand_over(epoch)
     except MeshError:
+        if node.control.lost_reason:
+            # The broker is gone: the app stays here, paused and still ours, and the node
+            # keeps its state when it suspends its apps.
+            hosted.epoch = previous
+            raise
         # Stop it here; we still own it, so the next reconcile restores the newest checkpoint.
         node.hosted.pop(name, None)
         await hosted.close()

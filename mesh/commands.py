@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEPLOY_MODULE_WAIT_S = 3.0
+# Commands that change the mesh: refused while the broker lacks the mesh's marker (a stop taken
+# there would be undone by a survivor giving the broker back what it held).
+STEERING = frozenset({"deploy", "stop", "migrate", "restart"})
+MARKER_WAIT_S = 2.0  # how long such a command waits for the marker (a node just joining)
 
 
 def receive(node: Node, payload: bytes, *, everyone: bool) -> None:
@@ -52,6 +56,9 @@ async def _answer(node: Node, command: wire.Command, as_json: bool) -> None:
 
 async def _perform(node: Node, command: wire.Command) -> Any:
     control, topics = node.control, node.topics
+    if command.op in STEERING and not await node.until_marked(MARKER_WAIT_S):
+        raise MeshError("the broker lost its store and the mesh is giving it back what it "
+                        "held; try again in a moment")
     match command.op:
         case "ping":
             return {"node": node.id}

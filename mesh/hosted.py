@@ -144,6 +144,10 @@ class HostedApp:
             self._skip = set(snapshot.applied)
             self._seq = snapshot.seq
         session = await self.take_session()
+        if not session.resumed:
+            # A broker that lost the session (or never had it) numbers packets afresh: the
+            # restored packet ids name nothing it will send again.
+            self._skip.clear()
         if self._closed:
             raise MeshError(f"app {self.name} was stopped while it started")
         self.state = "running"

@@ -64,6 +64,8 @@ class Connection:
         self.keepalive = keepalive
         self.on_message = on_message
         self.lost: asyncio.Future[str] | None = None
+        # The broker still held this client id's persistent session (CONNACK "session present").
+        self.resumed = False
         self._loop = asyncio.get_running_loop()
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                    clean_session=clean_session, manual_ack=manual_ack,
@@ -216,10 +218,11 @@ class Connection:
     def _socket_unwritable(self, _c: Any, _u: Any, sock: Any) -> None:
         self._loop.remove_writer(sock)
 
-    def _on_connect(self, _c: Any, _u: Any, _flags: Any, reason: ReasonCode,
+    def _on_connect(self, _c: Any, _u: Any, flags: Any, reason: ReasonCode,
                     _props: Any) -> None:
         if self._connected.done():
             return
+        self.resumed = bool(flags.session_present)
         if reason.is_failure:
             self._connected.set_exception(
                 BrokerError(f"the broker at {self.broker} refused us: {reason}"))

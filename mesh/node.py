@@ -82,7 +82,7 @@ class Node:
         self.hosted: dict[str, HostedApp] = {}
         self.stopped: asyncio.Event = asyncio.Event()
         self.leaving = False
-        self.marked = False  # the broker holds the mesh's marker (it did not lose its store)
+        self._marked = asyncio.Event()  # the broker holds the mesh's marker (see `marked`)
         self.missing: dict[str, str] = {}  # apps that should start here but have no checkpoint
         self.claim_after = 0.0  # after a broker change, claims of others' apps wait this long
         self._started_ms = int(time.time() * 1000)
@@ -227,6 +227,18 @@ class Node:
         members[self.id] = self.record()
         return members
 
+    @property
+    def marked(self) -> bool:
+        """The broker holds the mesh's marker: it did not lose its store (or a survivor has
+        given it back what the mesh held)."""
+        return self._marked.is_set()
+
+    async def until_marked(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for the mesh's marker; whether the broker holds it."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._marked.wait(), timeout)
+        return self.marked
+
     async def sync(self) -> None:
         """Wait until everything the broker sent us before now has arrived: a marker we send
         ourselves comes back after it, on the same session."""
@@ -307,7 +319,10 @@ class Node:
             case ("nodes", node_id, "cmd") if node_id == self.id:
                 commands.receive(self, payload, everyone=False)
             case ("mesh",):
-                self.marked = bool(payload)
+                if payload:
+                    self._marked.set()
+                else:
+                    self._marked.clear()
             case ("nodes", node_id, "sync") if node_id == self.id:
                 if (marker := self._syncing.get(payload)) is not None:
                     marker.set()

@@ -18,16 +18,16 @@ The rules, for each app with a spec:
   after both the app's and its owner record's;
 - it does not run here, and its owner record names this node: it was handed to us, or we own
   it since before a restart: start it for that epoch (`Start`);
-- it does not run here, placement picks this node, and its owner is not a member: claim it at
-  the owner's epoch + 1 (`Claim`), from its newest checkpoint; after a lost broker, not before
-  `claim_after`, so that a survivor finds its own apps still its own.
+- it does not run here, placement picks this node, and its owner is not a member (or it has
+  none): claim it at the owner's epoch + 1 (`Claim`), from its newest checkpoint; after a lost
+  broker, not before `claim_after`, so that a survivor finds its own apps still its own.
 
 An app that runs here without a spec is stopped for good (`Stop`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -209,8 +209,10 @@ def decide_app(view: View, spec: AppSpec, target: str | None) -> Action | None:
             return Start(name, owner.epoch)
         # The record lags the app's state (a resume whose record never landed): running at
         # the record's epoch, its checkpoints would be refused as older. Claim past it.
-    elif owner is not None and view.now < view.claim_after:
-        return None  # its owner may still be on its way back from a lost broker
+    elif view.now < view.claim_after:
+        # Its owner may still be on its way back from a lost broker: one that lost its store
+        # lost the owner records too, so an app with none may have one coming back as well.
+        return None
     return Claim(name, max(owner.epoch if owner else 0, newest) + 1, failover=owner is not None)
 
 
@@ -258,6 +260,19 @@ class Rebuild:
     grace: bool = False  # let the other survivors come back before claiming their apps
 
 
+def copy_wanted(owner: OwnerRecord | None, members: Collection[str], newest: Version | None,
+                copy: Version) -> bool:
+    """After the grace, is the checkpoint `copy` we hold of an app still to be given back to a
+    broker that lost its store? Only if it is the newest we know of (`newest`: ours, or one
+    stored meanwhile) and its owner cannot have gone on from a newer state: it is not back, or
+    its record is no newer than the copy (it waits for the state the record names; an owner
+    back with its own state resumes it at the next epoch). A copy stored over a newer
+    checkpoint would be a step back: retained messages have no compare-and-set."""
+    if newest is not None and newest > copy:
+        return False
+    return owner is None or owner.node not in members or (owner.epoch, owner.seq) <= copy
+
+
 def plan_rebuild(view: View, held: Held, *, lost: bool) -> Rebuild:
     """Joined a broker after losing one (or after a restart): what of `held` to give it, given
     what it has (`view`) and whether it `lost` its store. The newest state wins: an app's state
@@ -266,9 +281,11 @@ def plan_rebuild(view: View, held: Held, *, lost: bool) -> Rebuild:
     specs = tuple(spec for name, spec in sorted(held.specs.items())
                   if give and name not in view.specs)
     known = set(view.specs) | {spec.app for spec in specs}
+    # (An owner that is back gives its own record, at the epoch it resumes at: one given for
+    # it could land after that, and put the epoch back.)
     owners = tuple((name, owner) for name, owner in sorted(held.owners.items())
                    if give and name in known and name not in view.owners
-                   and name not in held.suspended)
+                   and name not in held.suspended and owner.node not in view.members)
     resume, forget = [], []
     for name, version in sorted(held.suspended.items()):
         owner = view.owners.get(name)

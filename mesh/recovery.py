@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from mesh import chunks, wire
 from mesh.errors import MeshError
-from mesh.reconcile import Held, Version, plan_rebuild
+from mesh.reconcile import Held, Version, copy_wanted, plan_rebuild
 from mesh.store import StateStore
 from mesh.transfer import publish_blob, publish_snapshot, republish
 
@@ -107,18 +107,14 @@ async def suspend(node: Node) -> Carry:
 
 async def _give_copies(node: Node, carry: Carry, names: tuple[str, ...], after: float) -> None:
     """The newest checkpoints we hold of apps no one ran, given back to a broker that lost its
-    store: after the grace, and only where no newer one came meanwhile (an owner back with its
-    own state) and the owner is not back (a copy stored over a newer one would be a step back:
-    retained messages have no compare-and-set)."""
+    store: after the grace, where still wanted (`mesh.reconcile.copy_wanted`)."""
     await asyncio.sleep(after)
     members = node.live_members()
     for name in names:
-        owner = node.owners.get(name)
-        held = node.inbox.version(name)
         if name not in node.specs:  # stopped meanwhile
             continue
-        if (owner is None or owner.node not in members) and (held is None or
-                                                            held <= carry.copies[name]):
+        if copy_wanted(node.owners.get(name), members, node.inbox.version(name),
+                       carry.copies[name]):
             await republish(node.control, carry.retained, node.topics.app(name, "snapshot"))
 
 
@@ -148,9 +144,11 @@ async def rebuild(node: Node, carry: Carry, *, lost: bool) -> None:
             await publish_blob(control, topics.module(spec.module), wasm)
     for name, epoch in plan.resume:  # ours: they go on from where they were
         kept = carry.suspended[name]
-        # Its `applied` stay: inputs applied but not acked come again (DUP) if the broker kept
-        # them, and are skipped.
-        snap = replace(kept, epoch=epoch, seq=kept.seq + 1)
+        # Its `applied` stay if the broker kept its store: inputs applied but not acked come
+        # again (DUP), and are skipped. A broker that lost it lost the app's session too: the
+        # packet ids of the next one name other inputs.
+        snap = replace(kept, epoch=epoch, seq=kept.seq + 1,
+                       applied=() if lost else kept.applied)
         await publish_snapshot(control, topics.app(name, "snapshot"), snap, [snap.memory.data])
         record = node.owners[name] = wire.OwnerRecord(node.id, epoch, snap.seq)
         await control.publish(topics.app(name, "owner"), wire.encode(record), retain=True)

@@ -157,11 +157,16 @@ class Inbox:
         if index is None:
             snap = self._check_head(app, payload)
             self.retained.whole(topic, payload)
+            self._decoded.pop(app, None)
+            if snap is not None:  # put together now, if all its chunks are here
+                self._decoded[app] = self._put_together(payload, snap) or payload
         else:
             self.retained.chunk(topic, index, payload)
-        self._decoded.pop(app, None)
-        if snap is not None and snap.memory.external is None:  # whole: decoded once, here
-            self._decoded[app] = Checkpoint(payload, snap)
+            # A checkpoint put together keeps its chunks until a newer header comes: chunks of
+            # a copy older than it may land on the same indices before their header is
+            # refused. (One still waiting for chunks is put together again when asked.)
+            if not isinstance(self._decoded.get(app), Checkpoint):
+                self._decoded.pop(app, None)
         self._touched[app] = time.monotonic()
         self.wake(app)
 
@@ -261,24 +266,35 @@ class Inbox:
         cached = self._decoded.get(app)  # until a piece of a newer one comes
         if cached is not None:
             return cached if isinstance(cached, Checkpoint) else None
-        topic = self.topics.app(app, "snapshot")
-        head = self.retained.head(topic)
+        head = self.retained.head(self.topics.app(app, "snapshot"))
         if head is None:
             return None
-        snap = wire.decode(wire.Snapshot, head)
-        external = snap.memory.external
-        pieces = None
-        if external is not None:  # its memory is in chunks, restored straight from them
-            pieces = chunks.collect(external, self.retained.parts(topic), MAX_SNAPSHOT_BYTES)
-            if pieces is None:
-                return None
-        checkpoint = self._decoded[app] = Checkpoint(head, snap, pieces)
+        checkpoint = self._put_together(head, wire.decode(wire.Snapshot, head))
+        if checkpoint is not None:
+            self._decoded[app] = checkpoint
         return checkpoint
 
+    def _put_together(self, head: bytes, snap: wire.Snapshot) -> Checkpoint | None:
+        """The checkpoint `snap`, with the chunks held at the indices it names (None if some
+        are missing)."""
+        external = snap.memory.external
+        if external is None:
+            return Checkpoint(head, snap)
+        # Its memory is in chunks, restored straight from them.
+        parts = self.retained.parts(self.topics.app(snap.app, "snapshot"))
+        pieces = chunks.collect(external, parts, MAX_SNAPSHOT_BYTES)
+        return None if pieces is None else Checkpoint(head, snap, pieces)
+
     def incomplete(self, checkpoint: Checkpoint) -> None:
-        """`checkpoint`'s chunks turned out not to be its own: wait for the rest of them."""
-        self._decoded[checkpoint.snap.app] = checkpoint.head
-        self.wake(checkpoint.snap.app)
+        """`checkpoint`'s chunks turned out not to be its own: take the ones here now if they
+        are others (its own may have come since it was put together), else wait for them."""
+        app = checkpoint.snap.app
+        again = self._put_together(checkpoint.head, checkpoint.snap)
+        fresh = again is not None and any(
+            new is not old for new, old in zip(again.pieces or (), checkpoint.pieces or (),
+                                               strict=False))
+        self._decoded[app] = again if again is not None and fresh else checkpoint.head
+        self.wake(app)
 
     def snapshot_parts(self, app: str) -> list[str]:
         """The chunk topics of an app's checkpoint that this node has seen."""

@@ -154,9 +154,13 @@ async def hand_over(node: SimNode, app: SimApp, target: str, epoch: int,
     assert node.control is not None
     name = app.name
     node.trace(f"hand over {name}@{app.epoch} to {target} at {epoch}")
+    previous = app.epoch
     try:
         await app.hand_over(epoch)
     except MeshError:
+        if node.control.lost_reason:  # kept, paused, for the node to suspend
+            app.epoch = previous
+            raise
         node.hosted.pop(name, None)
         await app.close()
         node.dirty.set()

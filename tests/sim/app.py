@@ -104,6 +104,8 @@ class SimApp:
             self._skip = set(snapshot.applied)
             self.seq = snapshot.seq
         session = await self.take_session()
+        if not session.resumed:
+            self._skip.clear()  # a new session's packet ids are not the old one's
         if self._closed:
             raise MeshError(f"app {self.name} was stopped while it started")
         self.status = "running"

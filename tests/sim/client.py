@@ -48,6 +48,7 @@ class Client:
         self.keepalive = keepalive
         self.will = will
         self.lost: Future[str] = Future()
+        self.resumed = False  # the CONNACK said "session present"
         self.conn: Conn | None = None
         self._connected: Future[None] = Future()
         self._pending: dict[int, Future[None]] = {}
@@ -126,6 +127,7 @@ class Client:
     # --- from the broker --------------------------------------------------------------------
 
     def on_connack(self, present: bool) -> None:
+        self.resumed = present
         self._connected.set_result(None)
 
     def on_suback(self, pid: int) -> None:

@@ -26,7 +26,8 @@ Checked at the end, after the settle period (every fault healed, every node up):
 - exactly once: each input the publisher saw acknowledged is in the final state once, except
   inputs the broker routed to no session (MQTT drops those: before an app first started, or
   after a wipe before it resumed) and, only with `wipe`, inputs that no surviving node held in
-  the newest state of the app at the wipe (the queues went with the broker). With `upgrade`,
+  the newest state of the app at the wipe (the queues went with the broker; an ack the wiped
+  broker sent that was still on its way counts as one before the wipe). With `upgrade`,
   that app is checked for duplicates only (its state restarts by design). Under every other
   fault (crash, pause, partition, restart, join, leave, migrate, stop, deploy, slow, jitter)
   nothing acknowledged may be lost or applied twice: that is the Mosquitto guarantee;
@@ -64,6 +65,7 @@ class Ledger:
         self.acked_inputs: dict[str, list[int]] = {}
         self.dropped: set[int] = set()  # routed to no session
         self.lossable: set[int] = set()  # acked before a wipe, held by no survivor
+        self._sent_before_wipe: set[int] = set()  # ... and not acked yet at the wipe
         self.protected: dict[str, tuple[int, ...]] = {}
         self.upgraded_to: dict[str, int] = {}  # app -> its module version
         self._owner_epoch: dict[str, int] = {}
@@ -82,6 +84,9 @@ class Ledger:
 
     def acked(self, app: str, value: int) -> None:
         self.acked_inputs.setdefault(app, []).append(value)
+        if value in self._sent_before_wipe and value not in self.protected.get(app, ()):
+            self.lossable.add(value)  # acked by the broker that was wiped, the ack still on
+            # its way at the wipe: as if acked just before it
 
     def routed(self, topic: str, payload: object, sessions: int) -> None:
         if sessions == 0 and isinstance(payload, int) and topic.endswith("/in"):
@@ -180,6 +185,8 @@ class Ledger:
         self._owner_epoch.clear()
         self._owner.clear()
         self._stored.clear()
+        self._sent_before_wipe = set(self.app_of) - {
+            value for acked in self.acked_inputs.values() for value in acked}
         for app, acked in self.acked_inputs.items():
             newest: tuple[tuple[int, int, int], tuple[int, ...]] | None = None
             for device in self.world.devices.values():

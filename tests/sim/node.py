@@ -41,6 +41,7 @@ from mesh.reconcile import (
     Running,
     Unplaceable,
     View,
+    copy_wanted,
 )
 from mesh.wire import AppSpec, NodeRecord, OwnerRecord
 from tests.sim import actions
@@ -257,9 +258,9 @@ class SimNode:
             await control.publish(self.topic(spec.app, "spec"), spec, retain=True)
         for name, epoch in plan.resume:  # ours: they go on from where they were
             kept = carry.suspended[name]
-            # Its `applied` stay: inputs applied but not acked come again (DUP) if the broker
-            # kept them, and are skipped.
-            snap = replace(kept, epoch=epoch, seq=kept.seq + 1)
+            # Its `applied` stay if the broker kept its store (see recovery.rebuild).
+            snap = replace(kept, epoch=epoch, seq=kept.seq + 1,
+                           applied=() if lost else kept.applied)
             await control.publish(self.topic(name, "snapshot"), snap, retain=True)
             record = self.owners[name] = OwnerRecord(self.id, epoch, snap.seq)
             await control.publish(self.topic(name, "owner"), record, retain=True)
@@ -281,13 +282,13 @@ class SimNode:
         await self.sleep(after)
         members = {**self.members, self.id: self.record()}
         for name in names:
-            owner = self.owners.get(name)
             held = self.snapshots.get(name)
             copy = carry.retained[name]
             if name not in self.specs:  # stopped meanwhile
                 continue
-            if (owner is None or owner.node not in members) and (
-                    held is None or (held.epoch, held.seq) <= (copy.epoch, copy.seq)):
+            if copy_wanted(self.owners.get(name), members,
+                           None if held is None else (held.epoch, held.seq),
+                           (copy.epoch, copy.seq)):
                 assert self.control is not None
                 await self.control.publish(self.topic(name, "snapshot"), copy, retain=True)
                 self.trace(f"gave back copy {name} {copy.epoch}.{copy.seq}")

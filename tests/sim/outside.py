@@ -5,7 +5,9 @@ broker acknowledged (the ones the mesh must then apply exactly once). The operat
 `mesh deploy`, `mesh stop` and `mesh migrate` make a node publish: an app's spec, retained (or
 cleared), one command after the other, each retried until the broker acknowledges it. Both
 reconnect (clean session) whenever the broker is back. Not modelled: the command/reply path
-through a node (its validation is not what this simulator tests).
+through a node (its validation is not what this simulator tests), except that a node refuses a
+command (the operator tries again) while the broker lacks the mesh's marker: one that lost its
+store takes no command until a survivor has given it back what the mesh held.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ class Outside:
                 await self._more.wait()
             topic, payload = self._commands[0]
             client = self.client
-            if client is not None and not client.lost_reason:
+            marked = f"{w.root}/mesh" in w.broker.retained
+            if client is not None and not client.lost_reason and marked:
                 try:
                     await client.publish(topic, payload, retain=True)
                     self._commands.popleft()
