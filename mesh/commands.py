@@ -8,6 +8,7 @@ node knows which); one on `<root>/nodes/<id>/cmd` by that node. The reply goes t
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +74,9 @@ async def _perform(node: Node, command: wire.Command) -> Any:
             return await _deploy(node, command.spec)
         case "stop":
             name = _known_app(node, command)
+            tombstone = wire.Tombstone(name, int(time.time() * 1000))
+            await control.publish(topics.app(name, "stopped"), wire.encode(tombstone),
+                                  retain=True)
             await control.publish(topics.app(name, "spec"), b"", retain=True)
             return {"app": name, "state": "stopping"}
         case "migrate":
@@ -147,6 +151,8 @@ async def _deploy(node: Node, spec: wire.AppSpec) -> dict[str, Any]:
     members = node.live_members()
     if spec.pin and spec.pin not in members:
         raise MeshError(f"no node {spec.pin!r} in the mesh")
+    if spec.app in node.tombstones:  # deployed again after a stop
+        await node.control.publish(node.topics.app(spec.app, "stopped"), b"", retain=True)
     await node.control.publish(node.topics.app(spec.app, "spec"), wire.encode(spec),
                                retain=True)
     target = Placement(members.values()).best(spec)

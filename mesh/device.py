@@ -67,7 +67,7 @@ class Device:
             # What we give a broker that lacks it: first what this device kept on disk, then
             # what it held when it lost a broker.
             carry: Carry | None = await asyncio.to_thread(
-                Carry.from_disk, StateStore(self.config.state_dir), self.config.node_id)
+                Carry.kept_on_disk, StateStore(self.config.state_dir), self.config.node_id)
             known: set[str] | None = None  # the members we last knew, once we lost a broker
             lost: BrokerAd | None = None
             backoff = RETRY_S[0]

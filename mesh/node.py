@@ -82,9 +82,12 @@ class Node:
         self.hosted: dict[str, HostedApp] = {}
         self.stopped: asyncio.Event = asyncio.Event()
         self.leaving = False
-        self._marked = asyncio.Event()  # the broker holds the mesh's marker (see `marked`)
+        self.marker: wire.MeshRecord | None = None  # the mesh's marker, as the broker holds it
+        self._marked = asyncio.Event()  # ... once it is here (see `marked`)
         self.missing: dict[str, str] = {}  # apps that should start here but have no checkpoint
         self.claim_after = 0.0  # after a broker change, claims of others' apps wait this long
+        self.deferred: set[str] = set()  # own apps from disk, resumed after a grace (recovery)
+        self.tombstones: set[str] = set()  # apps stopped since last deployed
         self._started_ms = int(time.time() * 1000)
         self.modules: dict[str, AppModule] = {}  # loaded, by sha256 (see `actions.module`)
         self.kept = recovery.DiskCopies(self.store, self.spawn)  # apps' checkpoints on disk
@@ -133,8 +136,8 @@ class Node:
         # all here before the owner records that may make this node restore one.
         await control.subscribe(f"{t.root}/apps/+/snapshot/+", f"{t.root}/apps/+/snapshot",
                                 f"{t.root}/nodes/+", f"{t.root}/apps/+/spec",
-                                f"{t.root}/apps/+/owner", t.mesh, t.cmd, t.node_cmd(self.id),
-                                t.node_sync(self.id))
+                                f"{t.root}/apps/+/owner", f"{t.root}/apps/+/stopped", t.mesh,
+                                t.cmd, t.node_cmd(self.id), t.node_sync(self.id))
         await self._publish_record()
         # The broker may still be sending the retained records (a bounded window at a time),
         # and the ack of our own publish can overtake them: no claim can lower an epoch we
@@ -176,10 +179,16 @@ class Node:
                 else:
                     await hosted.shutdown()
             except MeshError as exc:
+                if self.control.lost_reason:
+                    continue  # the broker is gone: suspended with the others (and on disk)
                 log.warning("could not hand %s over: %s", action.app, exc)
                 await hosted.close()
             self.hosted.pop(action.app, None)
-        if self._control and not self._control.lost_reason:
+        if self._control and self._control.lost_reason:  # let the suspend finish first
+            for task in self._tasks:
+                if task.get_name() == "control":
+                    await asyncio.gather(task, return_exceptions=True)
+        elif self._control:
             self.event("left")
             with contextlib.suppress(MeshError):
                 await self.control.publish(self.topics.node(self.id), b"", retain=True)
@@ -219,6 +228,7 @@ class Node:
                     hosted={name: Running(h.epoch, h.spec.module, h.state)
                             for name, h in self.hosted.items()},
                     now=time.monotonic(), claim_after=self.claim_after,
+                    deferred=frozenset(self.deferred), tombstones=frozenset(self.tombstones),
                     synced=self._synced, checkpoints=self.inbox.versions())
 
     def live_members(self) -> dict[str, wire.NodeRecord]:
@@ -298,6 +308,13 @@ class Node:
                     self.store.save_spec(spec)
                 else:
                     self.store.forget_spec(app)
+            case ("apps", app, "stopped"):
+                if payload:
+                    if wire.decode(wire.Tombstone, payload).app != app:
+                        raise WireError(f"a tombstone of another app published as {app!r}'s")
+                    self.tombstones.add(app)
+                else:
+                    self.tombstones.discard(app)
             case ("apps", app, "owner"):
                 held = self.owners.get(app)
                 if held and payload and stale_owner(held, wire.decode(wire.OwnerRecord, payload)):
@@ -319,10 +336,11 @@ class Node:
             case ("nodes", node_id, "cmd") if node_id == self.id:
                 commands.receive(self, payload, everyone=False)
             case ("mesh",):
-                if payload:
-                    self._marked.set()
-                else:
+                self.marker = wire.decode(wire.MeshRecord, payload) if payload else None
+                if self.marker is None:
                     self._marked.clear()
+                else:
+                    self._marked.set()
             case ("nodes", node_id, "sync") if node_id == self.id:
                 if (marker := self._syncing.get(payload)) is not None:
                     marker.set()

@@ -28,7 +28,7 @@ An app that runs here without a spec is stopped for good (`Stop`).
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from mesh.placement import Placement
@@ -61,6 +61,11 @@ class View:
     synced: bool = True  # every retained record the broker held when we subscribed is here
     # The newest checkpoint of each app this node holds (all its pieces here or not).
     checkpoints: Mapping[str, Version] = field(default_factory=dict)
+    # Apps stopped since they were last deployed (their tombstones on the broker).
+    tombstones: frozenset[str] = frozenset()
+    # Apps whose state from this device's disk is resumed or dropped after the rejoin grace
+    # (`Rebuild.later`): nothing is started or claimed for them before.
+    deferred: frozenset[str] = frozenset()
 
     def placement(self) -> Placement:
         """Placement over the members that are not leaving."""
@@ -190,6 +195,8 @@ def decide_app(view: View, spec: AppSpec, target: str | None) -> Action | None:
         return None
     if not view.synced:
         return None  # an owner record may still be on its way: acting now could lower an epoch
+    if name in view.deferred:
+        return None  # our state from disk, or a newer one on its way back: after the grace
     mine = owner is not None and owner.node == view.node
     if not mine and not (target == view.node and (owner is None or
                                                  owner.node not in view.members)):
@@ -246,6 +253,9 @@ class Held:
     # marker): a broker that kept it is the mesh's memory, and what it lacks was removed on
     # purpose. A node that joins a broker it was given (`--broker`) holds its state this way.
     only_if_lost: bool = False
+    # The apps whose `suspended` state came from this device's disk (back from a crash or a
+    # power cut): another node may hold a newer state of them, or may have run them since.
+    from_disk: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +268,7 @@ class Rebuild:
     copies: tuple[str, ...] = ()  # others' apps: the checkpoint held, newer than the broker's
     forget: tuple[str, ...] = ()  # own apps' kept state the mesh went on without
     grace: bool = False  # let the other survivors come back before claiming their apps
+    later: tuple[str, ...] = ()  # own apps from disk: `plan_resume` after the grace
 
 
 def copy_wanted(owner: OwnerRecord | None, members: Collection[str], newest: Version | None,
@@ -273,20 +284,29 @@ def copy_wanted(owner: OwnerRecord | None, members: Collection[str], newest: Ver
     return owner is None or owner.node not in members or (owner.epoch, owner.seq) <= copy
 
 
-def plan_rebuild(view: View, held: Held, *, lost: bool) -> Rebuild:
+def plan_rebuild(view: View, held: Held, *, lost: bool, remarked: bool = False) -> Rebuild:
     """Joined a broker after losing one (or after a restart): what of `held` to give it, given
     what it has (`view`) and whether it `lost` its store. The newest state wins: an app's state
-    kept here goes back unless the broker holds a newer checkpoint or the app moved on."""
+    kept here goes back unless the broker holds a newer checkpoint or the app moved on.
+
+    `remarked`: it lost the store we held this for, and another node has marked it since (one
+    that held nothing, or gave back what it held): the specs it has stand, save that an app
+    whose state we hold comes back with its spec. (Another app it lacks may have been stopped
+    while we were away.)"""
     give = lost or not held.only_if_lost
     specs = tuple(spec for name, spec in sorted(held.specs.items())
-                  if give and name not in view.specs)
+                  if give and name not in view.specs and name not in view.tombstones
+                  and (not remarked or name in held.suspended))
     known = set(view.specs) | {spec.app for spec in specs}
     # (An owner that is back gives its own record, at the epoch it resumes at: one given for
-    # it could land after that, and put the epoch back.)
-    owners = tuple((name, owner) for name, owner in sorted(held.owners.items())
+    # it could land after that, and put the epoch back.) A record given back names the newest
+    # checkpoint we hold of the app (the owner's record named the one it started from), so no
+    # one starts the app from an older one, or from nothing, before our copy is back.
+    owners = tuple((name, replace(owner, seq=max(owner.seq, held.copies.get(name, (0, 0))[1])))
+                   for name, owner in sorted(held.owners.items())
                    if give and name in known and name not in view.owners
                    and name not in held.suspended and owner.node not in view.members)
-    resume, forget = [], []
+    resume, forget, later = [], [], []
     for name, version in sorted(held.suspended.items()):
         owner = view.owners.get(name)
         newer = view.checkpoints.get(name)
@@ -296,17 +316,40 @@ def plan_rebuild(view: View, held: Held, *, lost: bool) -> Rebuild:
             forget.append(name)  # another node took it over meanwhile
         elif newer is not None and newer > version:
             forget.append(name)  # the broker holds a newer state: it goes on from that
+        elif owner is not None and owner.seq > version[1]:
+            pass  # its record names a newer state than ours: not a step back (kept on disk)
+        elif name in held.from_disk and newer != version:
+            later.append(name)  # a survivor may hold a newer one, or be on its way back with it
         else:
             resume.append((name, max(version[0], owner.epoch if owner else 0) + 1))
-    running = {name for name, owner in (*view.owners.items(), *owners)
-               if owner.node in view.members}
-    # A broker that kept its store keeps its checkpoints: a copy given back could land over a
-    # newer one stored meanwhile (no compare-and-set), and a claimer holds its own copy anyway.
+    records = {**view.owners, **dict(owners)}
+
+    def copy_goes_back(name: str, version: Version) -> bool:
+        broker = view.checkpoints.get(name) or (-1, -1)
+        owner = records.get(name)
+        if name not in known or name in held.suspended or broker >= version:
+            return False
+        # Its owner record names a checkpoint the broker lacks, and this copy is it (or newer).
+        gap = owner is not None and broker[1] < owner.seq <= version[1]
+        # A broker that kept its store keeps its checkpoints (else a copy given back could
+        # land over a newer one stored meanwhile: no compare-and-set), and an owner that is
+        # back runs the app from its own state.
+        return gap or (lost and (owner is None or owner.node not in view.members))
+
     copies = tuple(name for name, version in sorted(held.copies.items())
-                   if lost and name in known and name not in held.suspended
-                   and name not in running and (view.checkpoints.get(name) or (-1, -1)) < version)
+                   if copy_goes_back(name, version))
     # Claims of apps whose owner is not back yet wait a little, whatever was given back: the
     # other survivors of the lost broker come back too, each with its own apps. (A device
     # that held nothing, new or wiped, has no one to wait for.)
     return Rebuild(specs, tuple(resume), owners, copies, tuple(forget),
-                   grace=bool(held.specs or held.owners or held.suspended))
+                   grace=bool(held.specs or held.owners or held.suspended), later=tuple(later))
+
+
+def plan_resume(view: View, held: Held, names: Collection[str]) -> Rebuild:
+    """After the grace: the resumes a rebuild put off (`Rebuild.later`), decided on what the
+    broker holds now (the other survivors had their chance to give back what they hold). One
+    that runs here meanwhile is left as it is."""
+    kept = {name: version for name, version in held.suspended.items()
+            if name in names and name not in view.hosted}
+    plan = plan_rebuild(view, Held({}, {}, kept), lost=False)
+    return Rebuild(resume=plan.resume, forget=plan.forget)

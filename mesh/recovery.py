@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from mesh import chunks, wire
 from mesh.errors import MeshError
-from mesh.reconcile import Held, Version, copy_wanted, plan_rebuild
+from mesh.reconcile import Held, Version, copy_wanted, plan_rebuild, plan_resume
 from mesh.store import StateStore
 from mesh.transfer import publish_blob, publish_snapshot, republish
 
@@ -44,20 +44,23 @@ class Carry:
     copies: dict[str, Version] = field(default_factory=dict)  # ... and how new they are
     suspended: dict[str, wire.Snapshot] = field(default_factory=dict)  # its own apps' state
     only_if_lost: bool = False  # see `mesh.reconcile.Held`
+    from_disk: set[str] = field(default_factory=set)  # ... and there
+    marker: str | None = None  # the id of the mesh's marker on the broker we held this for
 
     @classmethod
-    def from_disk(cls, store: StateStore, node_id: str) -> Carry:
+    def kept_on_disk(cls, store: StateStore, node_id: str) -> Carry:
         """What this device kept on disk (see `mesh.store`)."""
-        kept = store.checkpoints()
+        kept, marker = store.checkpoints(), store.marker()
         return cls(set(), store.specs(), {app: wire.OwnerRecord(node_id, snap.epoch, snap.seq)
                                           for app, snap in kept.items()},
-                   chunks.Retained(), suspended=kept, only_if_lost=True)
+                   chunks.Retained(), suspended=kept, only_if_lost=True, from_disk=set(kept),
+                   marker=marker.id if marker else None)
 
     def held(self) -> Held:
         return Held(self.specs, self.owners,
                     {name: snap.version for name, snap in self.suspended.items()},
                     {name: v for name, v in self.copies.items() if name not in self.suspended},
-                    self.only_if_lost)
+                    self.only_if_lost, frozenset(self.from_disk))
 
 
 class DiskCopies:
@@ -101,8 +104,47 @@ async def suspend(node: Node) -> Carry:
             log.warning("%s: could not keep its state: %s", name, exc)
             await hosted.close()
     node.hosted.clear()
+    # State from disk still waiting for its grace goes on waiting, for the next broker.
+    later = {name: node.carried.suspended[name] for name in node.deferred
+             if node.carried is not None and name in node.carried.suspended}
     return Carry(set(node.members) - {node.id}, dict(node.specs), dict(node.owners),
-                 node.inbox.retained, node.inbox.versions(), suspended)
+                 node.inbox.retained, node.inbox.versions(), {**later, **suspended},
+                 from_disk=set(later) - set(suspended),
+                 marker=node.marker.id if node.marker else None)
+
+
+async def _resume(node: Node, carry: Carry, resume: tuple[tuple[str, int], ...], *,
+                  lost: bool) -> None:
+    """Our own apps go on from the state we kept, each at its epoch in `resume`."""
+    control, topics = node.control, node.topics
+    for name, epoch in resume:
+        kept = carry.suspended[name]
+        # Its `applied` stay if the broker kept its store: inputs applied but not acked come
+        # again (DUP), and are skipped. A broker that lost it lost the app's session too: the
+        # packet ids of the next one name other inputs.
+        snap = replace(kept, epoch=epoch, seq=kept.seq + 1,
+                       applied=() if lost else kept.applied)
+        await publish_snapshot(control, topics.app(name, "snapshot"), snap, [snap.memory.data])
+        record = node.owners[name] = wire.OwnerRecord(node.id, epoch, snap.seq)
+        await control.publish(topics.app(name, "owner"), wire.encode(record), retain=True)
+
+
+async def _resume_later(node: Node, carry: Carry, names: tuple[str, ...], after: float, *,
+                        lost: bool) -> None:
+    """State from this device's disk that the broker had nothing as new as: resumed after
+    `after` if no newer one came back meanwhile (`mesh.reconcile.plan_resume`)."""
+    await asyncio.sleep(after)
+    try:
+        plan = plan_resume(node.view(), carry.held(), names)
+        for name in plan.forget:
+            node.kept.forget(name)
+        await _resume(node, carry, plan.resume, lost=lost)
+        log.info("node %s: of the state kept on disk, resumed %s, dropped %s (newer found)",
+                 node.id, ", ".join(name for name, _ in plan.resume) or "(none)",
+                 ", ".join(plan.forget) or "(none)")
+    finally:
+        node.deferred.difference_update(names)
+        node.changed()
 
 
 async def _give_copies(node: Node, carry: Carry, names: tuple[str, ...], after: float) -> None:
@@ -121,18 +163,25 @@ async def _give_copies(node: Node, carry: Carry, names: tuple[str, ...], after: 
 async def after_join(node: Node, carry: Carry | None) -> None:
     """Just joined, with every retained record here: a broker without the mesh's marker lost
     its store (or never had one). Give it what it lacks of `carry`, and mark it."""
-    lost = not node.marked
+    marker = node.marker
     if carry is not None:
-        await rebuild(node, carry, lost=lost)
-    if lost:
-        marker = wire.MeshRecord(secrets.token_hex(8), int(time.time() * 1000))
-        await node.control.publish(node.topics.mesh, wire.encode(marker), retain=True)
+        # A marker other than the one we knew: the broker lost the store we held this for (or
+        # is a new one), and another node marked it since.
+        remarked = (marker is not None and carry.marker is not None
+                    and marker.id != carry.marker)
+        await rebuild(node, carry, lost=marker is None or remarked, remarked=remarked)
+    if marker is None:
+        mark = wire.MeshRecord(secrets.token_hex(8), int(time.time() * 1000))
+        await node.control.publish(node.topics.mesh, wire.encode(mark), retain=True)
+        await node.sync()  # our marker is back: `node.marker` is it
+    if node.marker is not None:  # the one this device's state is kept for, from now on
+        await asyncio.to_thread(node.store.save_marker, node.marker)
 
 
-async def rebuild(node: Node, carry: Carry, *, lost: bool) -> None:
+async def rebuild(node: Node, carry: Carry, *, lost: bool, remarked: bool = False) -> None:
     """Joined after losing a broker: give this one back what it lacks of what we held (`lost`:
     it lost its store), and keep the newer of its checkpoints and ours."""
-    plan = plan_rebuild(node.view(), carry.held(), lost=lost)
+    plan = plan_rebuild(node.view(), carry.held(), lost=lost, remarked=remarked)
     for name in plan.forget:  # the mesh went on without us: ours are stale
         node.kept.forget(name)
     node.inbox.adopt(carry.retained, carry.copies)
@@ -142,16 +191,7 @@ async def rebuild(node: Node, carry: Carry, *, lost: bool) -> None:
         wasm = await asyncio.to_thread(node.store.module, spec.module)
         if wasm is not None:
             await publish_blob(control, topics.module(spec.module), wasm)
-    for name, epoch in plan.resume:  # ours: they go on from where they were
-        kept = carry.suspended[name]
-        # Its `applied` stay if the broker kept its store: inputs applied but not acked come
-        # again (DUP), and are skipped. A broker that lost it lost the app's session too: the
-        # packet ids of the next one name other inputs.
-        snap = replace(kept, epoch=epoch, seq=kept.seq + 1,
-                       applied=() if lost else kept.applied)
-        await publish_snapshot(control, topics.app(name, "snapshot"), snap, [snap.memory.data])
-        record = node.owners[name] = wire.OwnerRecord(node.id, epoch, snap.seq)
-        await control.publish(topics.app(name, "owner"), wire.encode(record), retain=True)
+    await _resume(node, carry, plan.resume, lost=lost)
     for name, owner in plan.owners:  # the epochs a takeover must go past
         node.owners[name] = owner
         await control.publish(topics.app(name, "owner"), wire.encode(owner), retain=True)
@@ -165,6 +205,9 @@ async def rebuild(node: Node, carry: Carry, *, lost: bool) -> None:
         node.wake_after(grace)
     if plan.copies:  # for whoever takes those apps over, once their owners had their chance
         node.spawn(_give_copies(node, carry, plan.copies, grace), "copies")
+    if plan.later:  # once every survivor came back, and gave back its copies after its grace
+        node.deferred.update(plan.later)
+        node.spawn(_resume_later(node, carry, plan.later, 2 * grace, lost=lost), "resume")
     if plan.specs or plan.resume or plan.copies:
         log.info("node %s gave the broker back %d app specs, the state of its own apps %s and "
                  "the checkpoints of %s", node.id, len(plan.specs),

@@ -5,7 +5,9 @@
 - `compiled/`: the runtime's cache of compiled modules;
 - `specs/<app>.cbor`: the app specs it knows;
 - `apps/<app>.cbor`: the newest checkpoint of each app it runs (written at most every few
-  seconds).
+  seconds);
+- `mesh.cbor`: the mesh's marker on the last broker it joined (a broker with another one, or
+  none, is not the store this device's state was kept for).
 
 The embedded broker keeps nothing across a restart: a device that starts and finds a broker
 holding no apps at all gives it the specs and checkpoints back (see `mesh.recovery`); a broker
@@ -37,6 +39,7 @@ class StateStore:
         self.apps_dir = state_dir / "apps"
         self.modules_dir = state_dir / "modules"
         self.compiled_dir = state_dir / "compiled"
+        self.marker_file = state_dir / "mesh.cbor"
 
     def module(self, sha256: str) -> bytes | None:
         """The module with this hash if this device has it (and it is intact)."""
@@ -61,6 +64,19 @@ class StateStore:
 
     def forget_checkpoint(self, app: str) -> None:
         (self.apps_dir / f"{app}.cbor").unlink(missing_ok=True)
+
+    def save_marker(self, marker: wire.MeshRecord) -> None:
+        if self.marker() != marker:
+            _write(self.marker_file, wire.encode(marker))
+
+    def marker(self) -> wire.MeshRecord | None:
+        try:
+            return wire.decode(wire.MeshRecord, self.marker_file.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, WireError) as exc:
+            log.warning("skipping %s: %s", self.marker_file, exc)
+            return None
 
     def specs(self) -> dict[str, wire.AppSpec]:
         return {spec.app: spec for spec in _read_all(self.specs_dir, wire.AppSpec)}

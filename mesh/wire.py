@@ -301,6 +301,21 @@ class MeshRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Tombstone:
+    """Retained at `<root>/apps/<app>/stopped` when an app is stopped (cleared when it is
+    deployed again): a node back with the app's spec from before the stop does not give it
+    back to a broker that lost its store and was rebuilt meanwhile."""
+
+    KIND: ClassVar[str] = "stopped"
+    MAX_BYTES: ClassVar[int] = 4096
+    app: str
+    stopped_ms: int
+
+    def __post_init__(self) -> None:
+        _check_name("app", self.app)
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     """An input (or tick) the app could not take, retained at `<root>/apps/<app>/dead/<n>`."""
 
@@ -333,10 +348,10 @@ class Event:
 
 
 WireObject = (NodeRecord | AppSpec | OwnerRecord | Snapshot | Manifest | Command | Reply | Event
-              | DeadLetter | MeshRecord)
+              | DeadLetter | MeshRecord | Tombstone)
 _TOP_LEVEL: dict[str, type[Any]] = {
     cls.KIND: cls for cls in (NodeRecord, AppSpec, OwnerRecord, Snapshot, Manifest, Command,
-                              Reply, Event, DeadLetter, MeshRecord)
+                              Reply, Event, DeadLetter, MeshRecord, Tombstone)
 }
 
 

@@ -26,6 +26,7 @@ from mesh.reconcile import (
     decide,
     plan_leave,
     plan_rebuild,
+    plan_resume,
     stale_owner,
 )
 from mesh.wire import AppSpec, NodeRecord, OwnerRecord
@@ -198,7 +199,8 @@ def test_a_rebuild_gives_a_broker_that_lost_its_store_what_it_lacks() -> None:
                   checkpoints={"known": (2, 9)})
     assert plan_rebuild(broker, held, lost=True) == Rebuild(
         specs=(spec("mine"), spec("theirs")), resume=(("mine", 4),),
-        owners=(("theirs", OwnerRecord("c", 6)),), copies=("theirs",), grace=True)
+        # The record given back names the checkpoint held, not just the one it started from.
+        owners=(("theirs", OwnerRecord("c", 6, seq=4)),), copies=("theirs",), grace=True)
 
 
 def test_a_checkpoint_held_goes_back_only_where_it_is_newer_and_no_member_runs_the_app() -> None:
@@ -229,6 +231,30 @@ def test_a_rebuild_resumes_own_state_only_where_it_is_the_newest() -> None:
         plan = plan_rebuild(broker, held, lost=False)
         assert plan.resume == ((("mine", epoch),) if epoch else ()), (owner, checkpoint)
         assert plan.forget == (() if epoch else ("mine",))
+
+
+def test_state_from_disk_waits_for_the_survivors_unless_the_broker_holds_it() -> None:
+    # A device back from a crash: what its disk holds may be older than a survivor's copy, or
+    # the app may have run elsewhere since. Resumed at once only where the broker holds the
+    # same state; else decided again after the grace, on what came back meanwhile.
+    held = Held(specs={"app": spec("app")}, owners={"app": OwnerRecord("a", 1, 1)},
+                suspended={"app": (1, 1)}, only_if_lost=True, from_disk=frozenset({"app"}))
+    empty = view(specs=(spec("app"),))
+    plan = plan_rebuild(empty, held, lost=True)
+    assert (plan.resume, plan.later) == ((), ("app",))
+    same = replace(empty, checkpoints={"app": (1, 1)})
+    assert plan_rebuild(same, held, lost=False).resume == (("app", 2),)
+    # Nothing starts it while it waits, though its owner record names this node.
+    waiting = replace(empty, owners={"app": OwnerRecord("a", 1)}, deferred=frozenset({"app"}))
+    assert decide(waiting) == []
+    # After the grace: a survivor gave back a newer copy, or ran it on since, or neither.
+    newer = replace(empty, checkpoints={"app": (1, 2)})
+    assert plan_resume(newer, held, {"app"}) == Rebuild(forget=("app",))
+    moved = replace(empty, owners={"app": OwnerRecord("b", 2)}, checkpoints={"app": (2, 2)})
+    assert plan_resume(moved, held, {"app"}) == Rebuild(forget=("app",))
+    assert plan_resume(empty, held, {"app"}) == Rebuild(resume=(("app", 2),))
+    running = replace(empty, hosted={"app": Running(1, MODULE)})
+    assert plan_resume(running, held, {"app"}) == Rebuild()
 
 
 def test_a_broker_emptied_on_purpose_gets_nothing_back() -> None:

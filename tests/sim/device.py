@@ -35,6 +35,7 @@ RETRY_S = (1.0, 30.0)
 class Disk:
     specs: dict[str, AppSpec] = field(default_factory=dict)
     checkpoints: dict[str, SimSnapshot] = field(default_factory=dict)
+    marker: object = None  # the mesh's marker on the last broker joined (`mesh.cbor`)
 
     def carry(self, node_id: str) -> Carry:
         """`Carry.from_disk`."""
@@ -42,8 +43,8 @@ class Disk:
         held = Held(dict(self.specs), {app: OwnerRecord(node_id, snap.epoch, snap.seq)
                                        for app, snap in kept.items()},
                     {app: (snap.epoch, snap.seq) for app, snap in kept.items()},
-                    only_if_lost=True)
-        return Carry(held, {}, kept)
+                    only_if_lost=True, from_disk=frozenset(kept))
+        return Carry(held, {}, kept, self.marker)
 
 
 class Device:

@@ -36,7 +36,10 @@ Checked at the end, after the settle period (every fault healed, every node up):
   broker that lost everything must not make the mesh start an app again from zero or from
   older state. (The fault schedule crashes no node around a wipe, so "surviving" is exact.)
 - stopped apps (`stop`) run nowhere and do not come back; their owner record and checkpoint
-  left on the broker (only the node running an app clears them) are noted, not failed.
+  left on the broker (only the node running an app clears them) are noted, not failed. A stop
+  followed by a wipe may be undone by a node that still held the app (the wipe took the stop's
+  tombstone with it: README, "broker killed"): noted, not failed; a stop after the last wipe
+  must hold.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class Ledger:
         self.dropped: set[int] = set()  # routed to no session
         self.lossable: set[int] = set()  # acked before a wipe, held by no survivor
         self._sent_before_wipe: set[int] = set()  # ... and not acked yet at the wipe
+        self.stopped_before_wipe: set[str] = set()  # apps stopped, then a wipe came
         self.protected: dict[str, tuple[int, ...]] = {}
         self.upgraded_to: dict[str, int] = {}  # app -> its module version
         self._owner_epoch: dict[str, int] = {}
@@ -181,6 +185,7 @@ class Ledger:
 
     def wiped(self) -> None:
         """The broker lost everything: what survives is what the live nodes hold now."""
+        self.stopped_before_wipe |= set(self.world.all_apps) - set(self.world.specs)
         self._back.clear()
         self._owner_epoch.clear()
         self._owner.clear()
@@ -225,7 +230,11 @@ class Ledger:
                            and app in d.node.hosted and d.node.hosted[app].status == "running")
             owner = retained.get(f"{root}/apps/{app}/owner")
             if app not in world.specs and isinstance(spec, AppSpec):
-                self.violation(f"{app} was stopped but came back (runs on {hosts})")
+                if app in self.stopped_before_wipe:  # README: a wipe can undo a stop
+                    world.finding(f"{app} was stopped, and came back from a node that held it "
+                                  "after a wipe lost the stop", violation=False)
+                else:
+                    self.violation(f"{app} was stopped but came back (runs on {hosts})")
                 continue
             if not isinstance(spec, AppSpec):
                 if hosts:

@@ -67,6 +67,7 @@ class Carry:
     held: Held
     retained: dict[str, SimSnapshot] = field(default_factory=dict)  # every app's checkpoint
     suspended: dict[str, SimSnapshot] = field(default_factory=dict)  # its own apps' state
+    marker: object = None  # the mesh's marker on the broker it held this for
 
 
 class SimNode:
@@ -92,6 +93,9 @@ class SimNode:
         self.root = device.world.root
         self.carried = carried
         self.carry: Carry | None = None
+        self.deferred: set[str] = set()  # own apps from disk, resumed after a grace
+        self._watcher: Task | None = None  # `_watch_control`
+        self.tombstones: set[str] = set()  # apps stopped since last deployed
         self.members: dict[str, NodeRecord] = {}
         self.specs: dict[str, AppSpec] = {}
         self.owners: dict[str, OwnerRecord] = {}
@@ -99,7 +103,7 @@ class SimNode:
         self.hosted: dict[str, SimApp] = {}
         self.stopped = Event()
         self.leaving = False
-        self.marked = False  # the broker holds the mesh's marker (it did not lose its store)
+        self.marker: object = None  # the mesh's marker as the broker holds it (None: none)
         self.missing: dict[str, str] = {}  # apps that should start here but have no checkpoint
         self.synced = False  # every retained record the broker held at our join is here
         self._syncing: dict[int, Event] = {}  # markers on their way back to us
@@ -145,7 +149,8 @@ class SimNode:
         await control.connect()
         await control.subscribe(f"{root}/apps/+/snapshot/+", f"{root}/apps/+/snapshot",
                                 f"{root}/nodes/+", f"{root}/apps/+/spec", f"{root}/apps/+/owner",
-                                f"{root}/mesh", f"{root}/nodes/{self.id}/sync")
+                                f"{root}/apps/+/stopped", f"{root}/mesh",
+                                f"{root}/nodes/{self.id}/sync")
         await self._publish_record()
         if self.SYNC_MARKER:
             await self.sync()
@@ -153,7 +158,7 @@ class SimNode:
         await self._after_join(self.carried)
         self.trace(f"joined ({len(self.specs)} specs, {len(self.owners)} owners)")
         self.spawn(self._reconciler(), "reconcile")
-        self.spawn(self._watch_control(control), "control")
+        self._watcher = self.spawn(self._watch_control(control), "control")
 
     async def sync(self) -> None:
         """`Node.sync`: wait until everything the broker sent us before now has arrived (a
@@ -206,9 +211,14 @@ class SimNode:
                 else:
                     await app.shutdown()
             except MeshError:
+                if control is not None and control.lost_reason:  # node.py: kept for suspend
+                    self.trace(f"leave: {action.app} kept, suspended (the broker was lost)")
+                    continue
                 await app.close()
             self.hosted.pop(action.app, None)
-        if control is not None and not control.lost_reason:
+        if control is not None and control.lost_reason and self._watcher is not None:
+            await self._watcher.done  # node.py: let the suspend finish first
+        elif control is not None:
             with contextlib.suppress(BrokerError):
                 await control.publish(f"{self.root}/nodes/{self.id}", None, retain=True)
         self.stopped.set()
@@ -224,30 +234,41 @@ class SimNode:
                 suspended[name] = snap
                 self.device.disk.checkpoints[name] = snap
         self.hosted.clear()
+        # `recovery.suspend`: state from disk still waiting for its grace goes on waiting.
+        carried = self.carried
+        later = {name: carried.suspended[name] for name in self.deferred
+                 if carried is not None and name in carried.suspended
+                 and name not in suspended}
+        suspended = {**later, **suspended}
         held = Held(dict(self.specs), dict(self.owners),
                     {name: (snap.epoch, snap.seq) for name, snap in suspended.items()},
                     {name: (snap.epoch, snap.seq) for name, snap in self.snapshots.items()
-                     if name not in suspended})
-        self.carry = Carry(held, dict(self.snapshots), suspended)
+                     if name not in suspended},
+                    from_disk=frozenset(later))
+        self.carry = Carry(held, dict(self.snapshots), suspended, self.marker)
         self.stopped.set()
 
     async def _after_join(self, carry: Carry | None) -> None:
         """`recovery.after_join`: a broker without the mesh's marker lost its store (or never
         had one). Give it what it lacks of `carry`, and mark it."""
         assert self.control is not None
-        lost = not self.marked
-        if carry is not None:
-            await self._rebuild(carry, lost=lost)
-        if lost:
+        marker = self.marker
+        if carry is not None:  # (a marker other than the one we knew: see recovery)
+            remarked = marker is not None and carry.marker is not None and marker != carry.marker
+            await self._rebuild(carry, lost=marker is None or remarked, remarked=remarked)
+        if marker is None:
             await self.control.publish(f"{self.root}/mesh", ("mesh", self.world.token()),
                                        retain=True)
+            await self.sync()
+        if self.marker is not None:
+            self.device.disk.marker = self.marker
 
-    async def _rebuild(self, carry: Carry, *, lost: bool) -> None:
+    async def _rebuild(self, carry: Carry, *, lost: bool, remarked: bool = False) -> None:
         """Joined after losing a broker: give this one back what it lacks of what we held, and
         keep the newer of its checkpoints and ours."""
         assert self.control is not None
         control = self.control
-        plan = reconcile.plan_rebuild(self._view(), carry.held, lost=lost)
+        plan = reconcile.plan_rebuild(self._view(), carry.held, lost=lost, remarked=remarked)
         for name in plan.forget:  # the mesh went on without us: ours are stale
             self.gone_from_here(name)
         for name, snap in carry.retained.items():  # `Inbox.adopt`: the newer ones
@@ -256,14 +277,7 @@ class SimNode:
                 self.snapshots[name] = snap
         for spec in plan.specs:
             await control.publish(self.topic(spec.app, "spec"), spec, retain=True)
-        for name, epoch in plan.resume:  # ours: they go on from where they were
-            kept = carry.suspended[name]
-            # Its `applied` stay if the broker kept its store (see recovery.rebuild).
-            snap = replace(kept, epoch=epoch, seq=kept.seq + 1,
-                           applied=() if lost else kept.applied)
-            await control.publish(self.topic(name, "snapshot"), snap, retain=True)
-            record = self.owners[name] = OwnerRecord(self.id, epoch, snap.seq)
-            await control.publish(self.topic(name, "owner"), record, retain=True)
+        await self._resume(carry, plan.resume, lost=lost)
         for name, owner in plan.owners:  # the epochs a takeover must go past
             self.owners[name] = owner
             await control.publish(self.topic(name, "owner"), owner, retain=True)
@@ -273,10 +287,41 @@ class SimNode:
             self.spawn(self._wake_after(grace), "rejoin-grace")
         if plan.copies:  # recovery._give_copies: after the grace, checked again
             self.spawn(self._give_copies(carry, plan.copies, grace), "copies")
+        if plan.later:  # recovery._resume_later
+            self.deferred.update(plan.later)
+            self.spawn(self._resume_later(carry, plan.later, 2 * grace, lost=lost), "resume")
         self.trace(f"rebuilt ({'lost' if lost else 'kept'} store): specs "
                    f"{[s.app for s in plan.specs]} resumed {plan.resume} owners "
                    f"{[n for n, _ in plan.owners]} copies {list(plan.copies)} forgot "
                    f"{list(plan.forget)}")
+
+    async def _resume(self, carry: Carry, resume: tuple[tuple[str, int], ...], *,
+                      lost: bool) -> None:
+        """`recovery._resume`."""
+        control = self.control
+        assert control is not None
+        for name, epoch in resume:  # ours: they go on from where they were
+            kept = carry.suspended[name]
+            # Its `applied` stay if the broker kept its store (see recovery.rebuild).
+            snap = replace(kept, epoch=epoch, seq=kept.seq + 1,
+                           applied=() if lost else kept.applied)
+            await control.publish(self.topic(name, "snapshot"), snap, retain=True)
+            record = self.owners[name] = OwnerRecord(self.id, epoch, snap.seq)
+            await control.publish(self.topic(name, "owner"), record, retain=True)
+
+    async def _resume_later(self, carry: Carry, names: tuple[str, ...], after: float, *,
+                            lost: bool) -> None:
+        """`recovery._resume_later`."""
+        await self.sleep(after)
+        try:
+            plan = reconcile.plan_resume(self._view(), carry.held, names)
+            for name in plan.forget:
+                self.gone_from_here(name)
+            await self._resume(carry, plan.resume, lost=lost)
+            self.trace(f"resumed from disk {plan.resume}, dropped {list(plan.forget)}")
+        finally:
+            self.deferred.difference_update(names)
+            self.dirty.set()
 
     async def _give_copies(self, carry: Carry, names: tuple[str, ...], after: float) -> None:
         await self.sleep(after)
@@ -317,7 +362,12 @@ class SimNode:
             case ("nodes", node_id):
                 self._set(self.members, node_id, payload)
             case ("mesh",):
-                self.marked = payload is not None
+                self.marker = payload
+            case ("apps", app, "stopped"):
+                if payload is None:
+                    self.tombstones.discard(app)
+                else:
+                    self.tombstones.add(app)
             case ("nodes", node_id, "sync"):
                 marker = self._syncing.get(payload) if isinstance(payload, int) else None
                 if node_id == self.id and marker is not None:
@@ -387,6 +437,7 @@ class SimNode:
                   for name, app in self.hosted.items()}
         return View(self.id, members, dict(self.specs), dict(self.owners), hosted,
                     now=self.loop.now, claim_after=self.claim_after, synced=self.synced,
+                    deferred=frozenset(self.deferred), tombstones=frozenset(self.tombstones),
                     checkpoints={name: (snap.epoch, snap.seq)
                                  for name, snap in self.snapshots.items()})
 

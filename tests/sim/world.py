@@ -58,6 +58,7 @@ class World:
         self.devices = {n.id: Device(self, n.id, n.caps, n.labels, setup.keepalive)
                         for n in setup.nodes}
         self.specs: dict[str, AppSpec] = {}
+        self.stopped: set[str] = set()  # apps whose tombstone the operator has set
         self.all_apps = sorted({a.app for a in setup.apps} | set(setup.apps_later))
         self.outside = Outside(self)
         self._tokens = 0
@@ -100,11 +101,19 @@ class World:
 
     def _set_spec(self, spec: AppSpec | None, app: str = "") -> None:
         name = spec.app if spec else app
-        if spec is None:
+        if spec is None:  # commands.py: a tombstone, then the spec cleared
             self.specs.pop(name, None)
-        else:
+            self.ledger.stopped_before_wipe.discard(name)
+            self.outside.command(f"{self.root}/apps/{name}/stopped", ("stopped", name))
+        elif name in self.stopped:  # deployed again: the tombstone cleared first
+            self.outside.command(f"{self.root}/apps/{name}/stopped", None)
+        if spec is not None:
             self.specs[name] = spec
         self.outside.command(f"{self.root}/apps/{name}/spec", spec)
+        if spec is None:
+            self.stopped.add(name)
+        else:
+            self.stopped.discard(name)
 
     def apply(self, fault: Fault) -> None:
         self.trace("FAULT", fault.describe())
