@@ -40,3 +40,8 @@ class ConfigError(MeshError, ValueError):
 
 class BrokerError(MeshError):
     """The broker cannot be reached, refused us, or dropped the connection."""
+
+
+class TrustError(MeshError):
+    """A record that is not signed by whom it must be, by a key the mesh has not admitted (or
+    has revoked), or that is expired or replayed."""

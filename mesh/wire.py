@@ -15,7 +15,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 import cbor2
 
@@ -357,19 +357,25 @@ _TOP_LEVEL: dict[str, type[Any]] = {
 
 # --- encoding ----------------------------------------------------------------------------------
 
-def to_plain(obj: WireObject) -> dict[str, Any]:
+class Kinded(Protocol):
+    """A top-level record type (here, or another module's, e.g. `mesh.trust`'s)."""
+
+    KIND: ClassVar[str]
+
+
+def to_plain(obj: Kinded) -> dict[str, Any]:
     """The object as plain data with its version and kind, ready for CBOR or JSON."""
     plain: dict[str, Any] = {"v": WIRE_VERSION, "kind": obj.KIND}
     plain.update(schema.as_plain(obj))
     return plain
 
 
-def encode(obj: WireObject) -> bytes:
+def encode(obj: Kinded) -> bytes:
     """CBOR bytes for a top-level wire object."""
     return cbor2.dumps(to_plain(obj))
 
 
-def encode_json(obj: WireObject) -> bytes:
+def encode_json(obj: Kinded) -> bytes:
     """JSON bytes for a wire object (bytes fields must hold UTF-8 text)."""
     def default(value: Any) -> Any:
         if isinstance(value, bytes):
