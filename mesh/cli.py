@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_lazy("cmd_demo"))
     _add_node(sub)
     _add_clients(sub)
+    _add_trust(sub)
     return parser
 
 
@@ -195,6 +196,8 @@ def _add_node(sub: Subparsers) -> None:
                       help="a label apps can prefer (repeatable)")
     node.add_argument("--sensor", type=_sensor, action="append", default=[],
                       metavar="NAME=VALUE", help="a fixed reading for mesh.read (repeatable)")
+    node.add_argument("--token", metavar="TOKEN", help="join the mesh with this token "
+                      "(`mesh admit --token`; redeemed on the first start)")
     node.set_defaults(func=_lazy("cmd_node"))
     _add_broker_options(node)
     broker = sub.add_parser("broker", help="serve the embedded MQTT broker alone",
@@ -249,6 +252,39 @@ def _add_clients(sub: Subparsers) -> None:
         client.add_argument("--json", action="store_true", help="JSON output for scripts")
         client.set_defaults(func=_lazy("cmd_client"))
         _add_broker_options(client)
+        _add_home(client)
+
+
+def _add_home(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", type=Path, metavar="DIR", help="the mesh's operator key "
+                        "and identity (default: $MESH_HOME, else ~/.config/liquid-mesh)")
+
+
+def _add_trust(sub: Subparsers) -> None:
+    init = sub.add_parser("init", help="create a mesh: the operator's key and identity",
+                          description="Create a mesh on this machine: an Ed25519 operator "
+                          "key (whoever holds it owns the mesh) and the mesh's identity.")
+    init.add_argument("--name", default="", help="a name for the mesh")
+    init.set_defaults(func=_lazy("cmd_init"))
+    admit = sub.add_parser("admit", help="admit a device to the mesh",
+                           description="Print a one-time join token for a device (give it "
+                           "as `mesh node --token` or the profile's `token`).")
+    admit.add_argument("--token", action="store_true", required=True,
+                       help="print a one-time join token")
+    admit.add_argument("--cap", action="append", default=[], metavar="CAP",
+                       help="capabilities the device may announce (default: any)")
+    admit.add_argument("--no-deploy", action="store_true",
+                       help="the device may not deploy, stop or move apps")
+    admit.add_argument("--hours", type=float, default=0, metavar="N",
+                       help="the admission expires after N hours (default: never)")
+    admit.add_argument("--root", default="mesh", help=argparse.SUPPRESS)
+    admit.set_defaults(func=_lazy("cmd_admit"))
+    revoke = sub.add_parser("revoke", help="take a device out of the mesh for good")
+    revoke.add_argument("device")
+    revoke.set_defaults(func=_lazy("cmd_revoke"))
+    _add_broker_options(revoke)
+    for command in (init, admit, revoke):
+        _add_home(command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,11 +18,16 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from mesh import profile, wire
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from mesh import profile, trust, wire
+from mesh.authority import OPEN_MESH_WARNING, Authority
 from mesh.cli import read_module
 from mesh.client import MeshClient, broker_from, find_broker
 from mesh.errors import MeshError
+from mesh.home import OperatorHome
 from mesh.mqtt import BrokerAddress
+from mesh.trust import Rights
 
 if TYPE_CHECKING:
     from mesh.device import Device
@@ -61,14 +66,21 @@ def cmd_node(args: argparse.Namespace) -> int:
     broker = BrokerAddress.parse(url) if url else None
     if args.embedded_broker and broker is None:
         broker = broker_from(None)
-    config = NodeConfig(node_id=profile.identity(state_dir, configured),
+    node_id = profile.identity(state_dir, configured)
+    token = args.token or kit.token
+    authority = Authority.load(state_dir, node_id, args.root, token)  # redeems a new token
+    if authority.secure:
+        log.info("node %s joins %s", node_id, authority.describe())
+    else:
+        log.warning("%s", OPEN_MESH_WARNING)
+    config = NodeConfig(node_id=node_id,
                         broker=broker or broker_from(None), state_dir=state_dir, root=args.root,
                         caps=(*kit.caps, *(c for c in args.cap if c not in kit.caps)),
                         labels={**kit.labels, **_pairs(args.label, "--label")},
                         sensors={**kit.sensors, **dict(args.sensor)},
                         keepalive=args.keepalive or kit.keepalive or 5,
                         app_memory_bytes=kit.app_memory_bytes,
-                        call_timeout_ms=kit.call_timeout_ms)
+                        call_timeout_ms=kit.call_timeout_ms, token=token)
     device = Device(config, broker=broker, mdns=not args.no_mdns)
     return asyncio.run(run_device(device, embedded=args.embedded_broker))
 
@@ -121,12 +133,52 @@ def _spec_fields(args: argparse.Namespace) -> dict[str, Any]:
             "memory_limit": args.memory_mb << 20, "subscriptions": tuple(args.subscribe)}
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    home = OperatorHome(args.home)
+    identity = home.init(args.name)
+    print(f"created mesh {identity.id} in {home.path} (keep operator.key secret: it owns the "
+          "mesh)\njoin a device: mesh admit --token, then give the token to `mesh node "
+          "--token` or put it in the device's profile")
+    return 0
+
+
+def cmd_admit(args: argparse.Namespace) -> int:
+    home = OperatorHome(args.home)
+    hours = args.hours
+    rights = Rights(caps=tuple(args.cap), may_deploy=not args.no_deploy,
+                    expires_ms=int((time.time() + hours * 3600) * 1000) if hours else 0)
+    print(trust.join_token(home.key(), home.identity(), rights,
+                           now_ms=int(time.time() * 1000), root=args.root))
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    home = OperatorHome(args.home)
+    data = trust.revocation(home.key(), home.identity(), args.device,
+                            now_ms=int(time.time() * 1000), root=args.root)
+
+    async def publish() -> None:
+        async with MeshClient(await find_broker(args.broker, args.root), args.root) as mesh:
+            await mesh.conn.publish(f"{args.root}/revoked/{args.device}", data, retain=True)
+
+    asyncio.run(publish())
+    print(f"revoked {args.device}: every node refuses its records from now on")
+    return 0
+
+
+def _operator_key(args: argparse.Namespace) -> Ed25519PrivateKey | None:
+    """The operator's key, to sign commands with, if this machine holds the mesh's."""
+    home = OperatorHome(args.home)
+    return home.key() if home.exists() else None
+
+
 def cmd_client(args: argparse.Namespace) -> int:
     return asyncio.run(_client(args))
 
 
 async def _client(args: argparse.Namespace) -> int:
-    async with MeshClient(await find_broker(args.broker, args.root), args.root) as mesh:
+    async with MeshClient(await find_broker(args.broker, args.root), args.root,
+                          _operator_key(args)) as mesh:
         if args.command == "events":
             async for event in mesh.events():
                 print(_event_line(event, as_json=args.json), flush=True)

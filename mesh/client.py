@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from mesh import wire
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from mesh import trust, wire
 from mesh.discovery import Discovery
 from mesh.errors import MeshError
 from mesh.mqtt import BrokerAddress, Connection, Message
@@ -50,8 +53,11 @@ async def find_broker(url: str | None, root: str = "mesh",
 class MeshClient:
     """`async with MeshClient(broker) as mesh: await mesh.request(...)`."""
 
-    def __init__(self, broker: BrokerAddress, root: str = "mesh") -> None:
+    def __init__(self, broker: BrokerAddress, root: str = "mesh",
+                 operator: Ed25519PrivateKey | None = None) -> None:
+        """`operator`: the mesh's operator key, to sign commands with (`mesh init`)."""
         self.broker = broker
+        self.operator = operator
         self.topics = Topics(root)
         self._inbox: asyncio.Queue[Message] = asyncio.Queue()
         self._conn: Connection | None = None
@@ -77,7 +83,11 @@ class MeshClient:
         command = dataclasses.replace(command, id=request_id)
         reply_topic = self.topics.reply(request_id)
         await self.conn.subscribe(reply_topic)
-        await self.conn.publish(self.topics.cmd, wire.encode(command))
+        body = wire.encode(command)
+        if self.operator is not None:
+            body = trust.seal(self.operator, trust.OPERATOR, self.topics.cmd, body,
+                              issued_ms=int(time.time() * 1000))
+        await self.conn.publish(self.topics.cmd, body)
         try:
             async with asyncio.timeout(timeout):
                 while True:

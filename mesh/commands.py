@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from mesh import actions, wire
-from mesh.errors import MeshError, WireError
+from mesh.errors import MeshError, TrustError, WireError
 from mesh.placement import Placement
 
 if TYPE_CHECKING:
@@ -32,16 +32,23 @@ def receive(node: Node, payload: bytes, *, everyone: bool) -> None:
     """A command arrived; answer it in the background if it is this node's to answer."""
     if everyone and min(node.live_members()) != node.id:
         return  # the node with the lowest id answers commands to everyone
+    topic = node.topics.cmd if everyone else node.topics.node_cmd(node.id)
     try:
-        command, as_json = wire.decode_command(payload)
-    except WireError as exc:
+        body, signer = node.authority.command(topic, payload)
+        command, as_json = wire.decode_command(body)
+    except (WireError, TrustError) as exc:
         node.event("rejected", reason=f"command: {exc}", detail={"source": "cmd"})
         return
-    node.spawn(_answer(node, command, as_json), f"command-{command.op}")
+    node.spawn(_answer(node, command, as_json, signer), f"command-{command.op}")
 
 
-async def _answer(node: Node, command: wire.Command, as_json: bool) -> None:
+async def _answer(node: Node, command: wire.Command, as_json: bool,
+                  signer: str | None = None) -> None:
     try:
+        if command.op in STEERING and not node.authority.may_steer(signer):
+            raise MeshError(f"{command.op} changes the mesh: it must be signed by the operator "
+                            "(`mesh init` on the machine it is sent from) or by a device "
+                            f"allowed to deploy{'' if signer is None else f', not {signer}'}")
         reply = wire.Reply(id=command.id or "-", ok=True, result=await _perform(node, command))
     except MeshError as exc:
         reply = wire.Reply(id=command.id or "-", ok=False, error=str(exc))
@@ -75,8 +82,9 @@ async def _perform(node: Node, command: wire.Command) -> Any:
         case "stop":
             name = _known_app(node, command)
             tombstone = wire.Tombstone(name, int(time.time() * 1000))
-            await control.publish(topics.app(name, "stopped"), wire.encode(tombstone),
-                                  retain=True)
+            topic = topics.app(name, "stopped")
+            await control.publish(topic, node.authority.sign_record(
+                topic, wire.encode(tombstone)), retain=True)
             await control.publish(topics.app(name, "spec"), b"", retain=True)
             return {"app": name, "state": "stopping"}
         case "migrate":
@@ -85,7 +93,9 @@ async def _perform(node: Node, command: wire.Command) -> Any:
             if target not in node.live_members():
                 raise MeshError(f"no node {target!r} in the mesh")
             spec = replace(node.specs[name], pin=target)
-            await control.publish(topics.app(name, "spec"), wire.encode(spec), retain=True)
+            topic = topics.app(name, "spec")
+            await control.publish(topic, node.authority.sign_record(topic, wire.encode(spec)),
+                                  retain=True)
             return {"app": name, "to": target}
         case "restart":
             name = _known_app(node, command)
@@ -98,8 +108,9 @@ async def _perform(node: Node, command: wire.Command) -> Any:
                 raise MeshError(f"app {name!r} has no owner in the mesh to restart it from its "
                                 "newest checkpoint; `mesh restart --fresh` starts it over")
             # Its owner restarts it; the reply is ours.
-            await control.publish(topics.node_cmd(owner.node),
-                                  wire.encode(replace(command, id=None)))
+            topic = topics.node_cmd(owner.node)
+            await control.publish(topic, node.authority.sign_command(
+                topic, wire.encode(replace(command, id=None))))
             return {"app": name, "node": owner.node, "state": "restarting"}
         case "send":
             name = _known_app(node, command)
@@ -153,7 +164,8 @@ async def _deploy(node: Node, spec: wire.AppSpec) -> dict[str, Any]:
         raise MeshError(f"no node {spec.pin!r} in the mesh")
     if spec.app in node.tombstones:  # deployed again after a stop
         await node.control.publish(node.topics.app(spec.app, "stopped"), b"", retain=True)
-    await node.control.publish(node.topics.app(spec.app, "spec"), wire.encode(spec),
+    topic = node.topics.app(spec.app, "spec")
+    await node.control.publish(topic, node.authority.sign_record(topic, wire.encode(spec)),
                                retain=True)
     target = Placement(members.values()).best(spec)
     node.event("deployed", app=spec.app, detail={"module": spec.module, "node": target})

@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from mesh import actions, commands, recovery, wire
+from mesh.authority import Authority
 from mesh.context import HostContext
-from mesh.errors import BrokerError, MeshError, WireError
+from mesh.desired import DesiredState
+from mesh.errors import BrokerError, MeshError, TrustError, WireError
 from mesh.events import Events
 from mesh.hosted import HostedApp
 from mesh.mqtt import BrokerAddress, Connection, Message
@@ -61,6 +63,7 @@ class NodeConfig:
     keepalive: int = 5
     app_memory_bytes: int | None = None
     call_timeout_ms: int | None = None
+    token: str | None = None  # a join token to redeem on the first start (`mesh.authority`)
 
 
 class Node:
@@ -74,10 +77,14 @@ class Node:
         self.id = config.node_id
         self.topics = Topics(config.root)
         self.store = StateStore(config.state_dir)
+        self.authority = Authority.load(config.state_dir, config.node_id, config.root,
+                                        config.token)
         self.runtime = Runtime(cache_dir=self.store.compiled_dir)
         self.inbox = Inbox(self.topics)
         self.members: dict[str, wire.NodeRecord] = {}
-        self.specs: dict[str, wire.AppSpec] = {}
+        self.desired = DesiredState(self.authority, self.topics, self.store)
+        self.specs = self.desired.specs  # the apps to run, and
+        self.tombstones = self.desired.tombstones  # the apps stopped since last deployed
         self.owners: dict[str, wire.OwnerRecord] = {}
         self.hosted: dict[str, HostedApp] = {}
         self.stopped: asyncio.Event = asyncio.Event()
@@ -87,7 +94,7 @@ class Node:
         self.missing: dict[str, str] = {}  # apps that should start here but have no checkpoint
         self.claim_after = 0.0  # after a broker change, claims of others' apps wait this long
         self.deferred: set[str] = set()  # own apps from disk, resumed after a grace (recovery)
-        self.tombstones: set[str] = set()  # apps stopped since last deployed
+        self.deferred_lost = False  # ... on a broker that had lost its store
         self._started_ms = int(time.time() * 1000)
         self.modules: dict[str, AppModule] = {}  # loaded, by sha256 (see `actions.module`)
         self.kept = recovery.DiskCopies(self.store, self.spawn)  # apps' checkpoints on disk
@@ -118,6 +125,7 @@ class Node:
         try:
             await self._join()
         except BaseException:
+            await self._cancel_all()  # what a rebuild started (copies, resumes, wakes)
             if self._control is not None:
                 await self._control.close()
             self.runtime.close()
@@ -137,7 +145,11 @@ class Node:
         await control.subscribe(f"{t.root}/apps/+/snapshot/+", f"{t.root}/apps/+/snapshot",
                                 f"{t.root}/nodes/+", f"{t.root}/apps/+/spec",
                                 f"{t.root}/apps/+/owner", f"{t.root}/apps/+/stopped", t.mesh,
-                                t.cmd, t.node_cmd(self.id), t.node_sync(self.id))
+                                t.cmd, t.node_cmd(self.id), t.node_sync(self.id),
+                                f"{t.root}/admissions/+", f"{t.root}/revoked/+")
+        if self.authority.admission is not None:  # how the others know our key
+            await control.publish(f"{t.root}/admissions/{self.id}", self.authority.admission,
+                                  retain=True)
         await self._publish_record()
         # The broker may still be sending the retained records (a bounded window at a time),
         # and the ack of our own publish can overtake them: no claim can lower an epoch we
@@ -169,7 +181,15 @@ class Node:
                     replace(self.record(), leaving=True)), retain=True)
         await self._busy.acquire()  # let a reconcile pass in progress finish; none after it
         await asyncio.gather(*self._acting.values(), return_exceptions=True)
+        if self.deferred and self.carried is not None and self._control \
+                and not self._control.lost_reason:
+            # State from disk still put off: on the broker now, for whoever takes it over.
+            with contextlib.suppress(MeshError):
+                await recovery.resume_deferred(self, self.carried, set(self.deferred),
+                                               lost=self.deferred_lost)
         for action in plan_leave(self.view()):
+            if self._control is None or self._control.lost_reason:
+                break  # the broker is gone: `suspend` keeps every app left (on disk too)
             hosted = self.hosted.get(action.app)
             if hosted is None:  # the broker was lost meanwhile: its state is kept, suspended
                 continue
@@ -178,9 +198,12 @@ class Node:
                     await actions.hand_over(self, hosted, action)
                 else:
                     await hosted.shutdown()
-            except MeshError as exc:
+            except (MeshError, asyncio.CancelledError) as exc:
+                task = asyncio.current_task()
+                if isinstance(exc, asyncio.CancelledError) and task and task.cancelling():
+                    raise  # we are cancelled (a suspend cancelling the handover is not that)
                 if self.control.lost_reason:
-                    continue  # the broker is gone: suspended with the others (and on disk)
+                    break
                 log.warning("could not hand %s over: %s", action.app, exc)
                 await hosted.close()
             self.hosted.pop(action.app, None)
@@ -293,7 +316,7 @@ class Node:
         payload = bytes(message.payload)
         try:
             self._dispatch(parts, payload)
-        except WireError as exc:
+        except (WireError, TrustError) as exc:
             self.event("rejected", reason=f"{message.topic}: {exc}",
                        detail={"source": message.topic})
 
@@ -301,20 +324,12 @@ class Node:
         match parts:
             case ("nodes", node_id):
                 self._set(self.members, node_id, payload, wire.NodeRecord)
-            case ("apps", app, "spec"):
-                self._set(self.specs, app, payload, wire.AppSpec)
-                spec = self.specs.get(app)
-                if spec is not None:
-                    self.store.save_spec(spec)
-                else:
-                    self.store.forget_spec(app)
-            case ("apps", app, "stopped"):
-                if payload:
-                    if wire.decode(wire.Tombstone, payload).app != app:
-                        raise WireError(f"a tombstone of another app published as {app!r}'s")
-                    self.tombstones.add(app)
-                else:
-                    self.tombstones.discard(app)
+            case ("apps", app, "spec" | "stopped" as part):
+                try:
+                    (self.desired.spec if part == "spec" else self.desired.tombstone)(app, payload)
+                finally:
+                    self._dirty.set()
+                    self.inbox.wake(app)
             case ("apps", app, "owner"):
                 held = self.owners.get(app)
                 if held and payload and stale_owner(held, wire.decode(wire.OwnerRecord, payload)):
@@ -335,12 +350,17 @@ class Node:
                 commands.receive(self, payload, everyone=True)
             case ("nodes", node_id, "cmd") if node_id == self.id:
                 commands.receive(self, payload, everyone=False)
+            case ("admissions", device):
+                self.authority.learn_admission(device, payload)
+            case ("revoked", device):
+                self.authority.learn_revocation(device, payload)
             case ("mesh",):
                 self.marker = wire.decode(wire.MeshRecord, payload) if payload else None
                 if self.marker is None:
                     self._marked.clear()
-                else:
+                else:  # the store this device's state is kept for, from now on
                     self._marked.set()
+                    self.spawn(asyncio.to_thread(self.store.save_marker, self.marker), "marker")
             case ("nodes", node_id, "sync") if node_id == self.id:
                 if (marker := self._syncing.get(payload)) is not None:
                     marker.set()
@@ -350,8 +370,7 @@ class Node:
             table.pop(key, None)
         else:
             value = wire.decode(cls, payload)
-            named = value.id if cls is wire.NodeRecord else value.app if cls is wire.AppSpec \
-                else key
+            named = value.id if cls is wire.NodeRecord else key
             if named != key:
                 raise WireError(f"a {cls.KIND} for {named!r} published under {key!r}")
             table[key] = value

@@ -56,6 +56,7 @@ class Profile:
     keepalive: int | None = None
     app_memory_bytes: int | None = None  # the most memory one app may have here
     call_timeout_ms: int | None = None  # the longest one call into an app may run here
+    token: str | None = None  # a join token (`mesh admit --token`), redeemed on the first start
 
 
 def load(path: Path) -> Profile:
@@ -75,7 +76,7 @@ def load(path: Path) -> Profile:
 def parse(data: dict[str, Any], base: Path = Path()) -> Profile:
     """A profile from decoded TOML; relative file paths are taken from `base`."""
     _only(data, "", {"id", "caps", "labels", "sensors", "broker", "state_dir", "keepalive",
-                     "limits"})
+                     "limits", "token"})
     node_id = _get(data, "id", str)
     if node_id is not None and not NODE_ID.fullmatch(node_id):
         raise ConfigError(f"id {node_id!r} must be 1-64 letters, digits, '.', '_' or '-', "
@@ -102,7 +103,7 @@ def parse(data: dict[str, Any], base: Path = Path()) -> Profile:
                    broker=_get(data, "broker", str),
                    state_dir=Path(state_dir) if state_dir else None, keepalive=keepalive,
                    app_memory_bytes=memory_mb << 20 if memory_mb else None,
-                   call_timeout_ms=timeout_ms)
+                   call_timeout_ms=timeout_ms, token=_get(data, "token", str))
 
 
 def sensor(name: str, spec: Any, base: Path = Path()) -> Sensor:

@@ -13,12 +13,12 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from mesh import chunks, wire
-from mesh.errors import MeshError
+from mesh.errors import MeshError, WireError
 from mesh.reconcile import Held, Version, copy_wanted, plan_rebuild, plan_resume
 from mesh.store import StateStore
 from mesh.transfer import publish_blob, publish_snapshot, republish
@@ -39,6 +39,7 @@ class Carry:
 
     members: set[str]
     specs: dict[str, wire.AppSpec]
+    spec_payloads: dict[str, bytes]  # ... as they came (signed, in a secure mesh)
     owners: dict[str, wire.OwnerRecord]
     retained: chunks.Retained  # the checkpoints of every app, as this node last had them
     copies: dict[str, Version] = field(default_factory=dict)  # ... and how new they are
@@ -50,9 +51,11 @@ class Carry:
     @classmethod
     def kept_on_disk(cls, store: StateStore, node_id: str) -> Carry:
         """What this device kept on disk (see `mesh.store`)."""
-        kept, marker = store.checkpoints(), store.marker()
-        return cls(set(), store.specs(), {app: wire.OwnerRecord(node_id, snap.epoch, snap.seq)
-                                          for app, snap in kept.items()},
+        kept, marker, specs = store.checkpoints(), store.marker(), store.specs()
+        return cls(set(), {app: spec for app, (spec, _) in specs.items()},
+                   {app: payload for app, (_, payload) in specs.items()},
+                   {app: wire.OwnerRecord(node_id, snap.epoch, snap.seq)
+                    for app, snap in kept.items()},
                    chunks.Retained(), suspended=kept, only_if_lost=True, from_disk=set(kept),
                    marker=marker.id if marker else None)
 
@@ -93,6 +96,9 @@ class DiskCopies:
 
 async def suspend(node: Node) -> Carry:
     """The broker is gone: stop every app, keeping its state (in memory and on disk)."""
+    # State from disk still waiting for its grace goes on waiting, for the next broker.
+    later = {name: node.carried.suspended[name] for name in node.deferred
+             if node.carried is not None and name in node.carried.suspended}
     suspended = {}
     for name, hosted in list(node.hosted.items()):
         try:
@@ -104,11 +110,11 @@ async def suspend(node: Node) -> Carry:
             log.warning("%s: could not keep its state: %s", name, exc)
             await hosted.close()
     node.hosted.clear()
-    # State from disk still waiting for its grace goes on waiting, for the next broker.
-    later = {name: node.carried.suspended[name] for name in node.deferred
-             if node.carried is not None and name in node.carried.suspended}
-    return Carry(set(node.members) - {node.id}, dict(node.specs), dict(node.owners),
-                 node.inbox.retained, node.inbox.versions(), {**later, **suspended},
+    versions = {name: version for name, version in node.inbox.versions().items()
+                if _complete(node, name)}
+    return Carry(set(node.members) - {node.id}, dict(node.specs),
+                 dict(node.desired.payloads), dict(node.owners),
+                 node.inbox.retained, versions, {**later, **suspended},
                  from_disk=set(later) - set(suspended),
                  marker=node.marker.id if node.marker else None)
 
@@ -134,17 +140,31 @@ async def _resume_later(node: Node, carry: Carry, names: tuple[str, ...], after:
     """State from this device's disk that the broker had nothing as new as: resumed after
     `after` if no newer one came back meanwhile (`mesh.reconcile.plan_resume`)."""
     await asyncio.sleep(after)
+    await resume_deferred(node, carry, names, lost=lost)
+
+
+async def resume_deferred(node: Node, carry: Carry, names: Collection[str], *,
+                          lost: bool) -> None:
+    """Decide now on state from disk put off (`_resume_later`, or a leave that cannot wait).
+    If the broker goes meanwhile, it stays put off: `suspend` carries it to the next one."""
+    plan = plan_resume(node.view(), carry.held(), names)
+    for name in plan.forget:
+        node.kept.forget(name)
+    await _resume(node, carry, plan.resume, lost=lost)
+    log.info("node %s: of the state kept on disk, resumed %s, dropped %s (newer found)",
+             node.id, ", ".join(name for name, _ in plan.resume) or "(none)",
+             ", ".join(plan.forget) or "(none)")
+    node.deferred.difference_update(names)
+    node.changed()
+
+
+def _complete(node: Node, name: str) -> bool:
+    """Whether every piece of the checkpoint of `name` held here has arrived (a copy that is
+    not whole cannot be given back, so it must not count)."""
     try:
-        plan = plan_resume(node.view(), carry.held(), names)
-        for name in plan.forget:
-            node.kept.forget(name)
-        await _resume(node, carry, plan.resume, lost=lost)
-        log.info("node %s: of the state kept on disk, resumed %s, dropped %s (newer found)",
-                 node.id, ", ".join(name for name, _ in plan.resume) or "(none)",
-                 ", ".join(plan.forget) or "(none)")
-    finally:
-        node.deferred.difference_update(names)
-        node.changed()
+        return node.inbox.checkpoint(name) is not None
+    except WireError:
+        return False
 
 
 async def _give_copies(node: Node, carry: Carry, names: tuple[str, ...], after: float) -> None:
@@ -173,9 +193,7 @@ async def after_join(node: Node, carry: Carry | None) -> None:
     if marker is None:
         mark = wire.MeshRecord(secrets.token_hex(8), int(time.time() * 1000))
         await node.control.publish(node.topics.mesh, wire.encode(mark), retain=True)
-        await node.sync()  # our marker is back: `node.marker` is it
-    if node.marker is not None:  # the one this device's state is kept for, from now on
-        await asyncio.to_thread(node.store.save_marker, node.marker)
+        await node.sync()  # our marker is back (or another's that landed after it)
 
 
 async def rebuild(node: Node, carry: Carry, *, lost: bool, remarked: bool = False) -> None:
@@ -187,7 +205,8 @@ async def rebuild(node: Node, carry: Carry, *, lost: bool, remarked: bool = Fals
     node.inbox.adopt(carry.retained, carry.copies)
     control, topics = node.control, node.topics
     for spec in plan.specs:
-        await control.publish(topics.app(spec.app, "spec"), wire.encode(spec), retain=True)
+        await control.publish(topics.app(spec.app, "spec"), carry.spec_payloads[spec.app],
+                              retain=True)
         wasm = await asyncio.to_thread(node.store.module, spec.module)
         if wasm is not None:
             await publish_blob(control, topics.module(spec.module), wasm)
@@ -207,6 +226,7 @@ async def rebuild(node: Node, carry: Carry, *, lost: bool, remarked: bool = Fals
         node.spawn(_give_copies(node, carry, plan.copies, grace), "copies")
     if plan.later:  # once every survivor came back, and gave back its copies after its grace
         node.deferred.update(plan.later)
+        node.deferred_lost = lost
         node.spawn(_resume_later(node, carry, plan.later, 2 * grace, lost=lost), "resume")
     if plan.specs or plan.resume or plan.copies:
         log.info("node %s gave the broker back %d app specs, the state of its own apps %s and "

@@ -21,9 +21,8 @@ import hashlib
 import logging
 import tempfile
 from pathlib import Path
-from typing import TypeVar
 
-from mesh import wire
+from mesh import trust, wire
 from mesh.errors import WireError
 
 log = logging.getLogger(__name__)
@@ -52,8 +51,9 @@ class StateStore:
     def save_module(self, sha256: str, wasm: bytes) -> None:
         _write(self.modules_dir / f"{sha256}.wasm", wasm)
 
-    def save_spec(self, spec: wire.AppSpec) -> None:
-        _write(self.specs_dir / f"{spec.app}.cbor", wire.encode(spec))
+    def save_spec(self, app: str, payload: bytes) -> None:
+        """Keep an app's spec as it came (signed, in a secure mesh)."""
+        _write(self.specs_dir / f"{app}.cbor", payload)
 
     def forget_spec(self, app: str) -> None:
         (self.specs_dir / f"{app}.cbor").unlink(missing_ok=True)
@@ -67,7 +67,10 @@ class StateStore:
 
     def save_marker(self, marker: wire.MeshRecord) -> None:
         if self.marker() != marker:
-            _write(self.marker_file, wire.encode(marker))
+            try:
+                _write(self.marker_file, wire.encode(marker))
+            except OSError as exc:  # the state kept stays the mesh's; only a wipe goes unseen
+                log.warning("cannot keep the mesh's marker in %s: %s", self.marker_file, exc)
 
     def marker(self) -> wire.MeshRecord | None:
         try:
@@ -78,11 +81,24 @@ class StateStore:
             log.warning("skipping %s: %s", self.marker_file, exc)
             return None
 
-    def specs(self) -> dict[str, wire.AppSpec]:
-        return {spec.app: spec for spec in _read_all(self.specs_dir, wire.AppSpec)}
+    def specs(self) -> dict[str, tuple[wire.AppSpec, bytes]]:
+        """Each app's spec, and its bytes as they came."""
+        found = {}
+        for path in sorted(self.specs_dir.glob("*.cbor")):
+            try:
+                payload = path.read_bytes()
+                spec = wire.decode(wire.AppSpec, trust.plain(payload))
+            except (OSError, WireError) as exc:
+                log.warning("skipping %s: %s", path, exc)
+                continue
+            if path.stem != spec.app:
+                log.warning("skipping %s: it holds app %r", path, spec.app)
+                continue
+            found[spec.app] = (spec, payload)
+        return found
 
     def checkpoints(self) -> dict[str, wire.Snapshot]:
-        return {snap.app: snap for snap in _read_all(self.apps_dir, wire.Snapshot)}
+        return {snap.app: snap for snap in _read_checkpoints(self.apps_dir)}
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -93,14 +109,11 @@ def _write(path: Path, data: bytes) -> None:
     Path(fresh.name).replace(path)
 
 
-T = TypeVar("T", wire.AppSpec, wire.Snapshot)
-
-
-def _read_all(folder: Path, cls: type[T]) -> list[T]:
+def _read_checkpoints(folder: Path) -> list[wire.Snapshot]:
     found = []
     for path in sorted(folder.glob("*.cbor")):
         try:
-            value = wire.decode(cls, path.read_bytes())
+            value = wire.decode(wire.Snapshot, path.read_bytes())
         except (OSError, WireError) as exc:
             log.warning("skipping %s: %s", path, exc)
             continue

@@ -153,22 +153,24 @@ class Inbox:
     def snapshot(self, app: str, index: str | None, payload: bytes) -> None:
         """A message at an app's checkpoint topic (`index` None) or at one of its chunks."""
         topic = self.topics.app(app, "snapshot")
-        snap = None
-        if index is None:
-            snap = self._check_head(app, payload)
-            self.retained.whole(topic, payload)
-            self._decoded.pop(app, None)
-            if snap is not None:  # put together now, if all its chunks are here
-                self._decoded[app] = self._put_together(payload, snap) or payload
-        else:
-            self.retained.chunk(topic, index, payload)
-            # A checkpoint put together keeps its chunks until a newer header comes: chunks of
-            # a copy older than it may land on the same indices before their header is
-            # refused. (One still waiting for chunks is put together again when asked.)
-            if not isinstance(self._decoded.get(app), Checkpoint):
+        self._touched[app] = time.monotonic()  # (pruned when stale, even if refused below)
+        try:
+            if index is None:
+                snap = self._check_head(app, payload)
+                self.retained.whole(topic, payload)
                 self._decoded.pop(app, None)
-        self._touched[app] = time.monotonic()
-        self.wake(app)
+                if snap is not None:  # put together now, if all its chunks are here
+                    self._decoded[app] = payload  # (unusable, if its manifest is refused)
+                    self._decoded[app] = self._put_together(payload, snap) or payload
+            else:
+                self.retained.chunk(topic, index, payload)
+                # A checkpoint put together keeps its chunks until a newer header comes:
+                # chunks of a copy older than it may land on the same indices before their
+                # header is refused. (One still waiting for chunks is put together again.)
+                if not isinstance(self._decoded.get(app), Checkpoint):
+                    self._decoded.pop(app, None)
+        finally:
+            self.wake(app)
 
     def version(self, app: str) -> tuple[int, int] | None:
         """(epoch, seq) of the newest checkpoint of `app` this node has seen, if any."""
@@ -289,6 +291,9 @@ class Inbox:
         """`checkpoint`'s chunks turned out not to be its own: take the ones here now if they
         are others (its own may have come since it was put together), else wait for them."""
         app = checkpoint.snap.app
+        if self.retained.head(self.topics.app(app, "snapshot")) != checkpoint.head:
+            self.wake(app)  # a newer one came meanwhile: it is the one to take
+            return
         again = self._put_together(checkpoint.head, checkpoint.snap)
         fresh = again is not None and any(
             new is not old for new, old in zip(again.pieces or (), checkpoint.pieces or (),

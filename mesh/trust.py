@@ -123,27 +123,42 @@ class Revocation:
 
 @dataclass(frozen=True, slots=True)
 class Sealed:
-    """`body` (an encoded record) as `signer` signed it for one topic."""
+    """`body` (an encoded record) as `signer` signed it for one topic, at `issued_ms` by its
+    clock (what a node compares to refuse a replayed older record or a stale command)."""
 
     KIND: ClassVar[str] = "sealed"
     MAX_BYTES: ClassVar[int] = wire.Snapshot.MAX_BYTES + 4096
     signer: str
     body: bytes
     sig: bytes
+    issued_ms: int = 0
 
 
-def _message(topic: str, body: bytes) -> bytes:
-    return _DOMAIN + topic.encode() + b"\0" + body
+def _message(topic: str, body: bytes, issued_ms: int) -> bytes:
+    if not 0 <= issued_ms < 1 << 63:
+        raise TrustError(f"issued_ms {issued_ms} is out of range")
+    return _DOMAIN + topic.encode() + b"\0" + issued_ms.to_bytes(8, "big") + body
 
 
-def seal(key: Ed25519PrivateKey, signer: str, topic: str, body: bytes) -> bytes:
+def seal(key: Ed25519PrivateKey, signer: str, topic: str, body: bytes, *,
+         issued_ms: int = 0) -> bytes:
     """`body` signed by `key` (named `signer`) for publication at `topic`."""
-    return wire.encode(Sealed(signer, body, key.sign(_message(topic, body))))
+    sig = key.sign(_message(topic, body, issued_ms))
+    return wire.encode(Sealed(signer, body, sig, issued_ms))
 
 
 def unseal(data: bytes) -> Sealed:
     """The envelope, not yet checked (see `TrustStore.open`)."""
     return wire.decode(Sealed, data)
+
+
+def plain(payload: bytes) -> bytes:
+    """The record in `payload`, unwrapped if it is sealed (not checked: for bytes this node
+    checked before, or an open mesh, which checks nothing)."""
+    try:
+        return unseal(payload).body
+    except WireError:
+        return payload
 
 
 def body_of(cls: type[T], sealed: Sealed) -> T:
@@ -245,16 +260,25 @@ class TrustStore:
 
     # --- checking a record ------------------------------------------------------------------
 
-    def open(self, topic: str, data: bytes, now_ms: int) -> tuple[str, bytes]:
-        """The signer and body of a record published at `topic`, if signed by the operator or
-        by a device admitted now; else TrustError."""
+    def open(self, topic: str, data: bytes, now_ms: int) -> Sealed:
+        """A record published at `topic`, if signed by the operator or by a device admitted
+        now; else TrustError."""
         sealed = unseal(data)
         if sealed.signer == OPERATOR:
             self._check(sealed, topic, self.identity.operator, "the operator")
-            return sealed.signer, sealed.body
+            return sealed
         admission = self.rights_of(sealed.signer, now_ms)
         self._check(sealed, topic, admission.key, sealed.signer)
-        return sealed.signer, sealed.body
+        return sealed
+
+    def may_deploy(self, signer: str, now_ms: int) -> bool:
+        """Whether `signer` may steer the mesh's apps (deploy, stop, migrate, restart)."""
+        if signer == OPERATOR:
+            return True
+        try:
+            return self.rights_of(signer, now_ms).rights.may_deploy
+        except TrustError:
+            return False
 
     def rights_of(self, device: str, now_ms: int) -> Admission:
         """The admission of `device` if it may act now; else TrustError."""
@@ -273,7 +297,7 @@ class TrustStore:
 
     @staticmethod
     def _check(sealed: Sealed, topic: str, public: bytes, who: str) -> None:
-        if not keys.verify(public, sealed.sig, _message(topic, sealed.body)):
+        if not keys.verify(public, sealed.sig, _message(topic, sealed.body, sealed.issued_ms)):
             raise TrustError(f"a record at {topic} not signed by {who}")
 
 
@@ -283,7 +307,8 @@ def admission(operator: Ed25519PrivateKey, identity: MeshIdentity, device: str, 
               rights: Rights, *, now_ms: int, root: str = "mesh") -> bytes:
     """An admission of `device` (holding `key`), sealed for its topic."""
     record = Admission(identity.id, device, key, rights, now_ms)
-    return seal(operator, OPERATOR, f"{root}/admissions/{device}", wire.encode(record))
+    return seal(operator, OPERATOR, f"{root}/admissions/{device}", wire.encode(record),
+                issued_ms=now_ms)
 
 
 def revocation(operator: Ed25519PrivateKey, identity: MeshIdentity, device: str, *,

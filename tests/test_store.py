@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh import chunks, wire
+from mesh import chunks, keys, trust, wire
 from mesh.errors import WireError
 from mesh.store import StateStore
 from mesh.topics import Topics
@@ -24,10 +24,16 @@ def snapshot(app: str, seq: int) -> wire.Snapshot:
 
 def test_the_store_keeps_specs_and_checkpoints_and_forgets_them(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
-    store.save_spec(wire.AppSpec(app="counter", module=SHA))
+    spec = wire.AppSpec(app="counter", module=SHA)
+    store.save_spec("counter", wire.encode(spec))
+    signed = trust.seal(keys.generate(), "kitchen", "mesh/apps/ledger/spec",
+                        wire.encode(wire.AppSpec(app="ledger", module=SHA)))
+    store.save_spec("ledger", signed)  # kept as it came, signature and all
     store.save_checkpoint(snapshot("counter", 3))
     store.save_checkpoint(snapshot("counter", 4))  # the newest replaces the older
-    assert list(store.specs()) == ["counter"]
+    assert store.specs()["counter"] == (spec, wire.encode(spec))
+    assert store.specs()["ledger"][1] == signed
+    store.forget_spec("ledger")
     assert store.checkpoints()["counter"].seq == 4
     store.forget_checkpoint("counter")
     store.forget_spec("counter")
@@ -111,3 +117,25 @@ def test_a_header_that_came_before_its_chunks_takes_them_once_they_are_here() ->
     own = inbox.checkpoint("a")
     assert own is not None
     assert own.matches()
+
+
+def test_a_checkpoint_found_incomplete_after_a_newer_came_leaves_the_newer_one() -> None:
+    inbox = Inbox(Topics())
+    old_parts, first, _ = chunked("a", 2, 2, 9)
+    for i, part in enumerate(old_parts):
+        inbox.snapshot("a", str(first + i), part)
+    parts, first, head = chunked("a", 3, 4, 7)
+    inbox.snapshot("a", None, head)  # put together from the older chunks: its restore fails
+    stale = inbox.checkpoint("a")
+    assert stale is not None
+    for i, part in enumerate(parts):  # meanwhile its own chunks come, then a newer one
+        inbox.snapshot("a", str(first + i), part)
+    newer_parts, first, newer_head = chunked("a", 3, 5, 5)
+    for i, part in enumerate(newer_parts):
+        inbox.snapshot("a", str(first + i), part)
+    inbox.snapshot("a", None, newer_head)
+    inbox.incomplete(stale)
+    taken = inbox.checkpoint("a")
+    assert taken is not None
+    assert taken.snap.version == (3, 5)
+    assert taken.matches()

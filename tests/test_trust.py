@@ -44,7 +44,8 @@ def test_the_mesh_id_is_its_operator_keys_fingerprint() -> None:
 def test_an_admitted_device_signs_records_for_their_own_topic_only() -> None:
     trusted = admitted()
     data = trust.seal(DEVICE, "kitchen", OWNER_TOPIC, RECORD)
-    assert trusted.open(OWNER_TOPIC, data, NOW) == ("kitchen", RECORD)
+    opened = trusted.open(OWNER_TOPIC, data, NOW)
+    assert (opened.signer, opened.body) == ("kitchen", RECORD)
     with pytest.raises(TrustError, match="not signed by kitchen"):  # replayed elsewhere
         trusted.open("mesh/apps/ledger/owner", data, NOW)
     tampered = trust.seal(DEVICE, "kitchen", OWNER_TOPIC, RECORD)
@@ -52,6 +53,9 @@ def test_an_admitted_device_signs_records_for_their_own_topic_only() -> None:
     forged = wire.encode(trust.Sealed("kitchen", RECORD + b"\0", envelope.sig))
     with pytest.raises(TrustError, match="not signed by kitchen"):
         trusted.open(OWNER_TOPIC, forged, NOW)
+    later = wire.encode(trust.Sealed("kitchen", RECORD, envelope.sig, issued_ms=NOW))
+    with pytest.raises(TrustError, match="not signed by kitchen"):
+        trusted.open(OWNER_TOPIC, later, NOW)  # its time is signed too
 
 
 def test_records_of_unknown_devices_and_forged_operator_records_are_refused() -> None:
@@ -66,7 +70,10 @@ def test_records_of_unknown_devices_and_forged_operator_records_are_refused() ->
     with pytest.raises(TrustError, match="not signed by the operator"):
         trusted.open(spec_topic, forged, NOW)
     genuine = trust.seal(OPERATOR, trust.OPERATOR, spec_topic, RECORD)
-    assert trusted.open(spec_topic, genuine, NOW) == (trust.OPERATOR, RECORD)
+    assert trusted.open(spec_topic, genuine, NOW).signer == trust.OPERATOR
+    assert trusted.may_deploy(trust.OPERATOR, NOW)
+    assert not trusted.may_deploy("kitchen", NOW)
+    assert not trusted.may_deploy("garage", NOW)
 
 
 def test_an_admission_must_be_the_operators_for_this_mesh_and_this_device() -> None:
@@ -89,14 +96,14 @@ def test_an_admission_must_be_the_operators_for_this_mesh_and_this_device() -> N
 def test_an_expired_admission_or_a_revoked_device_acts_no_more() -> None:
     trusted = admitted(rights=Rights(expires_ms=NOW + 1000))
     data = trust.seal(DEVICE, "kitchen", OWNER_TOPIC, RECORD)
-    assert trusted.open(OWNER_TOPIC, data, NOW + 999)[0] == "kitchen"
+    assert trusted.open(OWNER_TOPIC, data, NOW + 999).signer == "kitchen"
     with pytest.raises(TrustError, match="expired"):
         trusted.open(OWNER_TOPIC, data, NOW + 1000)
     trusted = admitted()
     forged = trust.revocation(keys.generate(), IDENTITY, "kitchen", now_ms=NOW)
     with pytest.raises(TrustError, match="not signed by the operator"):
         trusted.revoke("kitchen", forged)
-    assert trusted.open(OWNER_TOPIC, data, NOW)[0] == "kitchen"
+    assert trusted.open(OWNER_TOPIC, data, NOW).signer == "kitchen"
     trusted.revoke("kitchen", trust.revocation(OPERATOR, IDENTITY, "kitchen", now_ms=NOW))
     with pytest.raises(TrustError, match="'kitchen' was revoked"):
         trusted.open(OWNER_TOPIC, data, NOW)
@@ -125,7 +132,7 @@ def test_a_join_token_admits_one_device_once() -> None:
     assert (admission.device, admission.key, admission.rights.caps) == (
         "greenhouse", keys.public_bytes(DEVICE), ("gpio",))
     signed = trust.seal(DEVICE, "greenhouse", OWNER_TOPIC, RECORD)
-    assert trusted.open(OWNER_TOPIC, signed, NOW)[0] == "greenhouse"
+    assert trusted.open(OWNER_TOPIC, signed, NOW).signer == "greenhouse"
     assert trusted.admit("greenhouse", data, NOW).device == "greenhouse"  # the same, again
     _, second = trust.redeem(token, "shed", keys.generate())
     with pytest.raises(TrustError, match="was used already, by 'greenhouse'"):

@@ -28,7 +28,7 @@ mesh/node.py, actions.py, hosted.py, recovery.py and transfer.Inbox as of commit
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Coroutine, Sequence
+from collections.abc import Collection, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -94,6 +94,7 @@ class SimNode:
         self.carried = carried
         self.carry: Carry | None = None
         self.deferred: set[str] = set()  # own apps from disk, resumed after a grace
+        self.deferred_lost = False  # ... on a broker that had lost its store
         self._watcher: Task | None = None  # `_watch_control`
         self.tombstones: set[str] = set()  # apps stopped since last deployed
         self.members: dict[str, NodeRecord] = {}
@@ -199,7 +200,15 @@ class SimNode:
                                       replace(self.record(), leaving=True), retain=True)
         await self._busy.acquire()
         await gather([task.done for task in self.acting.values()])
+        if self.deferred and self.carried is not None and control is not None \
+                and not control.lost_reason:  # node.py: state from disk, on the broker now
+            with contextlib.suppress(MeshError):
+                await self.resume_deferred(self.carried, set(self.deferred),
+                                           lost=self.deferred_lost)
         for action in reconcile.plan_leave(self._view()):
+            if control is None or control.lost_reason:
+                self.trace("leave: the broker was lost; the apps left are kept, suspended")
+                break
             app = self.hosted.get(action.app)
             if app is None:  # the broker was lost meanwhile: its state is kept, suspended
                 self.trace(f"leave: {action.app} is no longer here (suspended)")
@@ -211,9 +220,9 @@ class SimNode:
                 else:
                     await app.shutdown()
             except MeshError:
-                if control is not None and control.lost_reason:  # node.py: kept for suspend
+                if control.lost_reason:  # node.py: kept for suspend
                     self.trace(f"leave: {action.app} kept, suspended (the broker was lost)")
-                    continue
+                    break
                 await app.close()
             self.hosted.pop(action.app, None)
         if control is not None and control.lost_reason and self._watcher is not None:
@@ -227,6 +236,10 @@ class SimNode:
         reason = await control.lost
         self.trace(f"lost the broker ({reason}): suspending {sorted(self.hosted)}")
         self.leaving = True
+        # `recovery.suspend`: state from disk still waiting for its grace goes on waiting.
+        carried = self.carried
+        later = {name: carried.suspended[name] for name in self.deferred
+                 if carried is not None and name in carried.suspended}
         suspended: dict[str, SimSnapshot] = {}
         for name, app in list(self.hosted.items()):
             snap = await app.suspend()
@@ -234,11 +247,7 @@ class SimNode:
                 suspended[name] = snap
                 self.device.disk.checkpoints[name] = snap
         self.hosted.clear()
-        # `recovery.suspend`: state from disk still waiting for its grace goes on waiting.
-        carried = self.carried
-        later = {name: carried.suspended[name] for name in self.deferred
-                 if carried is not None and name in carried.suspended
-                 and name not in suspended}
+        later = {name: snap for name, snap in later.items() if name not in suspended}
         suspended = {**later, **suspended}
         held = Held(dict(self.specs), dict(self.owners),
                     {name: (snap.epoch, snap.seq) for name, snap in suspended.items()},
@@ -260,8 +269,6 @@ class SimNode:
             await self.control.publish(f"{self.root}/mesh", ("mesh", self.world.token()),
                                        retain=True)
             await self.sync()
-        if self.marker is not None:
-            self.device.disk.marker = self.marker
 
     async def _rebuild(self, carry: Carry, *, lost: bool, remarked: bool = False) -> None:
         """Joined after losing a broker: give this one back what it lacks of what we held, and
@@ -289,6 +296,7 @@ class SimNode:
             self.spawn(self._give_copies(carry, plan.copies, grace), "copies")
         if plan.later:  # recovery._resume_later
             self.deferred.update(plan.later)
+            self.deferred_lost = lost
             self.spawn(self._resume_later(carry, plan.later, 2 * grace, lost=lost), "resume")
         self.trace(f"rebuilt ({'lost' if lost else 'kept'} store): specs "
                    f"{[s.app for s in plan.specs]} resumed {plan.resume} owners "
@@ -313,15 +321,18 @@ class SimNode:
                             lost: bool) -> None:
         """`recovery._resume_later`."""
         await self.sleep(after)
-        try:
-            plan = reconcile.plan_resume(self._view(), carry.held, names)
-            for name in plan.forget:
-                self.gone_from_here(name)
-            await self._resume(carry, plan.resume, lost=lost)
-            self.trace(f"resumed from disk {plan.resume}, dropped {list(plan.forget)}")
-        finally:
-            self.deferred.difference_update(names)
-            self.dirty.set()
+        await self.resume_deferred(carry, names, lost=lost)
+
+    async def resume_deferred(self, carry: Carry, names: Collection[str], *,
+                              lost: bool) -> None:
+        """`recovery.resume_deferred`: still put off if the broker goes meanwhile."""
+        plan = reconcile.plan_resume(self._view(), carry.held, names)
+        for name in plan.forget:
+            self.gone_from_here(name)
+        await self._resume(carry, plan.resume, lost=lost)
+        self.trace(f"resumed from disk {plan.resume}, dropped {list(plan.forget)}")
+        self.deferred.difference_update(names)
+        self.dirty.set()
 
     async def _give_copies(self, carry: Carry, names: tuple[str, ...], after: float) -> None:
         await self.sleep(after)
@@ -363,6 +374,8 @@ class SimNode:
                 self._set(self.members, node_id, payload)
             case ("mesh",):
                 self.marker = payload
+                if payload is not None:  # recovery: kept on disk whenever it changes
+                    self.device.disk.marker = payload
             case ("apps", app, "stopped"):
                 if payload is None:
                     self.tombstones.discard(app)

@@ -1,0 +1,152 @@
+"""A node's side of the mesh's trust: what it checks before it acts, and how it signs.
+
+A device joins a secure mesh with a join token (`mesh admit --token`, given as `--token` or
+the profile's `token`): on its first start it makes its own key (`<state>/device.key`) and
+redeems the token into an admission it keeps (`<state>/admission.cbor`, with the mesh's
+identity in `<state>/mesh-identity.cbor`) and publishes, retained, at
+`<root>/admissions/<device>`. Every node learns the admissions and revocations published
+there (`<root>/revoked/<device>`), and refuses a command that steers the mesh (deploy, stop,
+migrate, restart) unless the operator or a device allowed to deploy signed it, for its topic,
+within `COMMAND_WINDOW_MS`, and never twice.
+
+A node with neither a token nor an identity runs an open mesh, and says so at every start.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from mesh import keys, trust, wire
+from mesh.errors import ConfigError, TrustError, WireError
+from mesh.trust import MeshIdentity, TrustStore
+
+log = logging.getLogger(__name__)
+
+COMMAND_WINDOW_MS = 120_000  # a signed command older (or newer) than this is refused
+OPEN_MESH_WARNING = ("this node runs an OPEN mesh: anyone who can reach its broker can deploy, "
+                     "stop and move apps. Create a mesh with `mesh init` and join devices "
+                     "with `mesh admit --token`.")
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Authority:
+    """The trust of one node: `secure` once it holds a mesh identity and its admission."""
+
+    def __init__(self, device: str, root: str = "mesh", *, key: Ed25519PrivateKey | None = None,
+                 identity: MeshIdentity | None = None, admission: bytes | None = None) -> None:
+        self.device = device
+        self.root = root
+        self.key = key
+        self.admission = admission
+        self.trust = TrustStore(identity, root) if identity is not None else None
+        self._seen: OrderedDict[bytes, int] = OrderedDict()  # command signatures, when
+
+    @property
+    def secure(self) -> bool:
+        return self.trust is not None
+
+    @classmethod
+    def load(cls, state_dir: Path, device: str, root: str = "mesh",
+             token: str | None = None) -> Authority:
+        """This device's trust, from its state directory; a `token` not yet redeemed is
+        redeemed now. Neither: an open mesh."""
+        identity_file = state_dir / "mesh-identity.cbor"
+        admission_file = state_dir / "admission.cbor"
+        if token and not admission_file.exists():
+            key = keys.load_or_create(state_dir / "device.key")
+            identity, admission = trust.redeem(trust.read_token(token), device, key)
+            admission_file.write_bytes(admission)
+            identity_file.write_bytes(wire.encode(identity))
+            log.info("device %s redeemed its join token for mesh %s", device, identity.id)
+        if not admission_file.exists():
+            return cls(device, root)
+        try:
+            identity = wire.decode(MeshIdentity, identity_file.read_bytes())
+            admission = admission_file.read_bytes()
+        except (OSError, WireError) as exc:
+            raise ConfigError(f"{state_dir}: this device's admission is unreadable ({exc}); "
+                              "remove admission.cbor and give it a new join token") from None
+        authority = cls(device, root, key=keys.load(state_dir / "device.key"),
+                        identity=identity, admission=admission)
+        authority.learn_admission(device, admission)  # a token for another mesh fails here
+        return authority
+
+    def describe(self) -> str:
+        if self.trust is None:
+            return "an open mesh"
+        return f"mesh {self.trust.identity.id} as an admitted device"
+
+    # --- what the mesh publishes about trust ------------------------------------------------
+
+    def learn_admission(self, device: str, payload: bytes) -> None:
+        """An admission record at `<root>/admissions/<device>`; TrustError if not valid."""
+        if self.trust is not None and payload:
+            self.trust.admit(device, payload, _now_ms())
+
+    def learn_revocation(self, device: str, payload: bytes) -> None:
+        if self.trust is not None and payload:
+            self.trust.revoke(device, payload)
+
+    # --- the desired state (specs, tombstones) ----------------------------------------------
+
+    def sign_record(self, topic: str, body: bytes) -> bytes:
+        """A spec or tombstone this node publishes (for a command it checked)."""
+        if self.trust is None or self.key is None:
+            return body
+        return trust.seal(self.key, self.device, topic, body, issued_ms=_now_ms())
+
+    def open_steering(self, topic: str, payload: bytes) -> tuple[bytes, int]:
+        """The body of a spec or tombstone and when it was signed (0 in an open mesh); in a
+        secure mesh, TrustError unless the operator or a device allowed to deploy signed it."""
+        if self.trust is None:
+            return trust.plain(payload), 0
+        now = _now_ms()
+        sealed = self.trust.open(topic, payload, now)
+        if not self.trust.may_deploy(sealed.signer, now):
+            raise TrustError(f"a record at {topic} signed by {sealed.signer!r}, who may not "
+                             "deploy")
+        return sealed.body, sealed.issued_ms
+
+    # --- commands ---------------------------------------------------------------------------
+
+    def sign_command(self, topic: str, body: bytes) -> bytes:
+        """A command this node sends (a restart forwarded to the app's owner)."""
+        if self.key is None:
+            return body
+        return trust.seal(self.key, self.device, topic, body, issued_ms=_now_ms())
+
+    def command(self, topic: str, payload: bytes) -> tuple[bytes, str | None]:
+        """The command bytes in `payload` and who signed them (None: not signed). A signed
+        one must be valid, fresh and new; TrustError otherwise."""
+        try:
+            envelope = trust.unseal(payload)
+        except WireError:
+            return payload, None  # a plain command (JSON or CBOR): decoded as one
+        if self.trust is None:  # an open mesh checks no one, and counts no one's signature
+            return envelope.body, None
+        now = _now_ms()
+        sealed = self.trust.open(topic, payload, now)
+        if abs(now - sealed.issued_ms) > COMMAND_WINDOW_MS:
+            raise TrustError(f"a command signed by {sealed.signer} at a time more than "
+                             f"{COMMAND_WINDOW_MS // 1000} s from this node's clock")
+        if sealed.sig in self._seen:
+            raise TrustError(f"a command signed by {sealed.signer} came again (replayed)")
+        self._seen[sealed.sig] = now
+        while self._seen and next(iter(self._seen.values())) < now - 2 * COMMAND_WINDOW_MS:
+            self._seen.popitem(last=False)
+        return sealed.body, sealed.signer
+
+    def may_steer(self, signer: str | None) -> bool:
+        """Whether a command signed by `signer` (None: unsigned) may change the mesh."""
+        if self.trust is None:
+            return True
+        return signer is not None and self.trust.may_deploy(signer, _now_ms())
+

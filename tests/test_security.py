@@ -1,0 +1,187 @@
+"""A secure mesh (`mesh init`, devices joined with `mesh admit --token`) on Mosquitto, node
+processes for real: only the operator, or a device allowed to deploy, steers it."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from mesh import keys, trust, wire
+from tests.conftest import COUNTER_WAT, mesh
+from tests.harness import Cluster, Observer, mesh_cli, wait_count, wait_until
+
+
+def _init(home: Path) -> list[str]:
+    created = mesh("init", "--home", home, "--name", "test")
+    assert created.returncode == 0, created.stderr
+    assert "created mesh m" in created.stdout
+    again = mesh("init", "--home", home)
+    assert again.returncode == 1
+    assert "already holds a mesh" in again.stderr
+    tokens = []
+    for _ in range(3):
+        admitted = mesh("admit", "--token", "--home", home)
+        assert admitted.returncode == 0, admitted.stderr
+        tokens.append(admitted.stdout.strip())
+    return tokens
+
+
+def _signed(key: Ed25519PrivateKey, signer: str, command: wire.Command,
+            topic: str = "mesh/cmd") -> bytes:
+    return trust.seal(key, signer, topic, wire.encode(command),
+                      issued_ms=int(time.time() * 1000))
+
+
+def _reply(obs: Observer, request: str) -> wire.Reply:
+    data = wait_until(lambda: obs.replies.get(request), 15, f"the reply to {request}")
+    return wire.decode(wire.Reply, data) if data[:1] != b"{" else wire.Reply(**{
+        k: v for k, v in json.loads(data).items() if k in ("id", "ok", "result", "error")})
+
+
+def test_only_the_operator_or_an_admitted_device_steers_a_secure_mesh(
+        broker: str, cluster: Cluster, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    token_a, token_b, _ = _init(home)
+    a = cluster.start("alpha", broker, "--token", token_a)
+    cluster.start("beta", broker, "--token", token_b)
+    with Observer(broker) as obs:
+        wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "both nodes to join")
+        deployed = mesh_cli("deploy", "counter", str(COUNTER_WAT), "--home", str(home),
+                            broker=broker)
+        assert deployed.returncode == 0, deployed.stderr + cluster.logs()
+        wait_until(lambda: obs.running("counter"), 20, "counter to run")
+        obs.publish("mesh/apps/counter/in", b"one")
+        wait_count(obs, "counter", 1)
+
+        # Anyone can publish a command; without the operator's signature it changes nothing.
+        obs.publish("mesh/cmd", b'{"op":"stop","app":"counter","id":"anon-stop"}')
+        reply = _reply(obs, "anon-stop")
+        assert not reply.ok
+        assert "must be signed by the operator" in (reply.error or "")
+        anonymous = mesh_cli("stop", "counter", "--home", str(tmp_path / "nowhere"),
+                             broker=broker)
+        assert anonymous.returncode == 1
+        assert "must be signed by the operator" in anonymous.stderr
+
+        # Commands are taken in order: once a later, genuine one is answered, an earlier one
+        # that got no answer was refused.
+        operator = keys.load(home / "operator.key")
+
+        def answered_after(request: str) -> bool:
+            after = f"after-{request}"
+            obs.publish("mesh/cmd", _signed(operator, trust.OPERATOR, wire.Command(
+                op="restart", app="counter", id=after)))
+            assert "has not failed" in (_reply(obs, after).error or "")  # past the check
+            return request in obs.replies
+
+        # A key that is not the operator's, calling itself the operator, gets no answer at all.
+        rogue = keys.generate()
+        obs.publish("mesh/cmd", _signed(rogue, trust.OPERATOR,
+                                        wire.Command(op="stop", app="counter", id="rogue")))
+        assert not answered_after("rogue")
+        assert any("not signed by the operator" in (e.reason or "") for e in obs.events)
+
+        # A command the operator signed is taken once; the same bytes again are a replay.
+        restart = _signed(operator, trust.OPERATOR,
+                          wire.Command(op="restart", app="counter", id="replayed"))
+        obs.publish("mesh/cmd", restart)
+        assert "has not failed" in (_reply(obs, "replayed").error or "")
+        del obs.replies["replayed"]
+        obs.publish("mesh/cmd", restart)
+        assert not answered_after("replayed")  # the same bytes: refused as a replay
+
+        # An admitted device may steer (it was allowed to deploy) until it is revoked.
+        beta_key = keys.load(tmp_path / "beta" / "device.key")
+        obs.publish("mesh/cmd", _signed(beta_key, "beta",
+                                        wire.Command(op="restart", app="counter", id="b1")))
+        assert "has not failed" in (_reply(obs, "b1").error or "")
+        revoked = mesh_cli("revoke", "beta", "--home", str(home), broker=broker)
+        assert revoked.returncode == 0, revoked.stderr
+        # The broker passes the revocation on before any command published after it.
+        obs.publish("mesh/cmd", _signed(beta_key, "beta",
+                                        wire.Command(op="restart", app="counter", id="b2")))
+        assert not answered_after("b2")  # as b1, but after the revocation
+
+        obs.publish("mesh/apps/counter/in", b"two")
+        assert wait_count(obs, "counter", 2).startswith(b"2 ")
+    assert a.proc is not None
+    assert a.proc.poll() is None
+
+
+def test_a_join_token_admits_one_device_only(broker: str, cluster: Cluster,
+                                             tmp_path: Path) -> None:
+    token, _, _ = _init(tmp_path / "home")
+    cluster.start("alpha", broker, "--token", token)
+    with Observer(broker) as obs:
+        wait_until(lambda: "alpha" in obs.nodes, 20, "alpha to join")
+        cluster.start("intruder", broker, "--token", token)
+        wait_until(lambda: any("was used already, by 'alpha'" in (e.reason or "")
+                               for e in obs.events), 20, "the second use to be refused")
+
+
+def test_a_node_without_a_mesh_says_it_runs_an_open_one(broker: str, cluster: Cluster) -> None:
+    node = cluster.start("plain", broker)
+    wait_until(lambda: "OPEN mesh" in node.log(), 20, "the warning")
+
+
+def test_a_secure_mesh_runs_only_specs_signed_by_whom_may_deploy(
+        broker: str, cluster: Cluster, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    token_a, token_b, _ = _init(home)
+    cluster.start("alpha", broker, "--token", token_a)
+    cluster.start("beta", broker, "--token", token_b)
+    kept = tmp_path / "alpha" / "specs"  # the specs alpha took, as it took them
+
+    def apps() -> list[str]:
+        """Answered by alpha (the lowest id) once it took every message published before."""
+        listed = mesh_cli("apps", "--json", broker=broker)
+        assert listed.returncode == 0, listed.stderr
+        return [row["app"] for row in json.loads(listed.stdout)]
+
+    with Observer(broker) as obs:
+        wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "both nodes to join")
+        deployed = mesh_cli("deploy", "counter", str(COUNTER_WAT), "--on", "alpha",
+                            "--home", str(home), broker=broker)
+        assert deployed.returncode == 0, deployed.stderr + cluster.logs()
+        wait_until(lambda: obs.running("counter") == "alpha", 20, "counter on alpha")
+        obs.publish("mesh/apps/counter/in", b"one")
+        wait_count(obs, "counter", 1)
+        pinned_to_alpha = (kept / "counter.cbor").read_bytes()
+        module = wire.decode(wire.AppSpec, trust.plain(pinned_to_alpha)).module
+
+        # A spec anyone publishes, plain or signed by a key the mesh does not know: not run.
+        plain = wire.AppSpec(app="intruder", module=module)
+        obs.publish("mesh/apps/intruder/spec", wire.encode(plain), retain=True)
+        rogue = keys.generate()
+        obs.publish("mesh/apps/rogue/spec", trust.seal(
+            rogue, trust.OPERATOR, "mesh/apps/rogue/spec",
+            wire.encode(wire.AppSpec(app="rogue", module=module)),
+            issued_ms=int(time.time() * 1000)), retain=True)
+        # A bare clear of a spec stops nothing (a stop is a signed tombstone).
+        obs.publish("mesh/apps/counter/spec", b"", retain=True)
+        assert apps() == ["counter"]
+        assert sorted(path.name for path in kept.iterdir()) == ["counter.cbor"]
+
+        # The operator moves the app; the old spec replayed does not move it back.
+        moved = mesh_cli("migrate", "counter", "beta", "--home", str(home), broker=broker)
+        assert moved.returncode == 0, moved.stderr + cluster.logs()
+        wait_until(lambda: obs.running("counter") == "beta", 20, "counter on beta")
+        pinned_to_beta = (kept / "counter.cbor").read_bytes()
+        assert wire.decode(wire.AppSpec, trust.plain(pinned_to_beta)).pin == "beta"
+        obs.publish("mesh/apps/counter/spec", pinned_to_alpha, retain=True)
+        assert apps() == ["counter"]
+        assert (kept / "counter.cbor").read_bytes() == pinned_to_beta
+        obs.publish("mesh/apps/counter/in", b"two")
+        assert wait_count(obs, "counter", 2).startswith(b"2 ")
+        assert obs.running("counter") == "beta"
+
+        stopped = mesh_cli("stop", "counter", "--home", str(home), broker=broker)
+        assert stopped.returncode == 0, stopped.stderr
+        wait_until(lambda: obs.running("counter") is None, 20, "counter stopped")
+        assert apps() == []
+        # The spec signed before the stop, replayed, does not bring the app back.
+        obs.publish("mesh/apps/counter/spec", pinned_to_beta, retain=True)
+        assert apps() == []
