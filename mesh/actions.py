@@ -98,8 +98,7 @@ async def claim(node: Node, spec: wire.AppSpec, epoch: int, *, failover: bool) -
     # Ours until the broker says otherwise: a rival claim that it orders after this one
     # arrives after the publish completes, and must not be overwritten by it.
     node.owners[spec.app] = record
-    await node.control.publish(node.topics.app(spec.app, "owner"), wire.encode(record),
-                               retain=True)
+    await node.publish_record(node.topics.app(spec.app, "owner"), record)
     await start(node, spec, epoch, handover=False, failover=failover)
 
 
@@ -215,8 +214,7 @@ async def hand_over(node: Node, hosted: HostedApp, action: HandOver) -> None:
     record = wire.OwnerRecord(target, epoch, hosted.seq)
     # The target starts on this. If it cannot be published (the broker is gone), the app
     # stays here, paused, for the node to keep its state.
-    await node.control.publish(node.topics.app(name, "owner"), wire.encode(record),
-                               retain=True)
+    await node.publish_record(node.topics.app(name, "owner"), record)
     node.owners[name] = record
     await let_go(node, name)
     log.info("%s: handed over to %s at epoch %d in %.1f ms", name, target, epoch,
@@ -248,9 +246,8 @@ async def fence_if_taken(node: Node, hosted: HostedApp, reason: str) -> None:
     app over, and it stops here; if not, the node keeps its state for the next broker."""
     record = replace(node.record(), leaving=node.leaving)
     try:  # the broker still answers us: the app was taken over, so it stops here
-        await asyncio.wait_for(node.control.publish(
-            node.topics.node(node.id), wire.encode(record), retain=True),
-            node.config.keepalive)
+        await asyncio.wait_for(node.publish_record(node.topics.node(node.id), record),
+                               node.config.keepalive)
     except (BrokerError, TimeoutError):
         if node.control.lost_reason:
             return  # the broker is gone: the node keeps the app's state for the next one

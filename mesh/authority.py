@@ -48,6 +48,9 @@ class Authority:
         self.admission = admission
         self.trust = TrustStore(identity, root) if identity is not None else None
         self._seen: OrderedDict[bytes, int] = OrderedDict()  # command signatures, when
+        self._newest: dict[str, int] = {}  # topic -> when the record held there was signed
+        self.state_dir: Path | None = None
+        self._last_issued = self._reserved = -1
 
     @property
     def secure(self) -> bool:
@@ -76,6 +79,8 @@ class Authority:
                               "remove admission.cbor and give it a new join token") from None
         authority = cls(device, root, key=keys.load(state_dir / "device.key"),
                         identity=identity, admission=admission)
+        authority.state_dir = state_dir
+        authority._last_issued = authority._reserved = _read_issued(state_dir)
         authority.learn_admission(device, admission)  # a token for another mesh fails here
         return authority
 
@@ -97,11 +102,25 @@ class Authority:
 
     # --- the desired state (specs, tombstones) ----------------------------------------------
 
-    def sign_record(self, topic: str, body: bytes) -> bytes:
-        """A spec or tombstone this node publishes (for a command it checked)."""
+    def sign_record(self, topic: str, body: bytes, *, after_ms: int = -1) -> bytes:
+        """A record this node publishes: its own node record, an owner record, or a spec or
+        tombstone for a command it checked (signed after `after_ms`, the record it follows,
+        whatever this device's clock says)."""
         if self.trust is None or self.key is None:
             return body
-        return trust.seal(self.key, self.device, topic, body, issued_ms=_now_ms())
+        return trust.seal(self.key, self.device, topic, body,
+                          issued_ms=self._issue(after_ms))
+
+    def _issue(self, after_ms: int = -1) -> int:
+        """A signing time later than every one this device gave before, across restarts too
+        (a board without a clock may boot in 1970): the high-water mark is kept on disk, a
+        minute ahead at a time."""
+        issued = max(_now_ms(), self._last_issued + 1, after_ms + 1)
+        self._last_issued = issued
+        if issued > self._reserved and self.state_dir is not None:
+            self._reserved = issued + 60_000
+            _write_issued(self.state_dir, self._reserved)
+        return issued
 
     def open_steering(self, topic: str, payload: bytes) -> tuple[bytes, int]:
         """The body of a spec or tombstone and when it was signed (0 in an open mesh); in a
@@ -114,6 +133,22 @@ class Authority:
             raise TrustError(f"a record at {topic} signed by {sealed.signer!r}, who may not "
                              "deploy")
         return sealed.body, sealed.issued_ms
+
+    def open_record(self, topic: str, payload: bytes, signer: str | None = None) -> bytes:
+        """The body of a node or owner record (empty stays empty: a Last Will, a clear). In a
+        secure mesh, TrustError unless an admitted device signed it: `signer`, if given, and
+        then no earlier than the one held at `topic` (its own record, replayed)."""
+        if self.trust is None or not payload:
+            return trust.plain(payload)
+        sealed = self.trust.open(topic, payload, _now_ms())
+        if signer is None:  # an owner record: its epoch orders it, not clocks of two devices
+            return sealed.body
+        if sealed.signer != signer:
+            raise TrustError(f"a record at {topic} signed by {sealed.signer!r}, not {signer!r}")
+        if sealed.issued_ms < self._newest.get(topic, -1):  # one device's own, in its order
+            raise TrustError(f"a record at {topic} older than the one held (replayed)")
+        self._newest[topic] = sealed.issued_ms
+        return sealed.body
 
     # --- commands ---------------------------------------------------------------------------
 
@@ -150,3 +185,16 @@ class Authority:
             return True
         return signer is not None and self.trust.may_deploy(signer, _now_ms())
 
+
+def _read_issued(state_dir: Path) -> int:
+    try:
+        return int((state_dir / "issued").read_text())
+    except (OSError, ValueError):
+        return -1
+
+
+def _write_issued(state_dir: Path, reserved: int) -> None:
+    try:
+        (state_dir / "issued").write_text(str(reserved))
+    except OSError as exc:
+        log.warning("cannot keep the signing high-water mark in %s: %s", state_dir, exc)

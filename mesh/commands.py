@@ -84,7 +84,7 @@ async def _perform(node: Node, command: wire.Command) -> Any:
             tombstone = wire.Tombstone(name, int(time.time() * 1000))
             topic = topics.app(name, "stopped")
             await control.publish(topic, node.authority.sign_record(
-                topic, wire.encode(tombstone)), retain=True)
+                topic, wire.encode(tombstone), after_ms=node.desired.latest(name)), retain=True)
             await control.publish(topics.app(name, "spec"), b"", retain=True)
             return {"app": name, "state": "stopping"}
         case "migrate":
@@ -94,8 +94,8 @@ async def _perform(node: Node, command: wire.Command) -> Any:
                 raise MeshError(f"no node {target!r} in the mesh")
             spec = replace(node.specs[name], pin=target)
             topic = topics.app(name, "spec")
-            await control.publish(topic, node.authority.sign_record(topic, wire.encode(spec)),
-                                  retain=True)
+            await control.publish(topic, node.authority.sign_record(
+                topic, wire.encode(spec), after_ms=node.desired.latest(name)), retain=True)
             return {"app": name, "to": target}
         case "restart":
             name = _known_app(node, command)
@@ -141,7 +141,7 @@ async def _start_over(node: Node, name: str) -> dict[str, Any]:
         await node.control.publish(topic, b"", retain=True)
     record = wire.OwnerRecord(node.id, (owner.epoch if owner else 0) + 1)
     node.owners[name] = record
-    await node.control.publish(topics.app(name, "owner"), wire.encode(record), retain=True)
+    await node.publish_record(topics.app(name, "owner"), record)
     node.event("restarted", app=name, reason="started over (--fresh): its state dropped")
     node.changed()
     return {"app": name, "node": node.id, "state": "restarting", "fresh": True}
@@ -165,8 +165,8 @@ async def _deploy(node: Node, spec: wire.AppSpec) -> dict[str, Any]:
     if spec.app in node.tombstones:  # deployed again after a stop
         await node.control.publish(node.topics.app(spec.app, "stopped"), b"", retain=True)
     topic = node.topics.app(spec.app, "spec")
-    await node.control.publish(topic, node.authority.sign_record(topic, wire.encode(spec)),
-                               retain=True)
+    await node.control.publish(topic, node.authority.sign_record(
+        topic, wire.encode(spec), after_ms=node.desired.latest(spec.app)), retain=True)
     target = Placement(members.values()).best(spec)
     node.event("deployed", app=spec.app, detail={"module": spec.module, "node": target})
     if target is None:

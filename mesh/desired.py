@@ -67,6 +67,11 @@ class DesiredState:
             if issued > self._issued.get(app, -1):
                 self._drop(app)
 
+    def latest(self, app: str) -> int:
+        """When the newest spec or tombstone of `app` held was signed: a new one is signed
+        after it, whatever the signing device's clock says."""
+        return max(self._issued.get(app, -1), self._stopped.get(app, -1))
+
     def _drop(self, app: str) -> None:
         self.specs.pop(app, None)
         self.payloads.pop(app, None)

@@ -140,13 +140,14 @@ class Node:
         await control.connect()
         self._control = control
         t = self.topics
-        # Checkpoints first: the broker sends retained messages filter by filter, so they are
-        # all here before the owner records that may make this node restore one.
-        await control.subscribe(f"{t.root}/apps/+/snapshot/+", f"{t.root}/apps/+/snapshot",
+        # The broker sends retained messages filter by filter: admissions and revocations
+        # first (every other record is checked against them), then checkpoints, all here before
+        # the owner records that may make this node restore one.
+        await control.subscribe(f"{t.root}/admissions/+", f"{t.root}/revoked/+",
+                                f"{t.root}/apps/+/snapshot/+", f"{t.root}/apps/+/snapshot",
                                 f"{t.root}/nodes/+", f"{t.root}/apps/+/spec",
                                 f"{t.root}/apps/+/owner", f"{t.root}/apps/+/stopped", t.mesh,
-                                t.cmd, t.node_cmd(self.id), t.node_sync(self.id),
-                                f"{t.root}/admissions/+", f"{t.root}/revoked/+")
+                                t.cmd, t.node_cmd(self.id), t.node_sync(self.id))
         if self.authority.admission is not None:  # how the others know our key
             await control.publish(f"{t.root}/admissions/{self.id}", self.authority.admission,
                                   retain=True)
@@ -177,8 +178,8 @@ class Node:
         log.info("node %s leaving: handing over %d apps", self.id, len(self.hosted))
         if self._control and not self._control.lost_reason:
             with contextlib.suppress(MeshError):  # others stop placing apps here at once
-                await self.control.publish(self.topics.node(self.id), wire.encode(
-                    replace(self.record(), leaving=True)), retain=True)
+                await self.publish_record(self.topics.node(self.id),
+                                          replace(self.record(), leaving=True))
         await self._busy.acquire()  # let a reconcile pass in progress finish; none after it
         await asyncio.gather(*self._acting.values(), return_exceptions=True)
         if self.deferred and self.carried is not None and self._control \
@@ -323,7 +324,7 @@ class Node:
     def _dispatch(self, parts: tuple[str, ...], payload: bytes) -> None:
         match parts:
             case ("nodes", node_id):
-                self._set(self.members, node_id, payload, wire.NodeRecord)
+                self._node_record(node_id, payload)
             case ("apps", app, "spec" | "stopped" as part):
                 try:
                     (self.desired.spec if part == "spec" else self.desired.tombstone)(app, payload)
@@ -331,13 +332,7 @@ class Node:
                     self._dirty.set()
                     self.inbox.wake(app)
             case ("apps", app, "owner"):
-                held = self.owners.get(app)
-                if held and payload and stale_owner(held, wire.decode(wire.OwnerRecord, payload)):
-                    if held.node == self.id:  # ours: put it back
-                        self.spawn(self.control.publish(self.topics.app(app, "owner"),
-                                                        wire.encode(held), retain=True), "owner")
-                    raise WireError(f"an owner record of {app} older than epoch {held.epoch}")
-                self._set(self.owners, app, payload, wire.OwnerRecord)
+                self._owner_record(app, payload)
             case ("apps", app, "snapshot"):  # kept as is; put together only when needed
                 self.inbox.snapshot(app, None, payload)
             case ("apps", app, "snapshot", index):
@@ -364,6 +359,26 @@ class Node:
             case ("nodes", node_id, "sync") if node_id == self.id:
                 if (marker := self._syncing.get(payload)) is not None:
                     marker.set()
+
+    def _node_record(self, node_id: str, payload: bytes) -> None:
+        topic = self.topics.node(node_id)
+        try:
+            body = self.authority.open_record(topic, payload, signer=node_id)
+        except TrustError:
+            if node_id == self.id and not self.leaving:  # ours, forged: put it back
+                self.spawn(self.publish_record(topic, self.record()), "record")
+            raise
+        self._set(self.members, node_id, body, wire.NodeRecord)
+
+    def _owner_record(self, app: str, payload: bytes) -> None:
+        topic = self.topics.app(app, "owner")
+        body = self.authority.open_record(topic, payload)
+        held = self.owners.get(app)
+        if held and body and stale_owner(held, wire.decode(wire.OwnerRecord, body)):
+            if held.node == self.id:  # ours: put it back
+                self.spawn(self.publish_record(topic, held), "owner")
+            raise WireError(f"an owner record of {app} older than epoch {held.epoch}")
+        self._set(self.owners, app, body, wire.OwnerRecord)
 
     def _set(self, table: dict[str, Any], key: str, payload: bytes, cls: type[Any]) -> None:
         if not payload:
@@ -442,8 +457,12 @@ class Node:
         record = self.record()
         if self._control and not self.leaving and self.members.get(self.id) != record:
             self.members[self.id] = record
-            await self.control.publish(self.topics.node(self.id), wire.encode(record),
-                                       retain=True)
+            await self.publish_record(self.topics.node(self.id), record)
+
+    async def publish_record(self, topic: str, record: wire.Kinded) -> None:
+        """Publish a record of ours, retained (signed, in a secure mesh)."""
+        await self.control.publish(topic, self.authority.sign_record(topic, wire.encode(record)),
+                                   retain=True)
 
     def _send_event(self, data: bytes) -> None:
         if self._control and not self._control.lost_reason:

@@ -132,7 +132,7 @@ async def _resume(node: Node, carry: Carry, resume: tuple[tuple[str, int], ...],
                        applied=() if lost else kept.applied)
         await publish_snapshot(control, topics.app(name, "snapshot"), snap, [snap.memory.data])
         record = node.owners[name] = wire.OwnerRecord(node.id, epoch, snap.seq)
-        await control.publish(topics.app(name, "owner"), wire.encode(record), retain=True)
+        await node.publish_record(topics.app(name, "owner"), record)
 
 
 async def _resume_later(node: Node, carry: Carry, names: tuple[str, ...], after: float, *,
@@ -213,7 +213,7 @@ async def rebuild(node: Node, carry: Carry, *, lost: bool, remarked: bool = Fals
     await _resume(node, carry, plan.resume, lost=lost)
     for name, owner in plan.owners:  # the epochs a takeover must go past
         node.owners[name] = owner
-        await control.publish(topics.app(name, "owner"), wire.encode(owner), retain=True)
+        await node.publish_record(topics.app(name, "owner"), owner)
     # The other survivors come back too, each with its own apps: give them a moment before
     # taking over an app whose owner has not come back yet. (Each notices the loss on its own
     # keepalive: a silent broker, within 1.5 K; a node given its broker tries again at least

@@ -24,7 +24,7 @@ import paho.mqtt.client as paho
 import wasmtime
 from paho.mqtt.enums import CallbackAPIVersion
 
-from mesh import wire
+from mesh import trust, wire
 from mesh.errors import WireError
 
 MOSQUITTO_CONF = """\
@@ -211,6 +211,8 @@ class Observer:
             self._record(message.topic.split("/")[1:], bytes(message.payload))
 
     def _record(self, parts: list[str], payload: bytes) -> None:
+        if parts[:1] == ["nodes"] or parts[-1:] == ["owner"]:
+            payload = trust.plain(payload)  # signed in a secure mesh (checked by the nodes)
         with self._lock:
             match parts:
                 case ["nodes", node]:

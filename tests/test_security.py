@@ -185,3 +185,49 @@ def test_a_secure_mesh_runs_only_specs_signed_by_whom_may_deploy(
         # The spec signed before the stop, replayed, does not bring the app back.
         obs.publish("mesh/apps/counter/spec", pinned_to_beta, retain=True)
         assert apps() == []
+
+
+def test_a_forged_node_or_owner_record_moves_nothing(broker: str, cluster: Cluster,
+                                                      tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    token_a, token_b, _ = _init(home)
+    cluster.start("alpha", broker, "--token", token_a)
+    cluster.start("beta", broker, "--token", token_b)
+    with Observer(broker) as obs:
+        wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "both nodes to join")
+        deployed = mesh_cli("deploy", "counter", str(COUNTER_WAT), "--home", str(home),
+                            broker=broker)
+        assert deployed.returncode == 0, deployed.stderr + cluster.logs()
+        host = wait_until(lambda: obs.running("counter"), 20, "counter to run")
+        obs.publish("mesh/apps/counter/in", b"one")
+        wait_count(obs, "counter", 1)
+        owner = obs.owners["counter"]
+
+        # Members that are not admitted devices: placement would pick them (more caps, made-up
+        # ids that win by hash), but no node counts them.
+        rogue = keys.generate()
+        for fake in ("zz-attacker", "aa-attacker", "00", "beta"):
+            record = wire.NodeRecord(id=fake, caps=("gpio", "temp"))
+            topic = f"mesh/nodes/{fake}"
+            if fake != "beta":
+                obs.publish(topic, wire.encode(record), retain=True)
+            obs.publish(topic, trust.seal(rogue, fake, topic, wire.encode(record),
+                                          issued_ms=int(time.time() * 1000)), retain=True)
+        # An owner record naming an attacker at a higher epoch: plain, and signed by a stranger.
+        forged = wire.OwnerRecord("zz-attacker", owner.epoch + 5, owner.seq)
+        obs.publish("mesh/apps/counter/owner", wire.encode(forged), retain=True)
+        obs.publish("mesh/apps/counter/owner", trust.seal(
+            rogue, "zz-attacker", "mesh/apps/counter/owner", wire.encode(forged),
+            issued_ms=int(time.time() * 1000)), retain=True)
+
+        # beta puts back its own record over the forged one.
+        wait_until(lambda: obs.nodes["beta"].started_ms > 0, 15, "beta's own record back")
+        listed = mesh_cli("nodes", "--json", broker=broker)  # answered after all of the above
+        assert listed.returncode == 0, listed.stderr
+        assert sorted(row["id"] for row in json.loads(listed.stdout)) == ["alpha", "beta"]
+        for n in range(2, 6):
+            obs.publish("mesh/apps/counter/in", f"in-{n}".encode())
+        assert wait_count(obs, "counter", 5).startswith(b"5 ")
+        assert obs.running("counter") == host
+        assert not obs.has_event("migrating", "counter")
+        assert not obs.has_event("fenced", "counter")
