@@ -67,3 +67,4 @@ class HostContext:
     app_memory_bytes: int | None = None  # this device's caps on what one app may use
     call_timeout_ms: int | None = None
     kept: Callable[[wire.Snapshot], None] = lambda snap: None  # a checkpoint was stored
+    sign: Callable[[str, bytes], bytes] = lambda _topic, body: body  # a checkpoint header

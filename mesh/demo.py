@@ -20,7 +20,7 @@ from pathlib import Path
 
 import wasmtime
 
-from mesh import wire
+from mesh import trust, wire
 from mesh.broker import EmbeddedBroker
 from mesh.client import MeshClient
 from mesh.mqtt import BrokerAddress, Connection, Message
@@ -56,13 +56,13 @@ class Watch:
         payload = bytes(message.payload)
         if parts[1] == "nodes" and len(parts) == 3:
             if payload:
-                self.nodes[parts[2]] = wire.decode(wire.NodeRecord, payload)
+                self.nodes[parts[2]] = wire.decode(wire.NodeRecord, trust.plain(payload))
             else:
                 self.nodes.pop(parts[2], None)
         elif parts[1] == "events":
             self.events.append(wire.decode(wire.Event, payload))
         elif parts[-1] == "snapshot" and payload:
-            self.checkpointed = wire.decode(wire.Snapshot, payload).host.delivered
+            self.checkpointed = wire.decode(wire.Snapshot, trust.plain(payload)).host.delivered
         elif "out" in parts:
             self.outputs.append(payload.decode())
             _say(f"      counter published: {payload.decode()}")

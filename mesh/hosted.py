@@ -473,7 +473,8 @@ class HostedApp:
             snap = await self._run(lambda: app.snapshot(epoch=epoch, seq=seq, applied=applied))
             pieces = [snap.memory.data]
             self._journal.checkpointed(snap)
-        await publish_snapshot(session, self.ctx.topics.app(self.name, "snapshot"), snap, pieces)
+        await publish_snapshot(session, self.ctx.topics.app(self.name, "snapshot"), snap, pieces,
+                               self.ctx.sign)
         if not final:
             self.ctx.kept(snap)
         self._seq += 1

@@ -80,7 +80,7 @@ class Node:
         self.authority = Authority.load(config.state_dir, config.node_id, config.root,
                                         config.token)
         self.runtime = Runtime(cache_dir=self.store.compiled_dir)
-        self.inbox = Inbox(self.topics)
+        self.inbox = Inbox(self.topics, self.authority.open_record)
         self.members: dict[str, wire.NodeRecord] = {}
         self.desired = DesiredState(self.authority, self.topics, self.store)
         self.specs = self.desired.specs  # the apps to run, and
@@ -112,7 +112,8 @@ class Node:
         self.event = Events(self.id, self._send_event)
         self.host_ctx = HostContext(self.runtime, config.broker, self.topics, config.keepalive,
                                 config.sensors, self.event, self._app_lost,
-                                config.app_memory_bytes, config.call_timeout_ms, self.kept.keep)
+                                config.app_memory_bytes, config.call_timeout_ms, self.kept.keep,
+                                self.authority.sign_record)
 
     @property
     def control(self) -> Connection:

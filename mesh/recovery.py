@@ -130,7 +130,8 @@ async def _resume(node: Node, carry: Carry, resume: tuple[tuple[str, int], ...],
         # packet ids of the next one name other inputs.
         snap = replace(kept, epoch=epoch, seq=kept.seq + 1,
                        applied=() if lost else kept.applied)
-        await publish_snapshot(control, topics.app(name, "snapshot"), snap, [snap.memory.data])
+        await publish_snapshot(control, topics.app(name, "snapshot"), snap, [snap.memory.data],
+                               node.authority.sign_record)
         record = node.owners[name] = wire.OwnerRecord(node.id, epoch, snap.seq)
         await node.publish_record(topics.app(name, "owner"), record)
 

@@ -14,10 +14,10 @@ import contextlib
 import dataclasses
 import hashlib
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from mesh import chunks, wire
+from mesh import chunks, trust, wire
 from mesh.errors import MeshError, WireError
 from mesh.mqtt import Connection
 from mesh.snapshot import Buffer
@@ -52,9 +52,11 @@ async def publish_module(conn: Connection, topics: Topics, wasm: bytes) -> str:
 
 
 async def publish_snapshot(conn: Connection, topic: str, snap: wire.Snapshot,
-                           pieces: Sequence[Buffer] | None = None) -> None:
+                           pieces: Sequence[Buffer] | None = None,
+                           sign: Callable[[str, bytes], bytes] | None = None) -> None:
     """Publish a checkpoint retained, its memory bytes being `pieces` if given (else its
-    `data`); large memory goes as raw chunks before the header."""
+    `data`); large memory goes as raw chunks before the header (`sign`ed, in a secure mesh:
+    it names the chunks' sha256)."""
     pieces = [snap.memory.data] if pieces is None else pieces
     if sum(len(piece) for piece in pieces) <= MAX_PACKET - 64 * 1024:
         data = b"".join(pieces)
@@ -74,7 +76,8 @@ async def publish_snapshot(conn: Connection, topic: str, snap: wire.Snapshot,
         data = b""
     snap = dataclasses.replace(snap, memory=dataclasses.replace(snap.memory, data=data,
                                                                 external=external))
-    await conn.publish(topic, wire.encode(snap), retain=True)
+    header = wire.encode(snap)
+    await conn.publish(topic, sign(topic, header) if sign else header, retain=True)
 
 
 async def _publish_parts(conn: Connection, topic: str, parts: Iterable[bytes],
@@ -105,7 +108,7 @@ async def republish(conn: Connection, held: chunks.Retained, topic: str) -> None
     head = held.head(topic)
     if head is None:
         return
-    external = wire.decode(wire.Snapshot, head).memory.external
+    external = wire.decode(wire.Snapshot, trust.plain(head)).memory.external
     if external is not None:
         parts = held.parts(topic)
         wanted = range(external.first, external.first + external.count)
@@ -140,8 +143,12 @@ class Inbox:
     Whoever waits for one (`waker`) is woken when a piece of it arrives.
     """
 
-    def __init__(self, topics: Topics) -> None:
+    def __init__(self, topics: Topics,
+                 opener: Callable[[str, bytes], bytes] = lambda _topic, data: trust.plain(data),
+                 ) -> None:
+        """`opener`: a header's bytes, its signature checked (`Authority.open_record`)."""
         self.topics = topics
+        self._open = opener
         self.retained = chunks.Retained()
         self._decoded: dict[str, Checkpoint | bytes] = {}  # or the head of an unusable one
         self._waking: dict[str, asyncio.Event] = {}
@@ -202,7 +209,7 @@ class Inbox:
         if not payload:
             self._versions.pop(app, None)
             return None
-        snap = wire.decode(wire.Snapshot, payload)
+        snap = wire.decode(wire.Snapshot, self._open(self.topics.app(app, "snapshot"), payload))
         if snap.app != app:
             raise WireError(f"a checkpoint of {snap.app!r} published as {app!r}'s")
         held = self._versions.get(app)
@@ -240,7 +247,8 @@ class Inbox:
         """The chunk indices the app's checkpoint header names (none if it names none)."""
         head = self.retained.head(self.topics.app(app, "snapshot"))
         try:
-            external = wire.decode(wire.Snapshot, head).memory.external if head else None
+            external = (wire.decode(wire.Snapshot, trust.plain(head)).memory.external
+                        if head else None)
         except WireError:
             external = None
         return range(external.first, external.first + external.count) if external else range(0)
@@ -271,7 +279,7 @@ class Inbox:
         head = self.retained.head(self.topics.app(app, "snapshot"))
         if head is None:
             return None
-        checkpoint = self._put_together(head, wire.decode(wire.Snapshot, head))
+        checkpoint = self._put_together(head, wire.decode(wire.Snapshot, trust.plain(head)))
         if checkpoint is not None:
             self._decoded[app] = checkpoint
         return checkpoint

@@ -3,6 +3,7 @@ processes for real: only the operator, or a device allowed to deploy, steers it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -231,3 +232,41 @@ def test_a_forged_node_or_owner_record_moves_nothing(broker: str, cluster: Clust
         assert obs.running("counter") == host
         assert not obs.has_event("migrating", "counter")
         assert not obs.has_event("fenced", "counter")
+
+
+def test_a_forged_checkpoint_is_never_restored(broker: str, cluster: Cluster,
+                                               tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    token_a, token_b, _ = _init(home)
+    cluster.start("alpha", broker, "--token", token_a)
+    cluster.start("beta", broker, "--token", token_b)
+    with Observer(broker) as obs:
+        wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "both nodes to join")
+        deployed = mesh_cli("deploy", "counter", str(COUNTER_WAT), "--checkpoint-every", "1",
+                            "--home", str(home), broker=broker)
+        assert deployed.returncode == 0, deployed.stderr + cluster.logs()
+        host = wait_until(lambda: obs.running("counter"), 20, "counter to run")
+        for n in range(3):
+            obs.publish("mesh/apps/counter/in", f"in-{n}".encode())
+        wait_count(obs, "counter", 3)
+        owner = obs.owners["counter"]
+        # An old checkpoint that claims to be the newest, unsigned and signed by a stranger:
+        # every node refuses it, so the failover below cannot take it.
+        forged = _forged_checkpoint(tmp_path / host, owner.epoch + 3, owner.seq + 50)
+        topic = "mesh/apps/counter/snapshot"
+        obs.publish(topic, wire.encode(forged), retain=True)
+        obs.publish(topic, trust.seal(keys.generate(), host, topic, wire.encode(forged),
+                                      issued_ms=int(time.time() * 1000)), retain=True)
+        listed = mesh_cli("apps", "--json", broker=broker)  # answered after the forgeries
+        assert listed.returncode == 0, listed.stderr
+        cluster[host].proc.kill()  # type: ignore[union-attr]
+        other = "beta" if host == "alpha" else "alpha"
+        wait_until(lambda: obs.running("counter") == other, 30, "the failover")
+        obs.publish("mesh/apps/counter/in", b"in-3")
+        assert wait_count(obs, "counter", 4).startswith(b"4 ")  # from the genuine state
+
+
+def _forged_checkpoint(state_dir: Path, epoch: int, seq: int) -> wire.Snapshot:
+    """The app's first checkpoint (kept on the host's disk), claiming to be a newer one."""
+    kept = wire.decode(wire.Snapshot, (state_dir / "apps" / "counter.cbor").read_bytes())
+    return dataclasses.replace(kept, epoch=epoch, seq=seq)
