@@ -1,6 +1,7 @@
 """Mesh benchmarks on a real Mosquitto with nodes as processes, next to bare paho baselines.
 
     .venv/bin/python benchmarks/mesh_bench.py [--quick] [--only NAME] [--sizes MIB ...]
+                                              [--secure]
 
 - migration downtime (last input applied on the source -> first applied on the target) for
   1, 16 and 64 MiB of app memory, next to moving the same bytes with bare paho publish/subscribe
@@ -9,7 +10,9 @@
 - input throughput into a wasm app through a node, next to a bare paho subscriber;
 - placement of 1000 apps on 100 nodes, and how many apps a join moves.
 
-Prints Markdown tables of medians. Needs mosquitto (Debian package).
+Prints Markdown tables of medians. Needs mosquitto (Debian package). `--secure` runs the same
+on a secure mesh (`mesh init`, nodes joined with join tokens, every command, spec, record and
+checkpoint header signed and checked), to set next to a run without it.
 """
 
 from __future__ import annotations
@@ -42,9 +45,24 @@ MIB = 1 << 20
 BENCHES = ("migration", "failover", "throughput", "placement")
 CHUNK = 1_900_000 - 1024
 
+SECURE: dict[str, Path] = {}  # "home": the operator's home, with --secure
+
+
 def mesh(*args: str, broker: str) -> None:
-    subprocess.run([sys.executable, "-m", "mesh", "-q", *args, "--broker", broker],
+    home = ("--home", str(SECURE["home"])) if SECURE else ()
+    subprocess.run([sys.executable, "-m", "mesh", "-q", *args, "--broker", broker, *home],
                    check=True, capture_output=True, timeout=120)
+
+
+def start(cluster: Cluster, node: str, broker: str) -> None:
+    """A node, joined with a new join token on a secure mesh."""
+    if not SECURE:
+        cluster.start(node, broker)
+        return
+    token = subprocess.run([sys.executable, "-m", "mesh", "-q", "admit", "--token", "--home",
+                            str(SECURE["home"])], check=True, capture_output=True, text=True,
+                           timeout=60).stdout.strip()
+    cluster.start(node, broker, "--token", token)
 
 
 def app_file(work: Path, size: int) -> Path:
@@ -136,7 +154,7 @@ def two_nodes(work: Path) -> Iterator[tuple[str, Observer, Cluster]]:
         cluster = Cluster(work)
         try:
             for node in ("alpha", "beta"):
-                cluster.start(node, broker)
+                start(cluster, node, broker)
             wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 30, "nodes")
             yield broker, obs, cluster
         finally:
@@ -219,7 +237,7 @@ def bench_throughput(work: Path, quick: bool) -> None:
     with mosquitto(work) as broker, Observer(broker) as obs:
         cluster = Cluster(work)
         try:
-            cluster.start("alpha", broker)
+            start(cluster, "alpha", broker)
             wait_until(lambda: "alpha" in obs.nodes, 30, "node")
             mesh("deploy", "counter", str(ROOT / "mesh/apps/counter.wat"),
                  "--checkpoint-every", "100", broker=broker)
@@ -290,10 +308,17 @@ def main() -> int:
                         help="run just this benchmark (repeatable)")
     parser.add_argument("--sizes", type=int, nargs="+", metavar="MIB",
                         help="app memory sizes for the migration benchmark")
+    parser.add_argument("--secure", action="store_true",
+                        help="on a secure mesh (signed commands, records and checkpoints)")
     args = parser.parse_args()
     chosen = args.only or BENCHES
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        if args.secure:
+            SECURE["home"] = work / "operator"
+            subprocess.run([sys.executable, "-m", "mesh", "-q", "init", "--home",
+                            str(SECURE["home"])], check=True, capture_output=True, timeout=60)
+            print("(a secure mesh: every command, spec, record and checkpoint header signed)\n")
         if "migration" in chosen:
             bench_migration(work, args.quick, args.sizes)
         if "failover" in chosen:
