@@ -20,7 +20,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from mesh import trust, wire
 from mesh.errors import WireError
@@ -83,22 +85,12 @@ class StateStore:
 
     def specs(self) -> dict[str, tuple[wire.AppSpec, bytes]]:
         """Each app's spec, and its bytes as they came."""
-        found = {}
-        for path in sorted(self.specs_dir.glob("*.cbor")):
-            try:
-                payload = path.read_bytes()
-                spec = wire.decode(wire.AppSpec, trust.plain(payload))
-            except (OSError, WireError) as exc:
-                log.warning("skipping %s: %s", path, exc)
-                continue
-            if path.stem != spec.app:
-                log.warning("skipping %s: it holds app %r", path, spec.app)
-                continue
-            found[spec.app] = (spec, payload)
-        return found
+        return {spec.app: (spec, payload) for spec, payload in _read_all(
+            self.specs_dir, lambda data: wire.decode(wire.AppSpec, trust.plain(data)))}
 
     def checkpoints(self) -> dict[str, wire.Snapshot]:
-        return {snap.app: snap for snap in _read_checkpoints(self.apps_dir)}
+        return {snap.app: snap for snap, _ in _read_all(
+            self.apps_dir, lambda data: wire.decode(wire.Snapshot, data))}
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -109,16 +101,21 @@ def _write(path: Path, data: bytes) -> None:
     Path(fresh.name).replace(path)
 
 
-def _read_checkpoints(folder: Path) -> list[wire.Snapshot]:
+T = TypeVar("T", wire.AppSpec, wire.Snapshot)
+
+
+def _read_all(folder: Path, decode: Callable[[bytes], T]) -> list[tuple[T, bytes]]:
+    """Each file's record and bytes; a damaged or misplaced one is logged and skipped."""
     found = []
     for path in sorted(folder.glob("*.cbor")):
         try:
-            value = wire.decode(wire.Snapshot, path.read_bytes())
+            data = path.read_bytes()
+            value = decode(data)
         except (OSError, WireError) as exc:
             log.warning("skipping %s: %s", path, exc)
             continue
         if path.stem != value.app:
             log.warning("skipping %s: it holds app %r", path, value.app)
             continue
-        found.append(value)
+        found.append((value, data))
     return found

@@ -42,18 +42,31 @@ def _reply(obs: Observer, request: str) -> wire.Reply:
         k: v for k, v in json.loads(data).items() if k in ("id", "ok", "result", "error")})
 
 
-def test_only_the_operator_or_an_admitted_device_steers_a_secure_mesh(
-        broker: str, cluster: Cluster, tmp_path: Path) -> None:
+def _secure_pair(broker: str, cluster: Cluster, tmp_path: Path) -> Path:
+    """A secure mesh of alpha and beta, joined with tokens; the operator's home."""
     home = tmp_path / "home"
     token_a, token_b, _ = _init(home)
-    a = cluster.start("alpha", broker, "--token", token_a)
+    cluster.start("alpha", broker, "--token", token_a)
     cluster.start("beta", broker, "--token", token_b)
+    return home
+
+
+def _deploy_counter(obs: Observer, broker: str, cluster: Cluster, home: Path,
+                    *options: str) -> str:
+    """Deploy the counter app, signed by the operator; the node it runs on."""
+    wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "both nodes to join")
+    deployed = mesh_cli("deploy", "counter", str(COUNTER_WAT), *options, "--home", str(home),
+                        broker=broker)
+    assert deployed.returncode == 0, deployed.stderr + cluster.logs()
+    host: str = wait_until(lambda: obs.running("counter"), 20, "counter to run")
+    return host
+
+
+def test_only_the_operator_or_an_admitted_device_steers_a_secure_mesh(
+        broker: str, cluster: Cluster, tmp_path: Path) -> None:
+    home = _secure_pair(broker, cluster, tmp_path)
     with Observer(broker) as obs:
-        wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "both nodes to join")
-        deployed = mesh_cli("deploy", "counter", str(COUNTER_WAT), "--home", str(home),
-                            broker=broker)
-        assert deployed.returncode == 0, deployed.stderr + cluster.logs()
-        wait_until(lambda: obs.running("counter"), 20, "counter to run")
+        _deploy_counter(obs, broker, cluster, home)
         obs.publish("mesh/apps/counter/in", b"one")
         wait_count(obs, "counter", 1)
 
@@ -108,8 +121,8 @@ def test_only_the_operator_or_an_admitted_device_steers_a_secure_mesh(
 
         obs.publish("mesh/apps/counter/in", b"two")
         assert wait_count(obs, "counter", 2).startswith(b"2 ")
-    assert a.proc is not None
-    assert a.proc.poll() is None
+    assert cluster["alpha"].proc is not None
+    assert cluster["alpha"].proc.poll() is None
 
 
 def test_a_join_token_admits_one_device_only(broker: str, cluster: Cluster,
@@ -130,10 +143,7 @@ def test_a_node_without_a_mesh_says_it_runs_an_open_one(broker: str, cluster: Cl
 
 def test_a_secure_mesh_runs_only_specs_signed_by_whom_may_deploy(
         broker: str, cluster: Cluster, tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    token_a, token_b, _ = _init(home)
-    cluster.start("alpha", broker, "--token", token_a)
-    cluster.start("beta", broker, "--token", token_b)
+    home = _secure_pair(broker, cluster, tmp_path)
     kept = tmp_path / "alpha" / "specs"  # the specs alpha took, as it took them
 
     def apps() -> list[str]:
@@ -143,11 +153,7 @@ def test_a_secure_mesh_runs_only_specs_signed_by_whom_may_deploy(
         return [row["app"] for row in json.loads(listed.stdout)]
 
     with Observer(broker) as obs:
-        wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "both nodes to join")
-        deployed = mesh_cli("deploy", "counter", str(COUNTER_WAT), "--on", "alpha",
-                            "--home", str(home), broker=broker)
-        assert deployed.returncode == 0, deployed.stderr + cluster.logs()
-        wait_until(lambda: obs.running("counter") == "alpha", 20, "counter on alpha")
+        assert _deploy_counter(obs, broker, cluster, home, "--on", "alpha") == "alpha"
         obs.publish("mesh/apps/counter/in", b"one")
         wait_count(obs, "counter", 1)
         pinned_to_alpha = (kept / "counter.cbor").read_bytes()
@@ -190,16 +196,9 @@ def test_a_secure_mesh_runs_only_specs_signed_by_whom_may_deploy(
 
 def test_a_forged_node_or_owner_record_moves_nothing(broker: str, cluster: Cluster,
                                                       tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    token_a, token_b, _ = _init(home)
-    cluster.start("alpha", broker, "--token", token_a)
-    cluster.start("beta", broker, "--token", token_b)
+    home = _secure_pair(broker, cluster, tmp_path)
     with Observer(broker) as obs:
-        wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "both nodes to join")
-        deployed = mesh_cli("deploy", "counter", str(COUNTER_WAT), "--home", str(home),
-                            broker=broker)
-        assert deployed.returncode == 0, deployed.stderr + cluster.logs()
-        host = wait_until(lambda: obs.running("counter"), 20, "counter to run")
+        host = _deploy_counter(obs, broker, cluster, home)
         obs.publish("mesh/apps/counter/in", b"one")
         wait_count(obs, "counter", 1)
         owner = obs.owners["counter"]
@@ -236,16 +235,9 @@ def test_a_forged_node_or_owner_record_moves_nothing(broker: str, cluster: Clust
 
 def test_a_forged_checkpoint_is_never_restored(broker: str, cluster: Cluster,
                                                tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    token_a, token_b, _ = _init(home)
-    cluster.start("alpha", broker, "--token", token_a)
-    cluster.start("beta", broker, "--token", token_b)
+    home = _secure_pair(broker, cluster, tmp_path)
     with Observer(broker) as obs:
-        wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "both nodes to join")
-        deployed = mesh_cli("deploy", "counter", str(COUNTER_WAT), "--checkpoint-every", "1",
-                            "--home", str(home), broker=broker)
-        assert deployed.returncode == 0, deployed.stderr + cluster.logs()
-        host = wait_until(lambda: obs.running("counter"), 20, "counter to run")
+        host = _deploy_counter(obs, broker, cluster, home, "--checkpoint-every", "1")
         for n in range(3):
             obs.publish("mesh/apps/counter/in", f"in-{n}".encode())
         wait_count(obs, "counter", 3)
