@@ -150,6 +150,17 @@ class Authority:
         self._newest[topic] = sealed.issued_ms
         return sealed.body
 
+    def check_caps(self, device: str, caps: tuple[str, ...]) -> None:
+        """TrustError if `device` announces capabilities its admission does not grant (an
+        admission with no caps grants any)."""
+        if self.trust is None:
+            return
+        granted = self.trust.rights_of(device, _now_ms()).rights.caps
+        extra = sorted(set(caps) - set(granted)) if granted else []
+        if extra:
+            raise TrustError(f"{device!r} announces capabilities it was not admitted with: "
+                             f"{', '.join(extra)}")
+
     # --- commands ---------------------------------------------------------------------------
 
     def sign_command(self, topic: str, body: bytes) -> bytes:

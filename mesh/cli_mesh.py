@@ -71,6 +71,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     authority = Authority.load(state_dir, node_id, args.root, token)  # redeems a new token
     if authority.secure:
         log.info("node %s joins %s", node_id, authority.describe())
+        authority.check_caps(node_id, (*kit.caps, *args.cap))  # before the others refuse it
     else:
         log.warning("%s", OPEN_MESH_WARNING)
     config = NodeConfig(node_id=node_id,

@@ -23,6 +23,7 @@ import wasmtime
 from mesh import trust, wire
 from mesh.broker import EmbeddedBroker
 from mesh.client import MeshClient
+from mesh.home import OperatorHome
 from mesh.mqtt import BrokerAddress, Connection, Message
 from mesh.runtime import App, LocalIO, Runtime
 
@@ -87,15 +88,17 @@ class Watch:
 
 
 @contextlib.asynccontextmanager
-async def _nodes(broker: BrokerAddress,
-                 workdir: Path) -> AsyncIterator[dict[str, asyncio.subprocess.Process]]:
+async def _nodes(broker: BrokerAddress, workdir: Path,
+                 home: OperatorHome) -> AsyncIterator[dict[str, asyncio.subprocess.Process]]:
     procs = {}
     for name in NODES:
+        token = trust.join_token(home.key(), home.identity(), trust.Rights(may_deploy=True),
+                                 now_ms=int(time.time() * 1000))
         log = (workdir / f"{name}.log").open("wb")
         procs[name] = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "mesh", "node", "--id", name, "--broker", str(broker),
             "--no-mdns", "--state-dir", str(workdir / name), "--keepalive", "2",
-            stdout=log, stderr=log)
+            "--token", token, stdout=log, stderr=log)
         log.close()
     try:
         yield procs
@@ -129,11 +132,15 @@ async def demo(workdir: Path) -> int:
     _say("liquid-mesh demo: three devices share an app that keeps its state through a "
          "migration and a crash")
     _say()
-    _say(f"[1] Starting the embedded MQTT broker on {broker} and three nodes, each its own "
-         "process:")
+    home = OperatorHome(workdir / "operator")
+    identity = home.init("demo")
+    _say(f"[1] Creating a mesh ({identity.id}: `mesh init`), starting the embedded MQTT broker "
+         f"on {broker} and three nodes, each its own process, joined with a one-time token "
+         "each (`mesh admit --token`):")
     async with EmbeddedBroker(broker.host, broker.port), \
             Connection(broker, "demo-watch", on_message=watch.on_message) as conn, \
-            MeshClient(broker) as mesh, _nodes(broker, workdir) as procs:
+            MeshClient(broker, operator=home.key()) as mesh, \
+            _nodes(broker, workdir, home) as procs:
         await conn.subscribe("mesh/nodes/+", "mesh/events", "mesh/apps/counter/out/#",
                              "mesh/apps/counter/snapshot")
         await watch.until(lambda: set(NODES) <= set(watch.nodes), "the nodes to join")
@@ -181,7 +188,9 @@ async def demo(workdir: Path) -> int:
         _say("    The app moved twice, once by a crash, and lost nothing." if ok else
              "    Something was lost or applied twice: please report this with the logs.")
         _say()
-        _say("Next: run `mesh node` on your devices, then `mesh deploy`, `mesh apps`, "
+        _say("Only your key could deploy and move it: every command, spec, record and "
+             "checkpoint here was signed and checked.\nNext: `mesh init`, then `mesh node "
+             "--token $(mesh admit --token)` on your devices, then `mesh deploy`, `mesh apps`, "
              "`mesh events`.")
         return 0 if ok else 1
 

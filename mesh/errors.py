@@ -45,3 +45,12 @@ class BrokerError(MeshError):
 class TrustError(MeshError):
     """A record that is not signed by whom it must be, by a key the mesh has not admitted (or
     has revoked), or that is expired or replayed."""
+
+
+class NotAdmitted(TrustError):
+    """A record signed by a device this node has not seen admitted (yet: its admission may be
+    on its way, and the record is checked again when it comes)."""
+
+    def __init__(self, device: str, message: str) -> None:
+        super().__init__(message)
+        self.device = device

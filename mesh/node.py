@@ -24,7 +24,7 @@ from mesh import actions, commands, recovery, wire
 from mesh.authority import Authority
 from mesh.context import HostContext
 from mesh.desired import DesiredState
-from mesh.errors import BrokerError, MeshError, TrustError, WireError
+from mesh.errors import BrokerError, MeshError, NotAdmitted, TrustError, WireError
 from mesh.events import Events
 from mesh.hosted import HostedApp
 from mesh.mqtt import BrokerAddress, Connection, Message
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 SYNC_WAIT_S = 30.0
 RECONCILE_EVERY_S = 10.0
 PRUNE_EVERY_S = 5.0
+MAX_UNCHECKED = 4096  # records held for an admission still to come, at most
 
 
 @dataclass
@@ -95,6 +96,9 @@ class Node:
         self.claim_after = 0.0  # after a broker change, claims of others' apps wait this long
         self.deferred: set[str] = set()  # own apps from disk, resumed after a grace (recovery)
         self.deferred_lost = False  # ... on a broker that had lost its store
+        # Records signed by a device not (yet) seen admitted, by topic: checked again when
+        # its admission comes.
+        self._unchecked: dict[str, tuple[str, bytes]] = {}
         self._started_ms = int(time.time() * 1000)
         self.modules: dict[str, AppModule] = {}  # loaded, by sha256 (see `actions.module`)
         self.kept = recovery.DiskCopies(self.store, self.spawn)  # apps' checkpoints on disk
@@ -314,13 +318,30 @@ class Node:
     # --- messages ---------------------------------------------------------------------------
 
     def _on_message(self, message: Message) -> None:
-        parts = self.topics.parse(message.topic)
-        payload = bytes(message.payload)
+        self._take(message.topic, bytes(message.payload))
+
+    def _take(self, topic: str, payload: bytes) -> None:
+        parts = self.topics.parse(topic)
         try:
             self._dispatch(parts, payload)
+        except NotAdmitted as exc:
+            # Its signer's admission may still be on its way (retained messages come filter by
+            # filter, and not every broker keeps that order): checked again when it comes.
+            if parts[-1:] != ("cmd",) and (topic in self._unchecked
+                                           or len(self._unchecked) < MAX_UNCHECKED):
+                self._unchecked[topic] = (exc.device, payload)
+            self.event("rejected", reason=f"{topic}: {exc} (held until its admission comes)",
+                       detail={"source": topic})
+            return
         except (WireError, TrustError) as exc:
-            self.event("rejected", reason=f"{message.topic}: {exc}",
-                       detail={"source": message.topic})
+            self.event("rejected", reason=f"{topic}: {exc}", detail={"source": topic})
+            return
+        self._unchecked.pop(topic, None)
+        if parts[:1] == ("admissions",) and len(parts) == 2:
+            for waiting, (device, held) in list(self._unchecked.items()):
+                if device == parts[1]:
+                    del self._unchecked[waiting]
+                    self._take(waiting, held)
 
     def _dispatch(self, parts: tuple[str, ...], payload: bytes) -> None:
         match parts:
@@ -369,6 +390,8 @@ class Node:
             if node_id == self.id and not self.leaving:  # ours, forged: put it back
                 self.spawn(self.publish_record(topic, self.record()), "record")
             raise
+        if body:
+            self.authority.check_caps(node_id, wire.decode(wire.NodeRecord, body).caps)
         self._set(self.members, node_id, body, wire.NodeRecord)
 
     def _owner_record(self, app: str, payload: bytes) -> None:

@@ -26,7 +26,7 @@ from typing import ClassVar, TypeVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mesh import keys, wire
-from mesh.errors import TrustError, WireError
+from mesh.errors import NotAdmitted, TrustError, WireError
 
 OPERATOR = "operator"  # the signer name of the operator's key
 TOKEN_PREFIX = "lmt1."  # a join token's text starts with this
@@ -284,7 +284,7 @@ class TrustStore:
         """The admission of `device` if it may act now; else TrustError."""
         admission = self.admissions.get(device)
         if admission is None:
-            raise TrustError(f"{device!r} is not admitted to mesh {self.identity.id}")
+            raise NotAdmitted(device, f"{device!r} is not admitted to mesh {self.identity.id}")
         self._usable(admission, now_ms)
         return admission
 

@@ -138,7 +138,8 @@ def test_client_command_help() -> None:
 def test_demo_tells_the_whole_story() -> None:
     result = mesh("demo", timeout=180)
     assert result.returncode == 0, result.stderr
-    for step in ("joined: garage, hall, kitchen", "counter published: 5 ", "handed it over",
+    for step in ("Creating a mesh (m", "joined: garage, hall, kitchen", "counter published: 5 ",
+                 "handed it over",
                  "restored the last checkpoint", "counter published: 10 ",
                  "never moved: yes"):
         assert step in result.stdout

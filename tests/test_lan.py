@@ -288,3 +288,25 @@ def test_a_device_rebooted_alone_is_the_same_device_with_its_apps(lan: Lan,
         feed(obs, "counter", [b"after"])
         assert reach(obs, "counter", 2, tmp_path) == \
             f"2 {counter_hash([b'before', b'after'])}".encode()
+
+
+def test_devices_paired_with_join_tokens_form_a_secure_mesh(lan: Lan, tmp_path: Path) -> None:
+    """The headless way in: `mesh init` and `mesh admit --token` on the laptop, each device
+    booted with its token and nothing else; only the operator's key steers the mesh."""
+    viewer = lan.plug("laptop")
+    home = str(tmp_path / "operator")
+    cli(viewer, "init", "--home", home)
+    for name in ("kitchen", "hall"):
+        token = cli(viewer, "admit", "--token", "--home", home).strip()
+        boot(lan, tmp_path, name, "--id", name, "--token", token)
+    with observing(viewer, {"kitchen", "hall"}, tmp_path) as obs:
+        cli(viewer, "deploy", "counter", str(COUNTER_WAT), "--home", home)
+        wait_until(lambda: obs.running("counter"), 30, f"counter running\n{logs(tmp_path)}")
+        feed(obs, "counter", [b"hello"])
+        assert reach(obs, "counter", 1, tmp_path) == f"1 {counter_hash([b'hello'])}".encode()
+        anonymous = viewer.run(sys.executable, "-m", "mesh", "-q", "stop", "counter",
+                               "--home", str(tmp_path / "nowhere"))
+        assert anonymous.returncode == 1
+        assert "must be signed by the operator" in anonymous.stderr
+        feed(obs, "counter", [b"again"])
+        assert count_of(reach(obs, "counter", 2, tmp_path)) == 2

@@ -262,3 +262,39 @@ def _forged_checkpoint(state_dir: Path, epoch: int, seq: int) -> wire.Snapshot:
     """The app's first checkpoint (kept on the host's disk), claiming to be a newer one."""
     kept = wire.decode(wire.Snapshot, (state_dir / "apps" / "counter.cbor").read_bytes())
     return dataclasses.replace(kept, epoch=epoch, seq=seq)
+
+
+def test_a_device_acts_only_within_its_admission(broker: str, cluster: Cluster,
+                                                 tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    token, _, _ = _init(home)
+    narrow = mesh("admit", "--token", "--cap", "gpio", "--home", home).stdout.strip()
+    brief = mesh("admit", "--token", "--hours", "0.002", "--home", home).stdout.strip()
+    cluster.start("alpha", broker, "--token", token)
+    with Observer(broker) as obs:
+        wait_until(lambda: "alpha" in obs.nodes, 20, "alpha to join")
+        # A device admitted for gpio that claims more: it refuses to start, saying why.
+        refused = mesh("node", "--id", "greedy", "--broker", broker, "--no-mdns",
+                       "--state-dir", tmp_path / "greedy", "--token", narrow, "--cap", "gpio",
+                       "--cap", "camera", timeout=30)
+        assert refused.returncode == 1
+        assert "not admitted with: camera" in refused.stderr
+        # An admission that expires (after 7.2 s): the device acts until then, not after.
+        cluster.start("brief", broker, "--token", brief)
+        wait_until(lambda: "brief" in obs.nodes, 20, "brief to join")
+        key = keys.load(tmp_path / "brief" / "device.key")
+        operator = keys.load(home / "operator.key")
+
+        def answered(request: str) -> bool:
+            obs.publish("mesh/cmd", _signed(key, "brief", wire.Command(op="apps", id=request)))
+            after = f"after-{request}"  # commands are taken in order: a barrier
+            obs.publish("mesh/cmd", _signed(operator, trust.OPERATOR,
+                                            wire.Command(op="apps", id=after)))
+            _reply(obs, after)
+            return request in obs.replies
+
+        signed = _signed(key, "brief", wire.Command(op="restart", app="nothing", id="early"))
+        obs.publish("mesh/cmd", signed)
+        assert "no app 'nothing'" in (_reply(obs, "early").error or "")  # past the check
+        wait_until(lambda: not answered(f"late-{time.monotonic_ns()}"), 20,
+                   "brief's admission to expire")
