@@ -66,8 +66,7 @@ class Authority:
         if token and not admission_file.exists():
             key = keys.load_or_create(state_dir / "device.key")
             identity, admission = trust.redeem(trust.read_token(token), device, key)
-            admission_file.write_bytes(admission)
-            identity_file.write_bytes(wire.encode(identity))
+            keep(state_dir, identity, admission)
             log.info("device %s redeemed its join token for mesh %s", device, identity.id)
         if not admission_file.exists():
             return cls(device, root)
@@ -209,3 +208,15 @@ def _write_issued(state_dir: Path, reserved: int) -> None:
         (state_dir / "issued").write_text(str(reserved))
     except OSError as exc:
         log.warning("cannot keep the signing high-water mark in %s: %s", state_dir, exc)
+
+
+def admitted(state_dir: Path) -> bool:
+    """Whether this device holds an admission (from a token or `mesh admit`)."""
+    return (state_dir / "admission.cbor").exists()
+
+
+def keep(state_dir: Path, identity: MeshIdentity, admission: bytes) -> None:
+    """Keep this device's admission and the identity of the mesh it is admitted to."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / "mesh-identity.cbor").write_bytes(wire.encode(identity))
+    (state_dir / "admission.cbor").write_bytes(admission)

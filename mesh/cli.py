@@ -198,6 +198,8 @@ def _add_node(sub: Subparsers) -> None:
                       metavar="NAME=VALUE", help="a fixed reading for mesh.read (repeatable)")
     node.add_argument("--token", metavar="TOKEN", help="join the mesh with this token "
                       "(`mesh admit --token`; redeemed on the first start)")
+    node.add_argument("--pair", action="store_true", help="with no admission yet: wait to "
+                      "be admitted (`mesh admit DEVICE` where the mesh was created)")
     node.set_defaults(func=_lazy("cmd_node"))
     _add_broker_options(node)
     broker = sub.add_parser("broker", help="serve the embedded MQTT broker alone",
@@ -267,18 +269,19 @@ def _add_trust(sub: Subparsers) -> None:
     init.add_argument("--name", default="", help="a name for the mesh")
     init.set_defaults(func=_lazy("cmd_init"))
     admit = sub.add_parser("admit", help="admit a device to the mesh",
-                           description="Print a one-time join token for a device (give it "
-                           "as `mesh node --token` or the profile's `token`).")
-    admit.add_argument("--token", action="store_true", required=True,
-                       help="print a one-time join token")
+                           description="Admit a device waiting for it (`mesh node --pair`), "
+                           "or print a one-time join token for one (give it as `mesh node "
+                           "--token` or the profile's `token`).")
+    admit.add_argument("device", nargs="?", help="the device waiting to be admitted")
+    admit.add_argument("--token", action="store_true", help="print a one-time join token")
     admit.add_argument("--cap", action="append", default=[], metavar="CAP",
                        help="capabilities the device may announce (default: any)")
     admit.add_argument("--no-deploy", action="store_true",
                        help="the device may not deploy, stop or move apps")
     admit.add_argument("--hours", type=float, default=0, metavar="N",
                        help="the admission expires after N hours (default: never)")
-    admit.add_argument("--root", default="mesh", help=argparse.SUPPRESS)
     admit.set_defaults(func=_lazy("cmd_admit"))
+    _add_broker_options(admit)
     revoke = sub.add_parser("revoke", help="take a device out of the mesh for good")
     revoke.add_argument("device")
     revoke.set_defaults(func=_lazy("cmd_revoke"))

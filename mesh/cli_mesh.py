@@ -16,12 +16,13 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from mesh import profile, trust, wire
-from mesh.authority import OPEN_MESH_WARNING, Authority
+from mesh import keys, pairing, profile, trust, wire
+from mesh.authority import OPEN_MESH_WARNING, Authority, admitted, keep
 from mesh.cli import read_module
 from mesh.client import MeshClient, broker_from, find_broker
 from mesh.errors import MeshError
@@ -68,6 +69,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         broker = broker_from(None)
     node_id = profile.identity(state_dir, configured)
     token = args.token or kit.token
+    if args.pair and not token and not admitted(state_dir):
+        asyncio.run(_pair(url, args.root, state_dir, node_id))
     authority = Authority.load(state_dir, node_id, args.root, token)  # redeems a new token
     if authority.secure:
         log.info("node %s joins %s", node_id, authority.describe())
@@ -84,6 +87,14 @@ def cmd_node(args: argparse.Namespace) -> int:
                         call_timeout_ms=kit.call_timeout_ms, token=token)
     device = Device(config, broker=broker, mdns=not args.no_mdns)
     return asyncio.run(run_device(device, embedded=args.embedded_broker))
+
+
+async def _pair(url: str | None, root: str, state_dir: Path, node_id: str) -> None:
+    """Wait to be admitted (`mesh.pairing`), and keep the admission."""
+    key = keys.load_or_create(state_dir / "device.key")
+    identity, admission = await pairing.wait_for_admission(await find_broker(url, root),
+                                                           node_id, key, root)
+    keep(state_dir, identity, admission)
 
 
 async def run_device(device: Device, *, embedded: bool) -> int:
@@ -144,12 +155,25 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_admit(args: argparse.Namespace) -> int:
+    if bool(args.device) == bool(args.token):
+        raise MeshError("admit a device waiting for it (`mesh admit DEVICE`), or print a join "
+                        "token (`mesh admit --token`)")
     home = OperatorHome(args.home)
     hours = args.hours
     rights = Rights(caps=tuple(args.cap), may_deploy=not args.no_deploy,
                     expires_ms=int((time.time() + hours * 3600) * 1000) if hours else 0)
-    print(trust.join_token(home.key(), home.identity(), rights,
-                           now_ms=int(time.time() * 1000), root=args.root))
+    if args.token:
+        print(trust.join_token(home.key(), home.identity(), rights,
+                               now_ms=int(time.time() * 1000), root=args.root))
+        return 0
+
+    async def admit() -> str:
+        broker = await find_broker(args.broker, args.root)
+        return await pairing.admit(broker, home.key(), home.identity(), args.device, rights,
+                                   root=args.root)
+
+    print(f"admitted {args.device} (key {asyncio.run(admit())}: the device logged the same "
+          "when it started)")
     return 0
 
 

@@ -298,3 +298,32 @@ def test_a_device_acts_only_within_its_admission(broker: str, cluster: Cluster,
         assert "no app 'nothing'" in (_reply(obs, "early").error or "")  # past the check
         wait_until(lambda: not answered(f"late-{time.monotonic_ns()}"), 20,
                    "brief's admission to expire")
+
+
+def test_a_device_waiting_to_be_admitted_joins_when_the_operator_admits_it(
+        broker: str, cluster: Cluster, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    token, _, _ = _init(home)
+    cluster.start("alpha", broker, "--token", token)
+    kitchen = cluster.start("kitchen", broker, "--pair")
+    with Observer(broker) as obs:
+        wait_until(lambda: "alpha" in obs.nodes, 20, "alpha to join")
+        shown = wait_until(lambda: _fingerprint(kitchen.log()), 20, "kitchen to wait")
+        assert "kitchen" not in obs.nodes  # it runs nothing until admitted
+        nobody = mesh_cli("admit", "garage", "--home", str(home), broker=broker, timeout=30)
+        assert nobody.returncode == 1
+        assert "no device 'garage' waits to be admitted" in nobody.stderr
+        admitted = mesh_cli("admit", "kitchen", "--home", str(home), broker=broker)
+        assert admitted.returncode == 0, admitted.stderr
+        assert f"key {shown}" in admitted.stdout  # what the operator compares
+        wait_until(lambda: "kitchen" in obs.nodes, 20, f"kitchen to join\n{cluster.logs()}")
+        deployed = mesh_cli("deploy", "counter", str(COUNTER_WAT), "--on", "kitchen",
+                            "--home", str(home), broker=broker)
+        assert deployed.returncode == 0, deployed.stderr
+        wait_until(lambda: obs.running("counter") == "kitchen", 20, "counter on kitchen")
+
+
+def _fingerprint(log: str) -> str | None:
+    marker = "check that it shows key "
+    at = log.find(marker)
+    return log[at + len(marker):at + len(marker) + 16] if at >= 0 else None
