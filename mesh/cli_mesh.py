@@ -41,8 +41,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if not args.verbose:  # the demo narrates; logs would drown it
         logging.getLogger().setLevel(logging.WARNING)
-        # amqtt logs a traceback when a client's connection is cut (the demo kills a node)
+        # amqtt logs a traceback when a client's connection is cut (the demo kills a node),
+        # and asyncio one when amqtt drops a client that connected while another subscribed
+        # (amqtt 0.12's "dictionary changed size during iteration"; the node connects again)
         logging.getLogger("amqtt").setLevel(logging.CRITICAL)
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     return run_demo()
 
 

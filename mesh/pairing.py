@@ -57,11 +57,12 @@ async def wait_for_admission(broker: BrokerAddress, device: str, key: Ed25519Pri
     """The device's side: announce it is pending, and wait for its welcome."""
     public = keys.public_bytes(key)
     welcomes: asyncio.Queue[bytes] = asyncio.Queue()
+    pending = f"{root}/pending/{device}"
 
     def on_message(message: Message) -> None:
-        welcomes.put_nowait(bytes(message.payload))
+        if message.topic == f"{pending}/welcome":  # (amqtt 0.12 sends others' retained too)
+            welcomes.put_nowait(bytes(message.payload))
 
-    pending = f"{root}/pending/{device}"
     async with Connection(broker, f"{root}-pairing-{device}", on_message=on_message) as conn:
         await conn.subscribe(f"{pending}/welcome")
         await conn.publish(pending, wire.encode(Pending(device, public)), retain=True)
@@ -96,11 +97,12 @@ async def admit(broker: BrokerAddress, operator: Ed25519PrivateKey, identity: Me
                 device: str, rights: Rights, *, root: str = "mesh") -> str:
     """The operator's side: admit the pending `device`; returns its key's fingerprint."""
     records: asyncio.Queue[bytes] = asyncio.Queue()
+    pending = f"{root}/pending/{device}"
 
     def on_message(message: Message) -> None:
-        records.put_nowait(bytes(message.payload))
+        if message.topic == pending:  # (amqtt 0.12 sends others' retained messages too)
+            records.put_nowait(bytes(message.payload))
 
-    pending = f"{root}/pending/{device}"
     async with Connection(broker, f"{root}-admit-{device}-{time.monotonic_ns()}",
                           on_message=on_message) as conn:
         await conn.subscribe(pending)

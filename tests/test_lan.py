@@ -310,3 +310,25 @@ def test_devices_paired_with_join_tokens_form_a_secure_mesh(lan: Lan, tmp_path: 
         assert "must be signed by the operator" in anonymous.stderr
         feed(obs, "counter", [b"again"])
         assert count_of(reach(obs, "counter", 2, tmp_path)) == 2
+
+
+def test_a_device_paired_by_the_operator_joins_the_secure_mesh(lan: Lan, tmp_path: Path) -> None:
+    """With someone at the device: `mesh node --pair` waits, showing its key; `mesh admit
+    DEVICE` on the laptop shows the same key and lets it in."""
+    viewer = lan.plug("laptop")
+    home = str(tmp_path / "operator")
+    cli(viewer, "init", "--home", home)
+    boot(lan, tmp_path, "kitchen", "--id", "kitchen", "--token",
+         cli(viewer, "admit", "--token", "--home", home).strip())
+    with observing(viewer, {"kitchen"}, tmp_path):
+        pass  # the mesh, and its broker, are up
+    boot(lan, tmp_path, "hall", "--id", "hall", "--pair")
+    log = tmp_path / "hall.log"
+    wait_until(lambda: log.exists() and "check that it shows key" in log.read_text(), 30,
+               f"hall to wait\n{logs(tmp_path)}")
+    shown = log.read_text().split("check that it shows key ")[1][:16]
+    assert f"key {shown}" in cli(viewer, "admit", "hall", "--home", home)
+    with observing(viewer, {"kitchen", "hall"}, tmp_path) as obs:
+        cli(viewer, "deploy", "counter", str(COUNTER_WAT), "--on", "hall", "--home", home)
+        wait_until(lambda: obs.running("counter") == "hall", 30,
+                   f"counter on hall\n{logs(tmp_path)}")
