@@ -99,7 +99,7 @@ class Authority:
         if self.trust is not None and payload:
             self.trust.revoke(device, payload)
 
-    # --- the desired state (specs, tombstones) ----------------------------------------------
+    # --- signing and checking records -------------------------------------------------------
 
     def sign_record(self, topic: str, body: bytes, *, after_ms: int = -1) -> bytes:
         """A record this node publishes: its own node record, an owner record, or a spec or

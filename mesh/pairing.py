@@ -41,7 +41,7 @@ class Pending:
     key: bytes
 
     def __post_init__(self) -> None:
-        wire._check_name("device", self.device)
+        wire.check_name("device", self.device)
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,7 +78,7 @@ class Admission:
     issued_ms: int
 
     def __post_init__(self) -> None:
-        wire._check_name("device", self.device)
+        wire.check_name("device", self.device)
         if len(self.key) != keys.PUBLIC_KEY_BYTES:
             raise WireError(f"a device key is {keys.PUBLIC_KEY_BYTES} bytes, got {len(self.key)}")
 
@@ -109,7 +109,7 @@ class TokenClaim:
     key: bytes
 
     def __post_init__(self) -> None:
-        wire._check_name("device", self.device)
+        wire.check_name("device", self.device)
 
 
 @dataclass(frozen=True, slots=True)

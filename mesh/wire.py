@@ -34,7 +34,7 @@ OPS = frozenset({"deploy", "stop", "migrate", "send", "restart", "apps", "nodes"
 T = TypeVar("T")
 
 
-def _check_name(what: str, value: str | None) -> None:
+def check_name(what: str, value: str | None) -> None:
     if value is not None and not NAME_RE.fullmatch(value):
         raise WireError(f"{what} {value!r} is not a valid name "
                         "(1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit)")
@@ -82,9 +82,9 @@ class NodeRecord:
     failed: dict[str, str] = field(default_factory=dict)  # apps failed here, and why
 
     def __post_init__(self) -> None:
-        _check_name("node id", self.id)
+        check_name("node id", self.id)
         for app in (*self.apps, *self.failed):
-            _check_name("app", app)
+            check_name("app", app)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +109,9 @@ class AppSpec:
     signature: bytes | None = None
 
     def __post_init__(self) -> None:
-        _check_name("app", self.app)
+        check_name("app", self.app)
         _check_sha256("module", self.module)
-        _check_name("pin", self.pin)
+        check_name("pin", self.pin)
         _check_nonnegative(tick_ms=self.tick_ms, checkpoint_ms=self.checkpoint_ms,
                            checkpoint_every=self.checkpoint_every)
         if not 65536 <= self.memory_limit <= 1 << 32:
@@ -138,7 +138,7 @@ class OwnerRecord:
     seq: int = 0
 
     def __post_init__(self) -> None:
-        _check_name("node", self.node)
+        check_name("node", self.node)
         _check_counter("epoch", self.epoch)
         _check_counter("seq", self.seq)
 
@@ -227,7 +227,7 @@ class Snapshot:
     applied: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_name("app", self.app)
+        check_name("app", self.app)
         _check_sha256("module", self.module)
         _check_counter("epoch", self.epoch)
         _check_counter("seq", self.seq)
@@ -256,9 +256,9 @@ class Command:
     def __post_init__(self) -> None:
         if self.op not in OPS:
             raise WireError(f"unknown op {self.op!r} (known: {', '.join(sorted(OPS))})")
-        _check_name("id", self.id)
-        _check_name("app", self.app)
-        _check_name("to", self.to)
+        check_name("id", self.id)
+        check_name("app", self.app)
+        check_name("to", self.to)
         if self.topic is not None and (len(self.topic) > 256 or any(
                 c in self.topic for c in "+#\0") or "//" in self.topic or
                 self.topic.startswith("/")):
@@ -312,7 +312,7 @@ class Tombstone:
     stopped_ms: int
 
     def __post_init__(self) -> None:
-        _check_name("app", self.app)
+        check_name("app", self.app)
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +329,7 @@ class DeadLetter:
     ts_ms: int
 
     def __post_init__(self) -> None:
-        _check_name("app", self.app)
+        check_name("app", self.app)
 
 
 @dataclass(frozen=True, slots=True)

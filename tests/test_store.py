@@ -75,6 +75,12 @@ def chunked(app: str, epoch: int, seq: int, fill: int) -> tuple[list[bytes], int
     return list(chunks.cut([data], 4096)), first, wire.encode(snap)
 
 
+def deliver(inbox: Inbox, parts: list[bytes], first: int) -> None:
+    """Chunks of app "a"'s checkpoint, at their indices from `first`."""
+    for i, part in enumerate(parts):
+        inbox.snapshot("a", str(first + i), part)
+
+
 def test_chunks_of_an_older_copy_leave_the_checkpoint_held_whole() -> None:
     # An older copy given back to the broker (same chunk slot: seq of the same parity) sends
     # its chunks before its header, which is then refused as older: the checkpoint held must
@@ -82,8 +88,7 @@ def test_chunks_of_an_older_copy_leave_the_checkpoint_held_whole() -> None:
     inbox = Inbox(Topics())
     for epoch, seq, fill in ((3, 4, 7), (2, 2, 9)):
         parts, first, head = chunked("a", epoch, seq, fill)
-        for i, part in enumerate(parts):
-            inbox.snapshot("a", str(first + i), part)
+        deliver(inbox, parts, first)
         if epoch == 3:
             inbox.snapshot("a", None, head)
             held = inbox.checkpoint("a")
@@ -103,8 +108,7 @@ def test_a_header_that_came_before_its_chunks_takes_them_once_they_are_here() ->
     # come while the indices it names still hold an older checkpoint's chunks.
     inbox = Inbox(Topics())
     old_parts, first, _ = chunked("a", 2, 2, 9)
-    for i, part in enumerate(old_parts):
-        inbox.snapshot("a", str(first + i), part)
+    deliver(inbox, old_parts, first)
     parts, first, head = chunked("a", 3, 4, 7)
     inbox.snapshot("a", None, head)
     stale = inbox.checkpoint("a")
@@ -112,8 +116,7 @@ def test_a_header_that_came_before_its_chunks_takes_them_once_they_are_here() ->
     assert not stale.matches()
     inbox.incomplete(stale)
     assert inbox.checkpoint("a") is None  # nothing newer here: it waits for its own
-    for i, part in enumerate(parts):
-        inbox.snapshot("a", str(first + i), part)
+    deliver(inbox, parts, first)
     own = inbox.checkpoint("a")
     assert own is not None
     assert own.matches()
@@ -122,17 +125,14 @@ def test_a_header_that_came_before_its_chunks_takes_them_once_they_are_here() ->
 def test_a_checkpoint_found_incomplete_after_a_newer_came_leaves_the_newer_one() -> None:
     inbox = Inbox(Topics())
     old_parts, first, _ = chunked("a", 2, 2, 9)
-    for i, part in enumerate(old_parts):
-        inbox.snapshot("a", str(first + i), part)
+    deliver(inbox, old_parts, first)
     parts, first, head = chunked("a", 3, 4, 7)
     inbox.snapshot("a", None, head)  # put together from the older chunks: its restore fails
     stale = inbox.checkpoint("a")
     assert stale is not None
-    for i, part in enumerate(parts):  # meanwhile its own chunks come, then a newer one
-        inbox.snapshot("a", str(first + i), part)
+    deliver(inbox, parts, first)  # meanwhile its own chunks come, then a newer one
     newer_parts, first, newer_head = chunked("a", 3, 5, 5)
-    for i, part in enumerate(newer_parts):
-        inbox.snapshot("a", str(first + i), part)
+    deliver(inbox, newer_parts, first)
     inbox.snapshot("a", None, newer_head)
     inbox.incomplete(stale)
     taken = inbox.checkpoint("a")
