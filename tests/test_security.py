@@ -220,7 +220,11 @@ def test_a_forged_node_or_owner_record_moves_nothing(broker: str, cluster: Clust
             rogue, "zz-attacker", "mesh/apps/counter/owner", wire.encode(forged),
             issued_ms=int(time.time() * 1000)), retain=True)
 
-        # beta puts back its own record over the forged one.
+        # Refused for its signature (not merely overwritten again by beta), and beta puts
+        # back its own record over the forged one.
+        wait_until(lambda: any("mesh/nodes/beta: a record at mesh/nodes/beta not signed by "
+                               "beta" in (e.reason or "") for e in obs.events), 15,
+                   "the forged record of beta to be refused")
         wait_until(lambda: obs.nodes["beta"].started_ms > 0, 15, "beta's own record back")
         listed = mesh_cli("nodes", "--json", broker=broker)  # answered after all of the above
         assert listed.returncode == 0, listed.stderr
