@@ -9,6 +9,10 @@ there (`<root>/revoked/<device>`), and refuses a command that steers the mesh (d
 migrate, restart) unless the operator or a device allowed to deploy signed it, for its topic,
 within `COMMAND_WINDOW_MS`, and never twice.
 
+An admitted device holds the mesh's data keys (`<state>/data-keys.cbor`, from its token, its
+welcome, or a grant at `<root>/keys/<device>`) and seals every checkpoint it publishes with
+them; it opens the ones it receives (`mesh.privacy`).
+
 A node with neither a token nor an identity runs an open mesh, and says so at every start.
 """
 
@@ -21,12 +25,14 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from mesh import keys, trust, wire
+from mesh import keys, privacy, trust, wire
 from mesh.errors import ConfigError, TrustError, WireError
+from mesh.privacy import Keyring
 from mesh.trust import MeshIdentity, TrustStore
 
 log = logging.getLogger(__name__)
 
+KEYS_FILE = "data-keys.cbor"
 COMMAND_WINDOW_MS = 120_000  # a signed command older (or newer) than this is refused
 OPEN_MESH_WARNING = ("this node runs an OPEN mesh: anyone who can reach its broker can deploy, "
                      "stop and move apps. Create a mesh with `mesh init` and join devices "
@@ -41,12 +47,15 @@ class Authority:
     """The trust of one node: `secure` once it holds a mesh identity and its admission."""
 
     def __init__(self, device: str, root: str = "mesh", *, key: Ed25519PrivateKey | None = None,
-                 identity: MeshIdentity | None = None, admission: bytes | None = None) -> None:
+                 identity: MeshIdentity | None = None, admission: bytes | None = None,
+                 keyring: Keyring | None = None) -> None:
         self.device = device
         self.root = root
         self.key = key
         self.admission = admission
         self.trust = TrustStore(identity, root) if identity is not None else None
+        self.keyring = keyring or Keyring()
+        self._opener = privacy.Opener(self.keyring)
         self._seen: OrderedDict[bytes, int] = OrderedDict()  # command signatures, when
         self._newest: dict[str, int] = {}  # topic -> when the record held there was signed
         self.state_dir: Path | None = None
@@ -65,8 +74,10 @@ class Authority:
         admission_file = state_dir / "admission.cbor"
         if token and not admission_file.exists():
             key = keys.load_or_create(state_dir / "device.key")
-            identity, admission = trust.redeem(trust.read_token(token), device, key)
-            keep(state_dir, identity, admission)
+            contents = trust.read_token(token)
+            identity, admission = trust.redeem(contents, device, key, privacy.box_public(key))
+            keyring = Keyring.decode(contents.keys) if contents.keys else None
+            keep(state_dir, identity, admission, keyring)
             log.info("device %s redeemed its join token for mesh %s", device, identity.id)
         if not admission_file.exists():
             return cls(device, root)
@@ -76,8 +87,13 @@ class Authority:
         except (OSError, WireError) as exc:
             raise ConfigError(f"{state_dir}: this device's admission is unreadable ({exc}); "
                               "remove admission.cbor and give it a new join token") from None
+        if not (state_dir / KEYS_FILE).exists():
+            raise ConfigError(f"{state_dir}: this device holds no data keys of mesh "
+                              f"{identity.id}; remove admission.cbor and give it a new join "
+                              "token (or `mesh admit` it again)")
         authority = cls(device, root, key=keys.load(state_dir / "device.key"),
-                        identity=identity, admission=admission)
+                        identity=identity, admission=admission,
+                        keyring=Keyring.load(state_dir / KEYS_FILE))
         authority.state_dir = state_dir
         authority._last_issued = authority._reserved = _read_issued(state_dir)
         authority.learn_admission(device, admission)  # a token for another mesh fails here
@@ -98,6 +114,47 @@ class Authority:
     def learn_revocation(self, device: str, payload: bytes) -> None:
         if self.trust is not None and payload:
             self.trust.revoke(device, payload)
+
+    def learn_grant(self, payload: bytes) -> None:
+        """The mesh's data keys, granted to this device by the operator (a new one after a
+        revocation); TrustError if the grant is not valid."""
+        if self.trust is None or self.key is None or not payload:
+            return
+        sealed = self.trust.open(f"{self.root}/keys/{self.device}", payload, _now_ms())
+        if sealed.signer != trust.OPERATOR:
+            raise TrustError(f"a key grant signed by {sealed.signer!r}, not the operator")
+        granted = privacy.open_grant(wire.decode(privacy.Grant, sealed.body),
+                                     self.trust.identity.id, self.device, self.key)
+        if self.keyring.merge(granted) and self.state_dir is not None:
+            self.keyring.save(self.state_dir / KEYS_FILE)
+            log.info("device %s holds data keys %s of the mesh", self.device,
+                     sorted(self.keyring.keys))
+
+    # --- checkpoints: signed, and sealed with the mesh's data key ----------------------------
+
+    def seal_checkpoint(self, topic: str) -> CheckpointSeal:
+        return CheckpointSeal(self, topic)
+
+    def open_checkpoint(self, topic: str, payload: bytes) -> bytes:
+        """A checkpoint header's encoded snapshot, its signature checked (`open_record`) and
+        its bytes decrypted; TrustError if it is not the mesh's."""
+        return self._reveal(topic, self.open_record(topic, payload))
+
+    def reveal(self, topic: str, payload: bytes) -> bytes:
+        """A checkpoint header checked before: its encoded snapshot."""
+        return self._reveal(topic, trust.plain(payload))
+
+    def _reveal(self, topic: str, body: bytes) -> bytes:
+        if self.trust is None or not body:
+            return body
+        return self._opener.piece(topic, privacy.HEADER_INDEX, body)
+
+    def open_chunk(self, topic: str, index: int, payload: bytes) -> bytes:
+        """A memory chunk's plain bytes; TrustError if it is not sealed with the mesh's key
+        for this checkpoint topic and index."""
+        if self.trust is None or not payload:
+            return payload
+        return self._opener.piece(topic, index, payload)
 
     # --- signing and checking records -------------------------------------------------------
 
@@ -196,6 +253,25 @@ class Authority:
         return signer is not None and self.trust.may_deploy(signer, _now_ms())
 
 
+class CheckpointSeal:
+    """How this node publishes one checkpoint at `topic`: its chunks encrypted with the mesh's
+    newest data key, its header encrypted and signed (both as they are in an open mesh)."""
+
+    def __init__(self, authority: Authority, topic: str) -> None:
+        self._authority = authority
+        self._topic = topic
+        self._sealer = (privacy.Sealer(authority.keyring, topic) if authority.secure
+                        else None)
+
+    def chunk(self, index: int, data: bytes) -> bytes:
+        return data if self._sealer is None else self._sealer.piece(index, data)
+
+    def header(self, body: bytes) -> bytes:
+        if self._sealer is not None:
+            body = self._sealer.piece(privacy.HEADER_INDEX, body)
+        return self._authority.sign_record(self._topic, body)
+
+
 def _read_issued(state_dir: Path) -> int:
     try:
         return int((state_dir / "issued").read_text())
@@ -215,8 +291,12 @@ def admitted(state_dir: Path) -> bool:
     return (state_dir / "admission.cbor").exists()
 
 
-def keep(state_dir: Path, identity: MeshIdentity, admission: bytes) -> None:
-    """Keep this device's admission and the identity of the mesh it is admitted to."""
+def keep(state_dir: Path, identity: MeshIdentity, admission: bytes,
+         keyring: Keyring | None) -> None:
+    """Keep this device's admission, the identity of the mesh it is admitted to, and the
+    mesh's data keys it was given."""
     state_dir.mkdir(parents=True, exist_ok=True)
+    if keyring is not None:
+        keyring.save(state_dir / KEYS_FILE)
     (state_dir / "mesh-identity.cbor").write_bytes(wire.encode(identity))
     (state_dir / "admission.cbor").write_bytes(admission)

@@ -107,6 +107,13 @@ def is_manifest(payload: bytes) -> Manifest | None:
         return None
 
 
+def index_of(index: str) -> int:
+    """The chunk index a topic level names; WireError if it names none."""
+    if not (index.isascii() and index.isdigit()) or int(index) >= MAX_CHUNKS:
+        raise WireError(f"chunk index {index!r} is not a number below {MAX_CHUNKS}")
+    return int(index)
+
+
 class Retained:
     """What was last published at a base topic and at its chunk topics `base/<i>`.
 
@@ -127,15 +134,13 @@ class Retained:
             self._heads.pop(base, None)
             self._chunks.pop(base, None)
 
-    def chunk(self, base: str, index: str, payload: bytes) -> None:
-        """A message at `base/<index>`."""
-        if not (index.isascii() and index.isdigit()) or int(index) >= MAX_CHUNKS:
-            raise WireError(f"chunk index {index!r} is not a number below {MAX_CHUNKS}")
+    def chunk(self, base: str, index: int, payload: bytes) -> None:
+        """A message at `base/<index>` (see `index_of`)."""
         parts = self._chunks.setdefault(base, {})
         if payload:
-            parts[int(index)] = payload
+            parts[index] = payload
         else:
-            parts.pop(int(index), None)
+            parts.pop(index, None)
 
     def head(self, base: str) -> bytes | None:
         return self._heads.get(base)

@@ -95,9 +95,9 @@ def cmd_node(args: argparse.Namespace) -> int:
 async def _pair(url: str | None, root: str, state_dir: Path, node_id: str) -> None:
     """Wait to be admitted (`mesh.pairing`), and keep the admission."""
     key = keys.load_or_create(state_dir / "device.key")
-    identity, admission = await pairing.wait_for_admission(await find_broker(url, root),
-                                                           node_id, key, root)
-    keep(state_dir, identity, admission)
+    identity, admission, keyring = await pairing.wait_for_admission(
+        await find_broker(url, root), node_id, key, root)
+    keep(state_dir, identity, admission, keyring)
 
 
 async def run_device(device: Device, *, embedded: bool) -> int:
@@ -166,14 +166,12 @@ def cmd_admit(args: argparse.Namespace) -> int:
     rights = Rights(caps=tuple(args.cap), may_deploy=not args.no_deploy,
                     expires_ms=int((time.time() + hours * 3600) * 1000) if hours else 0)
     if args.token:
-        print(trust.join_token(home.key(), home.identity(), rights,
-                               now_ms=int(time.time() * 1000), root=args.root))
+        print(home.join_token(rights, root=args.root))
         return 0
 
     async def admit() -> str:
         broker = await find_broker(args.broker, args.root)
-        return await pairing.admit(broker, home.key(), home.identity(), args.device, rights,
-                                   root=args.root)
+        return await pairing.admit(broker, home, args.device, rights, root=args.root)
 
     print(f"admitted {args.device} (key {asyncio.run(admit())}: the device logged the same "
           "when it started)")
@@ -181,16 +179,15 @@ def cmd_admit(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    home = OperatorHome(args.home)
-    data = trust.revocation(home.key(), home.identity(), args.device,
-                            now_ms=int(time.time() * 1000), root=args.root)
+    async def revoke() -> tuple[int, list[str]]:
+        broker = await find_broker(args.broker, args.root)
+        return await pairing.revoke(broker, OperatorHome(args.home), args.device,
+                                    root=args.root)
 
-    async def publish() -> None:
-        async with MeshClient(await find_broker(args.broker, args.root), args.root) as mesh:
-            await mesh.conn.publish(f"{args.root}/revoked/{args.device}", data, retain=True)
-
-    asyncio.run(publish())
-    print(f"revoked {args.device}: every node refuses its records from now on")
+    generation, granted = asyncio.run(revoke())
+    print(f"revoked {args.device}: every node refuses its records from now on; app memory is "
+          f"sealed with data key {generation} from now on, granted to "
+          f"{', '.join(granted) or 'no device'}")
     return 0
 
 

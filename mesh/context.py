@@ -16,6 +16,7 @@ from mesh import wire
 from mesh.abi import LocalIO
 from mesh.mqtt import BrokerAddress
 from mesh.topics import Topics
+from mesh.transfer import PLAIN, Sealing
 from mesh.wire import EventKind
 
 if TYPE_CHECKING:
@@ -67,4 +68,4 @@ class HostContext:
     app_memory_bytes: int | None = None  # this device's caps on what one app may use
     call_timeout_ms: int | None = None
     kept: Callable[[wire.Snapshot], None] = lambda snap: None  # a checkpoint was stored
-    sign: Callable[[str, bytes], bytes] = lambda _topic, body: body  # a checkpoint header
+    sealing: Sealing = PLAIN  # how checkpoints are signed and encrypted

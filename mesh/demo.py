@@ -20,7 +20,7 @@ from pathlib import Path
 
 import wasmtime
 
-from mesh import trust, wire
+from mesh import privacy, trust, wire
 from mesh.broker import EmbeddedBroker
 from mesh.client import MeshClient
 from mesh.home import OperatorHome
@@ -45,7 +45,8 @@ def _free_port() -> int:
 class Watch:
     """What the demo sees on the broker: node records, events and the app's outputs."""
 
-    def __init__(self) -> None:
+    def __init__(self, opener: privacy.Opener) -> None:
+        self.opener = opener  # the operator's data keys: checkpoints travel encrypted
         self.nodes: dict[str, wire.NodeRecord] = {}
         self.events: list[wire.Event] = []
         self.outputs: list[str] = []
@@ -63,7 +64,8 @@ class Watch:
         elif parts[1] == "events":
             self.events.append(wire.decode(wire.Event, payload))
         elif parts[-1] == "snapshot" and payload:
-            self.checkpointed = wire.decode(wire.Snapshot, trust.plain(payload)).host.delivered
+            header = self.opener.piece(message.topic, privacy.HEADER_INDEX, trust.plain(payload))
+            self.checkpointed = wire.decode(wire.Snapshot, header).host.delivered
         elif "out" in parts:
             self.outputs.append(payload.decode())
             _say(f"      counter published: {payload.decode()}")
@@ -92,8 +94,7 @@ async def _nodes(broker: BrokerAddress, workdir: Path,
                  home: OperatorHome) -> AsyncIterator[dict[str, asyncio.subprocess.Process]]:
     procs = {}
     for name in NODES:
-        token = trust.join_token(home.key(), home.identity(), trust.Rights(may_deploy=True),
-                                 now_ms=int(time.time() * 1000))
+        token = home.join_token(trust.Rights(may_deploy=True))
         log = (workdir / f"{name}.log").open("wb")
         procs[name] = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "mesh", "node", "--id", name, "--broker", str(broker),
@@ -128,12 +129,12 @@ async def demo(workdir: Path) -> int:
     broker = BrokerAddress("127.0.0.1", port)
     wasm = bytes(wasmtime.wat2wasm(
         resources.files("mesh").joinpath("apps/counter.wat").read_text()))
-    watch = Watch()
     _say("liquid-mesh demo: three devices share an app that keeps its state through a "
          "migration and a crash")
     _say()
     home = OperatorHome(workdir / "operator")
     identity = home.init("demo")
+    watch = Watch(privacy.Opener(home.keyring()))
     _say(f"[1] Creating a mesh ({identity.id}: `mesh init`), starting the embedded MQTT broker "
          f"on {broker} and three nodes, each its own process, joined with a one-time token "
          "each (`mesh admit --token`):")

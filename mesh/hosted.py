@@ -474,7 +474,7 @@ class HostedApp:
             pieces = [snap.memory.data]
             self._journal.checkpointed(snap)
         await publish_snapshot(session, self.ctx.topics.app(self.name, "snapshot"), snap, pieces,
-                               self.ctx.sign)
+                               self.ctx.sealing)
         if not final:
             self.ctx.kept(snap)
         self._seq += 1

@@ -81,7 +81,7 @@ class Node:
         self.authority = Authority.load(config.state_dir, config.node_id, config.root,
                                         config.token)
         self.runtime = Runtime(cache_dir=self.store.compiled_dir)
-        self.inbox = Inbox(self.topics, self.authority.open_record)
+        self.inbox = Inbox(self.topics, self.authority)
         self.members: dict[str, wire.NodeRecord] = {}
         self.desired = DesiredState(self.authority, self.topics, self.store)
         self.specs = self.desired.specs  # the apps to run, and
@@ -117,7 +117,7 @@ class Node:
         self.host_ctx = HostContext(self.runtime, config.broker, self.topics, config.keepalive,
                                 config.sensors, self.event, self._app_lost,
                                 config.app_memory_bytes, config.call_timeout_ms, self.kept.keep,
-                                self.authority.sign_record)
+                                self.authority)
 
     @property
     def control(self) -> Connection:
@@ -145,10 +145,11 @@ class Node:
         await control.connect()
         self._control = control
         t = self.topics
-        # The broker sends retained messages filter by filter: admissions and revocations
-        # first (every other record is checked against them), then checkpoints, all here before
-        # the owner records that may make this node restore one.
+        # The broker sends retained messages filter by filter: admissions, revocations and our
+        # data keys first (every other record is checked or opened with them), then
+        # checkpoints, all here before the owner records that may make this node restore one.
         await control.subscribe(f"{t.root}/admissions/+", f"{t.root}/revoked/+",
+                                f"{t.root}/keys/{self.id}",
                                 f"{t.root}/apps/+/snapshot/+", f"{t.root}/apps/+/snapshot",
                                 f"{t.root}/nodes/+", f"{t.root}/apps/+/spec",
                                 f"{t.root}/apps/+/owner", f"{t.root}/apps/+/stopped", t.mesh,
@@ -371,6 +372,8 @@ class Node:
                 self.authority.learn_admission(device, payload)
             case ("revoked", device):
                 self.authority.learn_revocation(device, payload)
+            case ("keys", device) if device == self.id:
+                self.authority.learn_grant(payload)
             case ("mesh",):
                 self.marker = wire.decode(wire.MeshRecord, payload) if payload else None
                 if self.marker is None:

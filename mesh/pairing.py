@@ -2,15 +2,19 @@
 someone can look at; a headless one is better joined with a token (`mesh admit --token`).
 
 - The device (`mesh node --pair`, with no admission yet) makes its key, publishes a pending
-  record `{device, key}` (retained at `<root>/pending/<device>`) and logs its key's
+  record `{device, key, box}` (retained at `<root>/pending/<device>`) and logs its key's
   fingerprint, runs nothing, and waits.
 - The operator's `mesh admit DEVICE` reads that record, prints the same fingerprint (to compare
-  with the device's log), and publishes the admission (`<root>/admissions/<device>`) and a
-  welcome for the device (`<root>/pending/<device>/welcome`): the mesh's identity and that
-  admission.
+  with the device's log), and publishes the admission (`<root>/admissions/<device>`), the
+  mesh's data keys sealed to the device's box key (`<root>/keys/<device>`, `mesh.privacy`), and
+  a welcome for the device (`<root>/pending/<device>/welcome`): the mesh's identity, that
+  admission and those keys.
 - The device takes the first welcome whose admission is of its own key and signed by the
-  identity's operator key (it trusts the first such mesh it is welcomed to), keeps both, and
-  joins as an admitted device.
+  identity's operator key (it trusts the first such mesh it is welcomed to), keeps all three,
+  and joins as an admitted device.
+
+`mesh revoke DEVICE` (`revoke`) publishes the revocation, makes a new data key and grants it to
+every device still admitted: what is checkpointed from then on, the revoked device cannot read.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from typing import ClassVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from mesh import keys, trust, wire
+from mesh import keys, privacy, trust, wire
 from mesh.errors import MeshError, TrustError, WireError
+from mesh.home import OperatorHome
 from mesh.mqtt import BrokerAddress, Connection, Message
+from mesh.privacy import Keyring
 from mesh.trust import MeshIdentity, Rights, TrustStore
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,7 @@ class Pending:
     MAX_BYTES: ClassVar[int] = 1024
     device: str
     key: bytes
+    box: bytes = b""
 
     def __post_init__(self) -> None:
         wire.check_name("device", self.device)
@@ -47,13 +54,14 @@ class Pending:
 @dataclass(frozen=True, slots=True)
 class Welcome:
     KIND: ClassVar[str] = "welcome"
-    MAX_BYTES: ClassVar[int] = 8192
+    MAX_BYTES: ClassVar[int] = 64 * 1024
     identity: bytes
     admission: bytes
+    grant: bytes = b""  # the mesh's data keys for the device, as at `<root>/keys/<device>`
 
 
 async def wait_for_admission(broker: BrokerAddress, device: str, key: Ed25519PrivateKey,
-                             root: str = "mesh") -> tuple[MeshIdentity, bytes]:
+                             root: str = "mesh") -> tuple[MeshIdentity, bytes, Keyring]:
     """The device's side: announce it is pending, and wait for its welcome."""
     public = keys.public_bytes(key)
     welcomes: asyncio.Queue[bytes] = asyncio.Queue()
@@ -65,37 +73,44 @@ async def wait_for_admission(broker: BrokerAddress, device: str, key: Ed25519Pri
 
     async with Connection(broker, f"{root}-pairing-{device}", on_message=on_message) as conn:
         await conn.subscribe(f"{pending}/welcome")
-        await conn.publish(pending, wire.encode(Pending(device, public)), retain=True)
+        await conn.publish(pending, wire.encode(Pending(device, public,
+                                                        privacy.box_public(key))), retain=True)
         log.warning("device %s waits to be admitted: run `mesh admit %s` where the mesh was "
                     "created, and check that it shows key %s", device, device,
                     keys.fingerprint(public))
         while True:
             data = await welcomes.get()
             try:
-                identity, admission = _check_welcome(data, device, public, root)
+                identity, admission, keyring = _check_welcome(data, device, key, root)
             except MeshError as exc:
                 log.warning("a welcome for %s was refused: %s", device, exc)
                 continue
             await conn.publish(pending, b"", retain=True)
             await conn.publish(f"{pending}/welcome", b"", retain=True)
             log.info("device %s was admitted to mesh %s", device, identity.id)
-            return identity, admission
+            return identity, admission, keyring
 
 
-def _check_welcome(data: bytes, device: str, public: bytes,
-                   root: str) -> tuple[MeshIdentity, bytes]:
+def _check_welcome(data: bytes, device: str, key: Ed25519PrivateKey,
+                   root: str) -> tuple[MeshIdentity, bytes, Keyring]:
     welcome = wire.decode(Welcome, data)
     identity = wire.decode(MeshIdentity, welcome.identity)
-    admission = TrustStore(identity, root).admit(device, welcome.admission,
-                                                 int(time.time() * 1000))
-    if admission.key != public:
+    store = TrustStore(identity, root)
+    now = int(time.time() * 1000)
+    admission = store.admit(device, welcome.admission, now)
+    if admission.key != keys.public_bytes(key):
         raise TrustError(f"the admission is of another key ({keys.fingerprint(admission.key)})")
-    return identity, welcome.admission
+    sealed = store.open(f"{root}/keys/{device}", welcome.grant, now)
+    if sealed.signer != trust.OPERATOR:
+        raise TrustError(f"data keys granted by {sealed.signer!r}, not the operator")
+    grant = wire.decode(privacy.Grant, sealed.body)
+    return identity, welcome.admission, privacy.open_grant(grant, identity.id, device, key)
 
 
-async def admit(broker: BrokerAddress, operator: Ed25519PrivateKey, identity: MeshIdentity,
-                device: str, rights: Rights, *, root: str = "mesh") -> str:
+async def admit(broker: BrokerAddress, home: OperatorHome, device: str, rights: Rights, *,
+                root: str = "mesh") -> str:
     """The operator's side: admit the pending `device`; returns its key's fingerprint."""
+    operator, identity, keyring = home.key(), home.identity(), home.keyring()
     records: asyncio.Queue[bytes] = asyncio.Queue()
     pending = f"{root}/pending/{device}"
 
@@ -121,8 +136,66 @@ async def admit(broker: BrokerAddress, operator: Ed25519PrivateKey, identity: Me
             raise MeshError(f"the pending record at {pending} is of {request.device!r}")
         now = int(time.time() * 1000)
         admission = trust.admission(operator, identity, device, request.key, rights,
-                                    now_ms=now, root=root)
+                                    now_ms=now, root=root, box=request.box)
+        granted = grant(operator, identity, keyring, device, request.box, root=root)
         await conn.publish(f"{root}/admissions/{device}", admission, retain=True)
-        welcome = Welcome(wire.encode(identity), admission)
+        await conn.publish(f"{root}/keys/{device}", granted, retain=True)
+        welcome = Welcome(wire.encode(identity), admission, granted)
         await conn.publish(f"{pending}/welcome", wire.encode(welcome), retain=True)
     return keys.fingerprint(request.key)
+
+
+def grant(operator: Ed25519PrivateKey, identity: MeshIdentity, keyring: Keyring, device: str,
+          box: bytes, *, root: str = "mesh") -> bytes:
+    """The mesh's data keys for `device` (whose box key is `box`), signed for
+    `<root>/keys/<device>`."""
+    record = privacy.grant(keyring, identity.id, device, box)
+    return trust.seal(operator, trust.OPERATOR, f"{root}/keys/{device}", wire.encode(record),
+                      issued_ms=int(time.time() * 1000))
+
+
+async def revoke(broker: BrokerAddress, home: OperatorHome, device: str, *,
+                 root: str = "mesh") -> tuple[int, list[str]]:
+    """Revoke `device`, make a new data key, and grant it to every other device admitted;
+    returns the key's generation and those devices."""
+    operator, identity, keyring = home.key(), home.identity(), home.rotate()
+    now = int(time.time() * 1000)
+    records: dict[str, bytes] = {}
+    revoked: set[str] = set()
+    marker = f"{root}/operator/{time.monotonic_ns()}"
+    back = asyncio.Event()
+
+    def on_message(message: Message) -> None:
+        kind, _, name = message.topic.removeprefix(f"{root}/").partition("/")
+        if message.topic == marker:
+            back.set()
+        elif kind == "admissions" and message.payload:
+            records[name] = bytes(message.payload)
+        elif kind == "revoked" and message.payload:
+            revoked.add(name)
+
+    async with Connection(broker, f"{root}-revoke-{time.monotonic_ns()}",
+                          on_message=on_message) as conn:
+        await conn.publish(f"{root}/revoked/{device}",
+                           trust.revocation(operator, identity, device, now_ms=now, root=root),
+                           retain=True)
+        await conn.subscribe(f"{root}/admissions/+", f"{root}/revoked/+", marker)
+        await conn.publish(marker, b"1")  # retained records come before it (most brokers)
+        async with asyncio.timeout(PENDING_WAIT_S):
+            await back.wait()
+        await asyncio.sleep(0.5)  # and the rest from a broker that does not keep that order
+        store = TrustStore(identity, root)
+        granted = []
+        for name, data in sorted(records.items()):
+            try:
+                admission = store.admit(name, data, now)
+            except MeshError as exc:
+                log.info("not granting the new data key to %s: %s", name, exc)
+                continue
+            if name == device or name in revoked:
+                continue
+            await conn.publish(f"{root}/keys/{name}",
+                               grant(operator, identity, keyring, name, admission.box,
+                                     root=root), retain=True)
+            granted.append(name)
+    return keyring.newest, granted

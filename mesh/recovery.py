@@ -131,7 +131,7 @@ async def _resume(node: Node, carry: Carry, resume: tuple[tuple[str, int], ...],
         snap = replace(kept, epoch=epoch, seq=kept.seq + 1,
                        applied=() if lost else kept.applied)
         await publish_snapshot(control, topics.app(name, "snapshot"), snap, [snap.memory.data],
-                               node.authority.sign_record)
+                               node.authority)
         record = node.owners[name] = wire.OwnerRecord(node.id, epoch, snap.seq)
         await node.publish_record(topics.app(name, "owner"), record)
 
@@ -178,7 +178,8 @@ async def _give_copies(node: Node, carry: Carry, names: tuple[str, ...], after: 
             continue
         if copy_wanted(node.owners.get(name), members, node.inbox.version(name),
                        carry.copies[name]):
-            await republish(node.control, carry.retained, node.topics.app(name, "snapshot"))
+            await republish(node.control, carry.retained, node.topics.app(name, "snapshot"),
+                            node.authority)
 
 
 async def after_join(node: Node, carry: Carry | None) -> None:

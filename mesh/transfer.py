@@ -5,6 +5,10 @@ retained at `<topic>/<i>`, and then a header at `<topic>` that describes them (a
 for a module; a checkpoint header whose memory names its chunks by their sha256). Retained
 chunks arrive in any order, before or after their header; `Inbox` keeps them as they come and
 puts a blob together only when one is needed. Free of wasm: the CLI uses it too.
+
+In a secure mesh a checkpoint's header and chunks travel encrypted, its header signed too
+(`Sealing`, which `mesh.authority.Authority` is); the Inbox keeps chunks opened, and seals
+them again to publish them once more.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ import contextlib
 import dataclasses
 import hashlib
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from mesh import chunks, trust, wire
-from mesh.errors import MeshError, WireError
+from mesh.errors import MeshError, TrustError, WireError
 from mesh.mqtt import Connection
 from mesh.snapshot import Buffer
 from mesh.topics import Topics
@@ -28,6 +33,50 @@ CHUNK_WINDOW = 8  # chunks published but not yet acknowledged
 MAX_MODULE_BYTES = 64 << 20
 MAX_SNAPSHOT_BYTES = 1 << 30
 STALE_S = 30.0  # pieces of a checkpoint of no known app are dropped after this long unchanged
+
+
+class CheckpointSeal(Protocol):
+    def chunk(self, index: int, data: bytes) -> bytes: ...
+    def header(self, body: bytes) -> bytes: ...
+
+
+class Sealing(Protocol):
+    """How checkpoints are sealed and opened (`Authority`; `PLAIN` in an open mesh)."""
+
+    def seal_checkpoint(self, topic: str) -> CheckpointSeal: ...
+    def open_checkpoint(self, topic: str, payload: bytes) -> bytes: ...
+    def reveal(self, topic: str, payload: bytes) -> bytes: ...
+    def open_chunk(self, topic: str, index: int, payload: bytes) -> bytes: ...
+
+
+class _Plain:
+    """Checkpoints as they are: unsigned, unencrypted."""
+
+    def chunk(self, index: int, data: bytes) -> bytes:
+        return data
+
+    def header(self, body: bytes) -> bytes:
+        return body
+
+    def seal_checkpoint(self, topic: str) -> CheckpointSeal:
+        return self
+
+    def open_checkpoint(self, topic: str, payload: bytes) -> bytes:
+        return trust.plain(payload)
+
+    def reveal(self, topic: str, payload: bytes) -> bytes:
+        return trust.plain(payload)
+
+    def open_chunk(self, topic: str, index: int, payload: bytes) -> bytes:
+        return payload
+
+
+PLAIN: Sealing = _Plain()
+
+
+def snapshot_of(sealing: Sealing, topic: str, head: bytes) -> wire.Snapshot:
+    """The checkpoint a header (checked before) holds."""
+    return wire.decode(wire.Snapshot, sealing.reveal(topic, head))
 
 
 # --- sending -----------------------------------------------------------------------------------
@@ -40,7 +89,7 @@ async def publish_blob(conn: Connection, topic: str, data: bytes) -> None:
         await conn.publish(topic, data, retain=True)
         return
     manifest, parts = await asyncio.to_thread(chunks.split, data, MAX_PACKET)  # hashing
-    await _publish_parts(conn, topic, parts, 0)
+    await _publish_parts(conn, topic, parts, 0, PLAIN.seal_checkpoint(topic))
     await conn.publish(topic, wire.encode(manifest), retain=True)
 
 
@@ -53,11 +102,12 @@ async def publish_module(conn: Connection, topics: Topics, wasm: bytes) -> str:
 
 async def publish_snapshot(conn: Connection, topic: str, snap: wire.Snapshot,
                            pieces: Sequence[Buffer] | None = None,
-                           sign: Callable[[str, bytes], bytes] | None = None) -> None:
+                           sealing: Sealing = PLAIN) -> None:
     """Publish a checkpoint retained, its memory bytes being `pieces` if given (else its
-    `data`); large memory goes as raw chunks before the header (`sign`ed, in a secure mesh:
-    it names the chunks' sha256)."""
+    `data`); large memory goes as raw chunks before the header (that names the chunks'
+    sha256). `sealing` encrypts the chunks and header, and signs the header."""
     pieces = [snap.memory.data] if pieces is None else pieces
+    seal = sealing.seal_checkpoint(topic)
     if sum(len(piece) for piece in pieces) <= MAX_PACKET - 64 * 1024:
         data = b"".join(pieces)
         external = None
@@ -67,7 +117,7 @@ async def publish_snapshot(conn: Connection, topic: str, snap: wire.Snapshot,
         hashing = asyncio.ensure_future(
             asyncio.to_thread(chunks.describe, pieces, MAX_PACKET, first))
         try:
-            await _publish_parts(conn, topic, chunks.cut(pieces, MAX_PACKET), first)
+            await _publish_parts(conn, topic, chunks.cut(pieces, MAX_PACKET), first, seal)
         finally:
             while not hashing.done():  # `pieces` may be views of app memory: see it read out
                 with contextlib.suppress(asyncio.CancelledError):
@@ -76,14 +126,13 @@ async def publish_snapshot(conn: Connection, topic: str, snap: wire.Snapshot,
         data = b""
     snap = dataclasses.replace(snap, memory=dataclasses.replace(snap.memory, data=data,
                                                                 external=external))
-    header = wire.encode(snap)
-    await conn.publish(topic, sign(topic, header) if sign else header, retain=True)
+    await conn.publish(topic, seal.header(wire.encode(snap)), retain=True)
 
 
 async def _publish_parts(conn: Connection, topic: str, parts: Iterable[bytes],
-                         first: int) -> None:
-    """Publish chunks at `topic/<first + i>`, a few unacknowledged at a time: each is copied
-    (`parts` may be lazy) only shortly before it goes out."""
+                         first: int, seal: CheckpointSeal) -> None:
+    """Publish chunks at `topic/<first + i>` (`seal`ed), a few unacknowledged at a time: each
+    is copied (`parts` may be lazy) only shortly before it goes out."""
     sending: set[asyncio.Task[None]] = set()
     try:
         for index, part in enumerate(parts):
@@ -92,8 +141,8 @@ async def _publish_parts(conn: Connection, topic: str, parts: Iterable[bytes],
                                                    return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     task.result()
-            sending.add(asyncio.create_task(
-                conn.publish(f"{topic}/{first + index}", part, retain=True)))
+            sending.add(asyncio.create_task(conn.publish(
+                f"{topic}/{first + index}", seal.chunk(first + index, part), retain=True)))
         for task in sending:
             await task
     finally:
@@ -102,19 +151,21 @@ async def _publish_parts(conn: Connection, topic: str, parts: Iterable[bytes],
         await asyncio.gather(*sending, return_exceptions=True)
 
 
-async def republish(conn: Connection, held: chunks.Retained, topic: str) -> None:
-    """Publish the checkpoint `held` has at `topic` again (retained): its chunks, then its
-    header. Nothing if its chunks are not all there."""
+async def republish(conn: Connection, held: chunks.Retained, topic: str,
+                    sealing: Sealing = PLAIN) -> None:
+    """Publish the checkpoint `held` has at `topic` again (retained): its chunks (sealed
+    again), then its header as it came. Nothing if its chunks are not all there."""
     head = held.head(topic)
     if head is None:
         return
-    external = wire.decode(wire.Snapshot, trust.plain(head)).memory.external
+    external = snapshot_of(sealing, topic, head).memory.external
     if external is not None:
         parts = held.parts(topic)
         wanted = range(external.first, external.first + external.count)
         if any(index not in parts for index in wanted):
             return
-        await _publish_parts(conn, topic, (parts[index] for index in wanted), external.first)
+        await _publish_parts(conn, topic, (parts[index] for index in wanted), external.first,
+                             sealing.seal_checkpoint(topic))
     await conn.publish(topic, head, retain=True)
 
 
@@ -143,12 +194,10 @@ class Inbox:
     Whoever waits for one (`waker`) is woken when a piece of it arrives.
     """
 
-    def __init__(self, topics: Topics,
-                 opener: Callable[[str, bytes], bytes] = lambda _topic, data: trust.plain(data),
-                 ) -> None:
-        """`opener`: a header's bytes, its signature checked (`Authority.open_record`)."""
+    def __init__(self, topics: Topics, sealing: Sealing = PLAIN) -> None:
+        """`sealing`: opens (and checks) headers and chunks as they come."""
         self.topics = topics
-        self._open = opener
+        self.sealing = sealing
         self.retained = chunks.Retained()
         self._decoded: dict[str, Checkpoint | bytes] = {}  # or the head of an unusable one
         self._waking: dict[str, asyncio.Event] = {}
@@ -170,7 +219,8 @@ class Inbox:
                     self._decoded[app] = payload  # (unusable, if its manifest is refused)
                     self._decoded[app] = self._put_together(payload, snap) or payload
             else:
-                self.retained.chunk(topic, index, payload)
+                number = chunks.index_of(index)
+                self.retained.chunk(topic, number, self.sealing.open_chunk(topic, number, payload))
                 # A checkpoint put together keeps its chunks until a newer header comes:
                 # chunks of a copy older than it may land on the same indices before their
                 # header is refused. (One still waiting for chunks is put together again.)
@@ -209,7 +259,8 @@ class Inbox:
         if not payload:
             self._versions.pop(app, None)
             return None
-        snap = wire.decode(wire.Snapshot, self._open(self.topics.app(app, "snapshot"), payload))
+        topic = self.topics.app(app, "snapshot")
+        snap = wire.decode(wire.Snapshot, self.sealing.open_checkpoint(topic, payload))
         if snap.app != app:
             raise WireError(f"a checkpoint of {snap.app!r} published as {app!r}'s")
         held = self._versions.get(app)
@@ -245,11 +296,11 @@ class Inbox:
 
     def _named_chunks(self, app: str) -> range:
         """The chunk indices the app's checkpoint header names (none if it names none)."""
-        head = self.retained.head(self.topics.app(app, "snapshot"))
+        topic = self.topics.app(app, "snapshot")
+        head = self.retained.head(topic)
         try:
-            external = (wire.decode(wire.Snapshot, trust.plain(head)).memory.external
-                        if head else None)
-        except WireError:
+            external = snapshot_of(self.sealing, topic, head).memory.external if head else None
+        except (WireError, TrustError):
             external = None
         return range(external.first, external.first + external.count) if external else range(0)
 
@@ -276,10 +327,11 @@ class Inbox:
         cached = self._decoded.get(app)  # until a piece of a newer one comes
         if cached is not None:
             return cached if isinstance(cached, Checkpoint) else None
-        head = self.retained.head(self.topics.app(app, "snapshot"))
+        topic = self.topics.app(app, "snapshot")
+        head = self.retained.head(topic)
         if head is None:
             return None
-        checkpoint = self._put_together(head, wire.decode(wire.Snapshot, trust.plain(head)))
+        checkpoint = self._put_together(head, snapshot_of(self.sealing, topic, head))
         if checkpoint is not None:
             self._decoded[app] = checkpoint
         return checkpoint
@@ -322,7 +374,7 @@ class Inbox:
         if index is None:
             self.retained.whole(topic, payload)
         else:
-            self.retained.chunk(topic, index, payload)
+            self.retained.chunk(topic, chunks.index_of(index), payload)
         waiter = self._modules.get(sha256)
         head = self.retained.head(topic)
         if waiter is None or waiter.done() or head is None:

@@ -76,6 +76,7 @@ class Admission:
     key: bytes
     rights: Rights
     issued_ms: int
+    box: bytes = b""  # its X25519 key, to seal the mesh's data keys to (`mesh.privacy`)
 
     def __post_init__(self) -> None:
         wire.check_name("device", self.device)
@@ -107,6 +108,7 @@ class TokenClaim:
     voucher: bytes
     device: str
     key: bytes
+    box: bytes = b""
 
     def __post_init__(self) -> None:
         wire.check_name("device", self.device)
@@ -168,7 +170,8 @@ def body_of(cls: type[T], sealed: Sealed) -> T:
 @dataclass(frozen=True, slots=True)
 class Token:
     """A join token's contents (`mesh admit --token`): the mesh to trust, the operator's
-    voucher, and the token key's private half, to sign the one device that redeems it."""
+    voucher, the token key's private half, to sign the one device that redeems it, and the
+    mesh's data keys (`mesh.privacy`): a token is as secret as a device's own state."""
 
     KIND: ClassVar[str] = "join-token"
     MAX_BYTES: ClassVar[int] = 8192
@@ -176,6 +179,7 @@ class Token:
     identity: bytes
     voucher: bytes
     secret: bytes
+    keys: bytes = b""
 
 
 class TrustStore:
@@ -243,7 +247,7 @@ class TrustStore:
             raise TrustError(f"join token {token} was used already, by {used_by!r}")
         self.tokens[token] = claim.device
         return Admission(voucher.mesh, claim.device, claim.key, voucher.rights,
-                         voucher.issued_ms)
+                         voucher.issued_ms, claim.box)
 
     def revoke(self, device: str, data: bytes) -> Revocation:
         sealed = unseal(data)
@@ -304,9 +308,10 @@ class TrustStore:
 # --- the operator's side ---------------------------------------------------------------------
 
 def admission(operator: Ed25519PrivateKey, identity: MeshIdentity, device: str, key: bytes,
-              rights: Rights, *, now_ms: int, root: str = "mesh") -> bytes:
-    """An admission of `device` (holding `key`), sealed for its topic."""
-    record = Admission(identity.id, device, key, rights, now_ms)
+              rights: Rights, *, now_ms: int, root: str = "mesh", box: bytes = b"") -> bytes:
+    """An admission of `device` (holding `key`, and `box` to seal data keys to), sealed for
+    its topic."""
+    record = Admission(identity.id, device, key, rights, now_ms, box)
     return seal(operator, OPERATOR, f"{root}/admissions/{device}", wire.encode(record),
                 issued_ms=now_ms)
 
@@ -318,13 +323,14 @@ def revocation(operator: Ed25519PrivateKey, identity: MeshIdentity, device: str,
 
 
 def join_token(operator: Ed25519PrivateKey, identity: MeshIdentity, rights: Rights, *,
-               now_ms: int, root: str = "mesh") -> str:
-    """A one-time join token, as text to put in a device's profile."""
+               now_ms: int, data_keys: bytes, root: str = "mesh") -> str:
+    """A one-time join token, as text to put in a device's profile (with the mesh's encoded
+    `data_keys`)."""
     secret = keys.generate()
     token = secrets.token_hex(8)
     voucher = Voucher(identity.id, token, keys.public_bytes(secret), rights, now_ms)
     sealed = seal(operator, OPERATOR, f"{root}/tokens/{token}", wire.encode(voucher))
-    contents = Token(root, wire.encode(identity), sealed, keys.private_bytes(secret))
+    contents = Token(root, wire.encode(identity), sealed, keys.private_bytes(secret), data_keys)
     return TOKEN_PREFIX + base64.urlsafe_b64encode(wire.encode(contents)).decode().rstrip("=")
 
 
@@ -343,12 +349,13 @@ def read_token(text: str) -> Token:
         raise TrustError(f"not a valid join token: {exc}") from None
 
 
-def redeem(token: Token, device: str, key: Ed25519PrivateKey) -> tuple[MeshIdentity, bytes]:
+def redeem(token: Token, device: str, key: Ed25519PrivateKey,
+           box: bytes = b"") -> tuple[MeshIdentity, bytes]:
     """The mesh a token is for, and the admission record that redeems it for `device` (to be
-    published at `<root>/admissions/<device>`)."""
+    published at `<root>/admissions/<device>`), naming its `box` key."""
     identity = wire.decode(MeshIdentity, token.identity)
     voucher = body_of(Voucher, unseal(token.voucher))
-    claim = TokenClaim(token.voucher, device, keys.public_bytes(key))
+    claim = TokenClaim(token.voucher, device, keys.public_bytes(key), box)
     secret = keys.load_private(token.secret)
     data = seal(secret, f"token:{voucher.token}", f"{token.root}/admissions/{device}",
                 wire.encode(claim))

@@ -254,6 +254,28 @@ def count_of(output: bytes | None) -> int:
     return int(output.split()[0]) if output else 0
 
 
+@contextmanager
+def sniffing(broker: str, topic_filter: str) -> Iterator[dict[str, bytes]]:
+    """A plain MQTT client (as anyone could run) subscribed to `topic_filter`: the last payload
+    it got at each topic."""
+    host, port = broker.removeprefix("mqtt://").split(":")
+    seen: dict[str, bytes] = {}
+    subscribed = threading.Event()
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"sniffer-{time.monotonic_ns()}")
+    client.on_message = lambda _c, _u, message: seen.__setitem__(message.topic,
+                                                                 bytes(message.payload))
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.connect(host, int(port))
+    client.subscribe(topic_filter, 1)
+    client.loop_start()
+    try:
+        wait_until(subscribed.is_set, 10, "the sniffer to subscribe")
+        yield seen
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
 def wait_count(obs: Observer, app: str, count: int, timeout: float = 30) -> bytes:
     output: bytes = wait_until(
         lambda: (out := obs.last_output(app)) is not None and count_of(out) >= count and out,

@@ -8,11 +8,22 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mesh import keys, trust, wire
+from mesh.errors import WireError
+from mesh.privacy import HEADER_INDEX, Keyring, Opener
 from tests.conftest import COUNTER_WAT, mesh
-from tests.harness import Cluster, Observer, mesh_cli, wait_count, wait_until
+from tests.harness import (
+    Cluster,
+    Observer,
+    ballast_wasm,
+    mesh_cli,
+    sniffing,
+    wait_count,
+    wait_until,
+)
 
 
 def _init(home: Path) -> list[str]:
@@ -331,3 +342,60 @@ def _fingerprint(log: str) -> str | None:
     marker = "check that it shows key "
     at = log.find(marker)
     return log[at + len(marker):at + len(marker) + 16] if at >= 0 else None
+
+
+def test_app_memory_is_sealed_and_a_tampered_chunk_is_refused(broker: str, cluster: Cluster,
+                                                               tmp_path: Path) -> None:
+    home = _secure_pair(broker, cluster, tmp_path)
+    app = tmp_path / "ballast.wasm"
+    app.write_bytes(ballast_wasm(64, checksum_end=4 << 20))  # 4 MiB of dense memory: chunks
+    topic = "mesh/apps/ballast/snapshot"
+    opener = Opener(Keyring.load(home / "data-keys.cbor"))
+    with Observer(broker) as obs, sniffing(broker, "mesh/apps/ballast/#") as seen:
+        wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "both nodes to join")
+        deployed = mesh_cli("deploy", "ballast", str(app), "--on", "alpha",
+                            "--checkpoint-every", "1", "--home", str(home), broker=broker)
+        assert deployed.returncode == 0, deployed.stderr + cluster.logs()
+        wait_until(lambda: obs.running("ballast") == "alpha", 30, "ballast on alpha")
+        obs.publish("mesh/apps/ballast/in", b"x")
+        first = wait_until(lambda: obs.last_output("ballast"), 30, "an answer")
+
+        def checkpoint() -> wire.Snapshot | None:  # the one taken after the input
+            if topic not in seen:
+                return None
+            snap = wire.decode(wire.Snapshot, opener.piece(topic, HEADER_INDEX,
+                                                           trust.plain(seen[topic])))
+            return snap if snap.host.delivered == 1 else None
+
+        snap = wait_until(checkpoint, 30, "the checkpoint after the input")
+        external = snap.memory.external
+        assert external is not None
+        assert external.count >= 2
+        names = [f"{topic}/{external.first + i}" for i in range(external.count)]
+        wait_until(lambda: all(name in seen for name in names), 30, "its chunks")
+
+        # What any subscriber gets is ciphertext: neither header nor chunks read as memory;
+        # the operator's data keys open them.
+        with pytest.raises(WireError):
+            wire.decode(wire.Snapshot, trust.plain(seen[topic]))
+        index = external.first + 1
+        sealed = seen[names[1]]
+        plain = opener.piece(topic, index, sealed)
+        assert len(plain) > 1 << 20
+        assert plain[4096:4160] not in sealed
+
+        # A chunk tampered with on the broker is refused by every node, which keeps its own.
+        tampered = bytearray(sealed)
+        tampered[len(tampered) // 2] ^= 0xFF
+        obs.publish(names[1], bytes(tampered), retain=True)
+        wait_until(lambda: any(f"{names[1]}: a checkpoint piece at {topic} does not decrypt"
+                               in (e.reason or "") for e in obs.events), 15,
+                   "the tampered chunk to be refused")
+
+        cluster["alpha"].proc.kill()  # type: ignore[union-attr]
+        wait_until(lambda: obs.running("ballast") == "beta", 30, "the failover to beta")
+        obs.publish("mesh/apps/ballast/in", b"y")
+        wait_until(lambda: len(obs.outputs["ballast"]) >= 2, 30, "a second answer")
+        second = obs.outputs["ballast"][-1]
+        assert int.from_bytes(second[:8], "little") == 2
+        assert second[8:] == first[8:], "memory changed on the way"

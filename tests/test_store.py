@@ -56,7 +56,7 @@ def test_a_node_takes_the_checkpoints_it_held_only_where_they_are_newer() -> Non
     held = chunks.Retained()
     for app, seq in (("a", 3), ("b", 4), ("c", 2)):
         held.whole(f"mesh/apps/{app}/snapshot", wire.encode(snapshot(app, seq)))
-    held.chunk("mesh/apps/b/snapshot", "2", b"chunk")
+    held.chunk("mesh/apps/b/snapshot", 2, b"chunk")
     inbox.adopt(held, {"a": (2, 3), "b": (2, 4), "c": (2, 2)})
     assert {app: inbox.version(app) for app in "abc"} == {"a": (2, 5), "b": (2, 4), "c": (2, 2)}
     assert inbox.retained.parts("mesh/apps/b/snapshot") == {2: b"chunk"}

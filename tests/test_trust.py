@@ -10,14 +10,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh import keys, trust, wire
+from mesh import keys, privacy, trust, wire
 from mesh.errors import ConfigError, MeshError, TrustError
+from mesh.privacy import Keyring
 from mesh.trust import MeshIdentity, Rights, TrustStore
 
 NOW = 1_700_000_000_000
 OPERATOR = keys.generate()
 IDENTITY = MeshIdentity(keys.public_bytes(OPERATOR), "home")
 DEVICE = keys.generate()
+KEYS = Keyring.new()
 OWNER_TOPIC = "mesh/apps/counter/owner"
 RECORD = wire.encode(wire.OwnerRecord("kitchen", 3, 7))
 
@@ -123,14 +125,16 @@ def test_an_older_admission_replayed_is_refused() -> None:
 
 
 def test_a_join_token_admits_one_device_once() -> None:
-    text = trust.join_token(OPERATOR, IDENTITY, Rights(caps=("gpio",)), now_ms=NOW)
+    text = trust.join_token(OPERATOR, IDENTITY, Rights(caps=("gpio",)), now_ms=NOW,
+                            data_keys=KEYS.encode())
     token = trust.read_token(text)
-    identity, data = trust.redeem(token, "greenhouse", DEVICE)
+    assert Keyring.decode(token.keys).keys == KEYS.keys  # the device can read app memory
+    identity, data = trust.redeem(token, "greenhouse", DEVICE, privacy.box_public(DEVICE))
     assert identity == IDENTITY
     trusted = store()
     admission = trusted.admit("greenhouse", data, NOW)
-    assert (admission.device, admission.key, admission.rights.caps) == (
-        "greenhouse", keys.public_bytes(DEVICE), ("gpio",))
+    assert (admission.device, admission.key, admission.rights.caps, admission.box) == (
+        "greenhouse", keys.public_bytes(DEVICE), ("gpio",), privacy.box_public(DEVICE))
     signed = trust.seal(DEVICE, "greenhouse", OWNER_TOPIC, RECORD)
     assert trusted.open(OWNER_TOPIC, signed, NOW).signer == "greenhouse"
     assert trusted.admit("greenhouse", data, NOW).device == "greenhouse"  # the same, again
@@ -143,12 +147,14 @@ def test_a_token_claim_needs_the_operators_voucher_and_the_tokens_key() -> None:
     rogue = keys.generate()
     rogue_identity = MeshIdentity(keys.public_bytes(rogue))
     # A voucher the rogue signed itself, for a mesh that trusts the real operator.
-    fake = trust.read_token(trust.join_token(rogue, rogue_identity, Rights(), now_ms=NOW))
+    fake = trust.read_token(trust.join_token(rogue, rogue_identity, Rights(), now_ms=NOW,
+                                             data_keys=b""))
     _, data = trust.redeem(fake, "intruder", DEVICE)
     with pytest.raises(TrustError, match="not signed by the operator"):
         store().admit("intruder", data, NOW)
     # A real voucher, but the claim signed with another key than the token's.
-    real = trust.read_token(trust.join_token(OPERATOR, IDENTITY, Rights(), now_ms=NOW))
+    real = trust.read_token(trust.join_token(OPERATOR, IDENTITY, Rights(), now_ms=NOW,
+                                             data_keys=KEYS.encode()))
     forged = trust.Token(real.root, real.identity, real.voucher,
                          keys.private_bytes(keys.generate()))
     _, data = trust.redeem(forged, "intruder", DEVICE)

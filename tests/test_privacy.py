@@ -1,0 +1,77 @@
+"""App memory sealed with the mesh's data keys (mesh.privacy): pure, no broker."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mesh import keys, privacy, wire
+from mesh.errors import ConfigError, TrustError
+from mesh.privacy import HEADER_INDEX, Keyring, MissingKey, Opener, Sealer
+
+TOPIC = "mesh/apps/counter/snapshot"
+KEYS = Keyring.new()
+DEVICE = keys.generate()
+
+
+def test_a_sealed_piece_opens_only_at_its_own_index_and_topic() -> None:
+    sealer = Sealer(KEYS, TOPIC)
+    opener = Opener(KEYS)
+    chunk, header = sealer.piece(3, b"app memory"), sealer.piece(HEADER_INDEX, b"header")
+    assert b"app memory" not in chunk
+    assert opener.piece(TOPIC, 3, chunk) == b"app memory"
+    assert opener.piece(TOPIC, HEADER_INDEX, header) == b"header"
+    for topic, index in ((TOPIC, 4), ("mesh/apps/other/snapshot", 3), (TOPIC, HEADER_INDEX)):
+        with pytest.raises(TrustError, match="does not decrypt"):
+            opener.piece(topic, index, chunk)
+    with pytest.raises(TrustError, match="not encrypted"):
+        opener.piece(TOPIC, 3, b"app memory, as it is")
+
+
+@given(st.integers(0, 200), st.integers(0, 255))
+def test_a_tampered_piece_never_opens(position: int, flip: int) -> None:
+    chunk = bytearray(Sealer(KEYS, TOPIC).piece(0, bytes(range(100))))
+    chunk[position % len(chunk)] ^= flip or 1
+    with pytest.raises(TrustError):
+        Opener(KEYS).piece(TOPIC, 0, bytes(chunk))
+
+
+def test_the_newest_key_seals_and_older_ones_still_open() -> None:
+    old = Sealer(KEYS, TOPIC).piece(0, b"before the revocation")
+    rotated = KEYS.rotated()
+    assert rotated.newest == KEYS.newest + 1
+    new = Sealer(rotated, TOPIC).piece(0, b"after it")
+    assert Opener(rotated).piece(TOPIC, 0, old) == b"before the revocation"
+    with pytest.raises(MissingKey, match=f"data key {rotated.newest}, which this device was "
+                                          "not given"):
+        Opener(KEYS).piece(TOPIC, 0, new)  # a revoked device, which kept the old keys
+
+
+def test_a_grant_opens_only_with_the_devices_key() -> None:
+    record = privacy.grant(KEYS, "mesh1", "kitchen", privacy.box_public(DEVICE))
+    record = wire.decode(privacy.Grant, wire.encode(record))
+    assert KEYS.keys[1] not in wire.encode(record)
+    assert privacy.open_grant(record, "mesh1", "kitchen", DEVICE).keys == KEYS.keys
+    with pytest.raises(TrustError, match="does not open with its key"):
+        privacy.open_grant(record, "mesh1", "kitchen", keys.generate())
+    with pytest.raises(TrustError, match="a key grant for 'kitchen'"):
+        privacy.open_grant(record, "mesh1", "hall", DEVICE)
+    with pytest.raises(TrustError, match="has no box key"):
+        privacy.grant(KEYS, "mesh1", "old-device", b"")
+
+
+def test_a_keyring_merges_and_keeps_its_file_private(tmp_path: Path) -> None:
+    mine = Keyring(dict(KEYS.keys))
+    assert not mine.merge(KEYS)
+    assert mine.merge(KEYS.rotated())
+    path = tmp_path / "data-keys.cbor"
+    mine.save(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert Keyring.load(path).keys == mine.keys
+    path.write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="not data keys"):
+        Keyring.load(path)
