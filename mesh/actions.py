@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from mesh import wire
+from mesh import recovery, wire
 from mesh.errors import BrokerError, MeshError, SnapshotIncomplete, WireError
 from mesh.hosted import MAX_DEAD, HostedApp
 from mesh.reconcile import (
@@ -28,6 +28,7 @@ from mesh.reconcile import (
     Stop,
     Unplaceable,
     View,
+    plan_leave,
 )
 from mesh.runtime import AppModule
 from mesh.transfer import Checkpoint
@@ -136,6 +137,9 @@ async def start(node: Node, spec: wire.AppSpec, epoch: int, *, handover: bool,
         elif checkpoint is None and held and node.inbox.module_of(name) == spec.module:
             # Its checkpoint's header is here but not all of it: never a fresh start over it.
             raise SnapshotIncomplete(f"the checkpoint of {name} has not all arrived")
+        elif checkpoint is None and node.inbox.unreadable(name):
+            raise SnapshotIncomplete(f"the checkpoint of {name} is sealed with a data key this "
+                                     "device was not given (run `mesh grant`)")
         if checkpoint:
             await hosted.start(checkpoint.snap, checkpoint.pieces, checkpoint.matches)
         else:
@@ -256,3 +260,51 @@ async def fence_if_taken(node: Node, hosted: HostedApp, reason: str) -> None:
         await let_go(node, hosted.name)
         node.event("fenced", app=hosted.name, reason=f"session lost: {reason}")
         node.changed()
+
+
+async def leave(node: Node) -> None:
+    """Leave gracefully: hand every app to the node that should run it next."""
+    if node.leaving:
+        return
+    node.leaving = True
+    log.info("node %s leaving: handing over %d apps", node.id, len(node.hosted))
+    if not node.broker_gone:
+        with contextlib.suppress(MeshError):  # others stop placing apps here at once
+            await node.publish_record(node.topics.node(node.id),
+                                      replace(node.record(), leaving=True))
+    await node.busy.acquire()  # let a reconcile pass in progress finish; none after it
+    await asyncio.gather(*node.acting.values(), return_exceptions=True)
+    if node.deferred and node.carried is not None and not node.broker_gone:
+        # State from disk still put off: on the broker now, for whoever takes it over.
+        with contextlib.suppress(MeshError):
+            await recovery.resume_deferred(node, node.carried, set(node.deferred),
+                                           lost=node.deferred_lost)
+    for action in plan_leave(node.view()):
+        if node.broker_gone:
+            break  # the broker is gone: `suspend` keeps every app left (on disk too)
+        hosted = node.hosted.get(action.app)
+        if hosted is None:  # the broker was lost meanwhile: its state is kept, suspended
+            continue
+        try:
+            if isinstance(action, HandOver):
+                await hand_over(node, hosted, action)
+            else:
+                await hosted.shutdown()
+        except (MeshError, asyncio.CancelledError) as exc:
+            task = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and task and task.cancelling():
+                raise  # we are cancelled (a suspend cancelling the handover is not that)
+            if node.broker_gone:
+                break
+            log.warning("could not hand %s over: %s", action.app, exc)
+            await hosted.close()
+        node.hosted.pop(action.app, None)
+    await node.said_goodbye()
+
+
+async def close_all(node: Node) -> None:
+    """Close every app here, handing nothing over, and leave."""
+    for name, hosted in list(node.hosted.items()):
+        await hosted.close()
+        node.hosted.pop(name, None)
+    await node.said_goodbye()

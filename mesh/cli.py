@@ -286,7 +286,12 @@ def _add_trust(sub: Subparsers) -> None:
     revoke.add_argument("device")
     revoke.set_defaults(func=_lazy("cmd_revoke"))
     _add_broker_options(revoke)
-    for command in (init, admit, revoke):
+    grant = sub.add_parser("grant", help="hand the mesh's data keys to every device admitted "
+                           "(one joined with a token made before a `mesh revoke` lacks the "
+                           "newest)")
+    grant.set_defaults(func=_lazy("cmd_grant"))
+    _add_broker_options(grant)
+    for command in (init, admit, revoke, grant):
         _add_home(command)
 
 

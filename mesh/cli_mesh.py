@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from mesh import keys, pairing, profile, trust, wire
+from mesh import keys, pairing, profile, wire
 from mesh.authority import OPEN_MESH_WARNING, Authority, admitted, keep
 from mesh.cli import read_module
 from mesh.client import MeshClient, broker_from, find_broker
@@ -175,6 +175,16 @@ def cmd_admit(args: argparse.Namespace) -> int:
 
     print(f"admitted {args.device} (key {asyncio.run(admit())}: the device logged the same "
           "when it started)")
+    return 0
+
+
+def cmd_grant(args: argparse.Namespace) -> int:
+    async def grant() -> list[str]:
+        broker = await find_broker(args.broker, args.root)
+        return await pairing.grant_all(broker, OperatorHome(args.home), root=args.root)
+
+    granted = asyncio.run(grant())
+    print(f"granted the mesh's data keys to {', '.join(granted) or 'no device'}")
     return 0
 
 

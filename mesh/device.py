@@ -29,7 +29,7 @@ from mesh.discovery import (
     local_addresses,
 )
 from mesh.election import BrokerAd
-from mesh.errors import BrokerError
+from mesh.errors import BrokerError, TrustError
 from mesh.mqtt import BrokerAddress
 from mesh.node import Node, NodeConfig
 from mesh.recovery import CARRY_RETRY_S, Carry
@@ -98,6 +98,9 @@ class Device:
                     backoff = min(backoff * 2, RETRY_S[1] if carry is None else CARRY_RETRY_S)
                 finally:
                     self.node = None
+                if node.revoked:
+                    raise TrustError(f"device {node.id} was revoked from the mesh (`mesh "
+                                     "revoke`): it runs nothing until it is admitted again")
                 if node.carry is None:
                     continue
                 if self.broker is None:

@@ -30,13 +30,11 @@ from mesh.hosted import HostedApp
 from mesh.mqtt import BrokerAddress, Connection, Message
 from mesh.reconcile import (
     Action,
-    HandOver,
     Missing,
     Running,
     Unplaceable,
     View,
     decide,
-    plan_leave,
     stale_owner,
 )
 from mesh.runtime import AppModule, Runtime
@@ -90,6 +88,7 @@ class Node:
         self.hosted: dict[str, HostedApp] = {}
         self.stopped: asyncio.Event = asyncio.Event()
         self.leaving = False
+        self.revoked = False  # this device was taken out of the mesh (`mesh revoke`)
         self.marker: wire.MeshRecord | None = None  # the mesh's marker, as the broker holds it
         self._marked = asyncio.Event()  # ... once it is here (see `marked`)
         self.missing: dict[str, str] = {}  # apps that should start here but have no checkpoint
@@ -111,8 +110,8 @@ class Node:
         self._control: Connection | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
-        self._busy = asyncio.Lock()  # one reconcile pass, or the leave, at a time
-        self._acting: dict[str, asyncio.Task[None]] = {}  # each app's action under way
+        self.busy = asyncio.Lock()  # one reconcile pass, or the leave, at a time
+        self.acting: dict[str, asyncio.Task[None]] = {}  # each app's action under way
         self.event = Events(self.id, self._send_event)
         self.host_ctx = HostContext(self.runtime, config.broker, self.topics, config.keepalive,
                                 config.sensors, self.event, self._app_lost,
@@ -178,43 +177,15 @@ class Node:
 
     async def leave(self) -> None:
         """Leave gracefully: hand every app to the node that should run it next."""
-        if self.leaving:
-            return
-        self.leaving = True
-        log.info("node %s leaving: handing over %d apps", self.id, len(self.hosted))
-        if self._control and not self._control.lost_reason:
-            with contextlib.suppress(MeshError):  # others stop placing apps here at once
-                await self.publish_record(self.topics.node(self.id),
-                                          replace(self.record(), leaving=True))
-        await self._busy.acquire()  # let a reconcile pass in progress finish; none after it
-        await asyncio.gather(*self._acting.values(), return_exceptions=True)
-        if self.deferred and self.carried is not None and self._control \
-                and not self._control.lost_reason:
-            # State from disk still put off: on the broker now, for whoever takes it over.
-            with contextlib.suppress(MeshError):
-                await recovery.resume_deferred(self, self.carried, set(self.deferred),
-                                               lost=self.deferred_lost)
-        for action in plan_leave(self.view()):
-            if self._control is None or self._control.lost_reason:
-                break  # the broker is gone: `suspend` keeps every app left (on disk too)
-            hosted = self.hosted.get(action.app)
-            if hosted is None:  # the broker was lost meanwhile: its state is kept, suspended
-                continue
-            try:
-                if isinstance(action, HandOver):
-                    await actions.hand_over(self, hosted, action)
-                else:
-                    await hosted.shutdown()
-            except (MeshError, asyncio.CancelledError) as exc:
-                task = asyncio.current_task()
-                if isinstance(exc, asyncio.CancelledError) and task and task.cancelling():
-                    raise  # we are cancelled (a suspend cancelling the handover is not that)
-                if self.control.lost_reason:
-                    break
-                log.warning("could not hand %s over: %s", action.app, exc)
-                await hosted.close()
-            self.hosted.pop(action.app, None)
-        if self._control and self._control.lost_reason:  # let the suspend finish first
+        await actions.leave(self)
+
+    @property
+    def broker_gone(self) -> bool:
+        return self._control is None or bool(self._control.lost_reason)
+
+    async def said_goodbye(self) -> None:
+        """The end of a leave: gone from the broker (once a suspend in progress is done)."""
+        if self._control and self._control.lost_reason:
             for task in self._tasks:
                 if task.get_name() == "control":
                     await asyncio.gather(task, return_exceptions=True)
@@ -372,6 +343,7 @@ class Node:
                 self.authority.learn_admission(device, payload)
             case ("revoked", device):
                 self.authority.learn_revocation(device, payload)
+                self._revoked(device)
             case ("keys", device) if device == self.id:
                 self.authority.learn_grant(payload)
             case ("mesh",):
@@ -384,6 +356,18 @@ class Node:
             case ("nodes", node_id, "sync") if node_id == self.id:
                 if (marker := self._syncing.get(payload)) is not None:
                     marker.set()
+
+    def _revoked(self, device: str) -> None:
+        """A device taken out of the mesh is no member: its apps go on elsewhere from the last
+        checkpoint the mesh took from it. This one stops its apps (no node would take a hand
+        over from it) and the node (`revoked`)."""
+        if device != self.id:
+            self.members.pop(device, None)
+            self._dirty.set()
+        elif not self.revoked:
+            log.error("node %s was revoked from the mesh: stopping its apps", self.id)
+            self.revoked = self.leaving = True
+            self.spawn(actions.close_all(self), "revoked")
 
     def _node_record(self, node_id: str, payload: bytes) -> None:
         topic = self.topics.node(node_id)
@@ -431,7 +415,7 @@ class Node:
             await asyncio.sleep(0.005)  # let a burst of retained messages land first
             self._dirty.clear()
             try:
-                async with self._busy:
+                async with self.busy:
                     if not self.leaving:
                         await self._reconcile()
             except Exception:
@@ -448,8 +432,8 @@ class Node:
         for action in todo:
             # Each app's action goes on by itself: a slow one (a busy app, a checkpoint still
             # arriving) holds up neither this pass nor another app's failover.
-            if not isinstance(action, Unplaceable | Missing) and action.app not in self._acting:
-                self._acting[action.app] = self.spawn(
+            if not isinstance(action, Unplaceable | Missing) and action.app not in self.acting:
+                self.acting[action.app] = self.spawn(
                     self._act(action, view), f"{action.app}-{type(action).__name__.lower()}")
         await self._publish_record()
 
@@ -461,7 +445,7 @@ class Node:
         else:
             self.changed()  # the node's record, and what it decides next, may change now
         finally:
-            self._acting.pop(action.app, None)
+            self.acting.pop(action.app, None)
 
     def _app_lost(self, hosted: HostedApp, reason: str) -> None:
         """The app's session ended under us: another node took it over, or the broker is gone."""

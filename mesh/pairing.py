@@ -158,10 +158,21 @@ async def revoke(broker: BrokerAddress, home: OperatorHome, device: str, *,
                  root: str = "mesh") -> tuple[int, list[str]]:
     """Revoke `device`, make a new data key, and grant it to every other device admitted;
     returns the key's generation and those devices."""
-    operator, identity, keyring = home.key(), home.identity(), home.rotate()
-    now = int(time.time() * 1000)
+    revocation = trust.revocation(home.key(), home.identity(), device,
+                                  now_ms=int(time.time() * 1000), root=root)
+    async with Connection(broker, f"{root}-revoke-{time.monotonic_ns()}") as conn:
+        await conn.publish(f"{root}/revoked/{device}", revocation, retain=True)
+    keyring = home.rotate()
+    return keyring.newest, await grant_all(broker, home, root=root, but=device)
+
+
+async def grant_all(broker: BrokerAddress, home: OperatorHome, *, root: str = "mesh",
+                    but: str = "") -> list[str]:
+    """Grant the mesh's data keys to every device admitted (and not revoked) but `but`;
+    returns those devices."""
+    operator, identity, keyring = home.key(), home.identity(), home.keyring()
     records: dict[str, bytes] = {}
-    revoked: set[str] = set()
+    revoked: set[str] = {but}
     marker = f"{root}/operator/{time.monotonic_ns()}"
     back = asyncio.Event()
 
@@ -174,28 +185,25 @@ async def revoke(broker: BrokerAddress, home: OperatorHome, device: str, *,
         elif kind == "revoked" and message.payload:
             revoked.add(name)
 
-    async with Connection(broker, f"{root}-revoke-{time.monotonic_ns()}",
+    async with Connection(broker, f"{root}-grant-{time.monotonic_ns()}",
                           on_message=on_message) as conn:
-        await conn.publish(f"{root}/revoked/{device}",
-                           trust.revocation(operator, identity, device, now_ms=now, root=root),
-                           retain=True)
         await conn.subscribe(f"{root}/admissions/+", f"{root}/revoked/+", marker)
         await conn.publish(marker, b"1")  # retained records come before it (most brokers)
         async with asyncio.timeout(PENDING_WAIT_S):
             await back.wait()
         await asyncio.sleep(0.5)  # and the rest from a broker that does not keep that order
         store = TrustStore(identity, root)
+        now = int(time.time() * 1000)
         granted = []
         for name, data in sorted(records.items()):
+            if name in revoked:
+                continue
             try:
                 admission = store.admit(name, data, now)
+                record = grant(operator, identity, keyring, name, admission.box, root=root)
             except MeshError as exc:
-                log.info("not granting the new data key to %s: %s", name, exc)
+                log.warning("no data keys for %s: %s", name, exc)
                 continue
-            if name == device or name in revoked:
-                continue
-            await conn.publish(f"{root}/keys/{name}",
-                               grant(operator, identity, keyring, name, admission.box,
-                                     root=root), retain=True)
+            await conn.publish(f"{root}/keys/{name}", record, retain=True)
             granted.append(name)
-    return keyring.newest, granted
+    return granted

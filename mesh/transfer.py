@@ -25,6 +25,7 @@ from typing import Protocol
 from mesh import chunks, trust, wire
 from mesh.errors import MeshError, TrustError, WireError
 from mesh.mqtt import Connection
+from mesh.privacy import MissingKey
 from mesh.snapshot import Buffer
 from mesh.topics import Topics
 
@@ -205,6 +206,7 @@ class Inbox:
         self._touched: dict[str, float] = {}  # app -> when a piece of its checkpoint came
         self._versions: dict[str, tuple[int, int]] = {}  # app -> (epoch, seq) of the one held
         self._module_of: dict[str, str] = {}  # app -> the module of the one held
+        self._unreadable: set[str] = set()  # apps whose newest checkpoint this node cannot open
 
     def snapshot(self, app: str, index: str | None, payload: bytes) -> None:
         """A message at an app's checkpoint topic (`index` None) or at one of its chunks."""
@@ -237,6 +239,10 @@ class Inbox:
         """The module of the newest checkpoint of `app` this node has seen, if any."""
         return self._module_of.get(app) if app in self._versions else None
 
+    def unreadable(self, app: str) -> bool:
+        """The newest checkpoint of `app` is sealed with a data key this device lacks."""
+        return app in self._unreadable
+
     def versions(self) -> dict[str, tuple[int, int]]:
         return dict(self._versions)
 
@@ -256,11 +262,16 @@ class Inbox:
         """Only a valid checkpoint of `app`, no older than the one held, replaces that one (an
         empty payload clears it: the app was stopped); returns it decoded. Raises WireError
         otherwise."""
+        self._unreadable.discard(app)
         if not payload:
             self._versions.pop(app, None)
             return None
         topic = self.topics.app(app, "snapshot")
-        snap = wire.decode(wire.Snapshot, self.sealing.open_checkpoint(topic, payload))
+        try:
+            snap = wire.decode(wire.Snapshot, self.sealing.open_checkpoint(topic, payload))
+        except MissingKey:
+            self._unreadable.add(app)  # never a fresh start over it (`unreadable`)
+            raise
         if snap.app != app:
             raise WireError(f"a checkpoint of {snap.app!r} published as {app!r}'s")
         held = self._versions.get(app)

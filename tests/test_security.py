@@ -13,12 +13,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mesh import keys, trust, wire
 from mesh.errors import WireError
-from mesh.privacy import HEADER_INDEX, Keyring, Opener
+from mesh.privacy import HEADER_INDEX, Keyring, MissingKey, Opener
 from tests.conftest import COUNTER_WAT, mesh
 from tests.harness import (
     Cluster,
     Observer,
     ballast_wasm,
+    counter_hash,
     mesh_cli,
     sniffing,
     wait_count,
@@ -399,3 +400,40 @@ def test_app_memory_is_sealed_and_a_tampered_chunk_is_refused(broker: str, clust
         second = obs.outputs["ballast"][-1]
         assert int.from_bytes(second[:8], "little") == 2
         assert second[8:] == first[8:], "memory changed on the way"
+
+
+def test_a_revoked_device_loses_its_apps_and_cannot_read_what_comes_after(
+        broker: str, cluster: Cluster, tmp_path: Path) -> None:
+    home = _secure_pair(broker, cluster, tmp_path)
+    topic = "mesh/apps/counter/snapshot"
+    with Observer(broker) as obs, sniffing(broker, topic) as seen:
+        host = _deploy_counter(obs, broker, cluster, home, "--checkpoint-every", "1")
+        if host != "beta":
+            moved = mesh_cli("migrate", "counter", "beta", "--home", str(home), broker=broker)
+            assert moved.returncode == 0, moved.stderr
+            wait_until(lambda: obs.running("counter") == "beta", 20, "counter on beta")
+        sent = [b"one", b"two"]
+        for payload in sent:
+            obs.publish("mesh/apps/counter/in", payload)
+        wait_count(obs, "counter", 2)
+
+        revoked = mesh_cli("revoke", "beta", "--home", str(home), broker=broker)
+        assert revoked.returncode == 0, revoked.stderr
+        assert "sealed with data key 2 from now on, granted to alpha" in revoked.stdout
+        # Its app moves to a device still admitted and goes on from its state.
+        wait_until(lambda: obs.running("counter") == "alpha", 30, "counter to leave beta")
+        sent.append(b"three")
+        obs.publish("mesh/apps/counter/in", b"three")
+        assert wait_count(obs, "counter", 3) == f"3 {counter_hash(sent)}".encode()
+
+        # What is checkpointed now is sealed with the new key: alpha was given it, beta not.
+        def sealed_with(generation: int) -> bool:
+            header = trust.plain(seen.get(topic, b""))
+            return header[4:8] == generation.to_bytes(4, "big")
+
+        wait_until(lambda: sealed_with(2), 20, "a checkpoint sealed with data key 2")
+        assert Keyring.load(tmp_path / "alpha" / "data-keys.cbor").newest == 2
+        beta_keys = Keyring.load(tmp_path / "beta" / "data-keys.cbor")
+        assert beta_keys.newest == 1
+        with pytest.raises(MissingKey):
+            Opener(beta_keys).piece(topic, HEADER_INDEX, trust.plain(seen[topic]))
