@@ -16,6 +16,7 @@ Every node uses keepalive K = 2 s. Prints Markdown tables of medians. Needs root
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import statistics
 import sys
@@ -28,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mesh.home import OperatorHome  # noqa: E402
 from tests.conftest import COUNTER_WAT  # noqa: E402
 from tests.harness import Observer, count_of, wait_until  # noqa: E402
 from tests.lan import Lan, can_build_lans  # noqa: E402
@@ -145,6 +147,8 @@ def main() -> int:
     rounds = 1 if args.quick else 5
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        os.environ["MESH_HOME"] = str(work / "operator")  # a secure mesh: devices join with
+        OperatorHome().init("bench")  # tokens, the mesh commands are signed
         for sub in ("devices", "lost0", "lost1", "lost2"):
             (work / sub).mkdir()
         found = bench_join_leave_crash(work / "devices", rounds)

@@ -55,9 +55,9 @@ def mesh(*args: str, broker: str) -> None:
 
 
 def start(cluster: Cluster, node: str, broker: str) -> None:
-    """A node, joined with a new join token on a secure mesh."""
+    """A node of an open mesh, or joined with a new join token to a secure one."""
     if not SECURE:
-        cluster.start(node, broker)
+        cluster.start(node, broker, "--insecure")
         return
     token = subprocess.run([sys.executable, "-m", "mesh", "-q", "admit", "--token", "--home",
                             str(SECURE["home"])], check=True, capture_output=True, text=True,

@@ -13,7 +13,8 @@ An admitted device holds the mesh's data keys (`<state>/data-keys.cbor`, from it
 welcome, or a grant at `<root>/keys/<device>`) and seals every checkpoint it publishes with
 them; it opens the ones it receives (`mesh.privacy`).
 
-A node with neither a token nor an identity runs an open mesh, and says so at every start.
+A node with neither a token nor an admission waits to be admitted (`mesh.pairing`), unless it
+is told to run an open mesh (`--insecure`), which it says at every start.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ log = logging.getLogger(__name__)
 
 KEYS_FILE = "data-keys.cbor"
 COMMAND_WINDOW_MS = 120_000  # a signed command older (or newer) than this is refused
-OPEN_MESH_WARNING = ("this node runs an OPEN mesh: anyone who can reach its broker can deploy, "
-                     "stop and move apps. Create a mesh with `mesh init` and join devices "
-                     "with `mesh admit --token`.")
+OPEN_MESH_WARNING = ("this node runs an OPEN mesh (--insecure): anyone who can reach its broker "
+                     "can deploy, stop, move and read apps. Create a mesh with `mesh init` and "
+                     "join devices with `mesh admit --token`.")
 
 
 def _now_ms() -> int:

@@ -199,7 +199,11 @@ def _add_node(sub: Subparsers) -> None:
     node.add_argument("--token", metavar="TOKEN", help="join the mesh with this token "
                       "(`mesh admit --token`; redeemed on the first start)")
     node.add_argument("--pair", action="store_true", help="with no admission yet: wait to "
-                      "be admitted (`mesh admit DEVICE` where the mesh was created)")
+                      "be admitted (`mesh admit DEVICE` where the mesh was created); what a "
+                      "node with neither a token nor an admission does anyway")
+    node.add_argument("--insecure", action="store_true", help="with no admission: run an "
+                      "OPEN mesh, which anyone who reaches the broker can steer (profile key "
+                      "`insecure = true`)")
     node.set_defaults(func=_lazy("cmd_node"))
     _add_broker_options(node)
     broker = sub.add_parser("broker", help="serve the embedded MQTT broker alone",

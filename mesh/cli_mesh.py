@@ -72,7 +72,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         broker = broker_from(None)
     node_id = profile.identity(state_dir, configured)
     token = args.token or kit.token
-    if args.pair and not token and not admitted(state_dir):
+    insecure = (args.insecure or kit.insecure) and not args.pair
+    if not token and not insecure and not admitted(state_dir):
         asyncio.run(_pair(url, args.root, state_dir, node_id))
     authority = Authority.load(state_dir, node_id, args.root, token)  # redeems a new token
     if authority.secure:

@@ -190,8 +190,9 @@ async def demo(workdir: Path) -> int:
              "    Something was lost or applied twice: please report this with the logs.")
         _say()
         _say("Only your key could deploy and move it: every command, spec, record and "
-             "checkpoint here was signed and checked.\nNext: `mesh init`, then `mesh node "
-             "--token $(mesh admit --token)` on your devices, then `mesh deploy`, `mesh apps`, "
+             "checkpoint here was signed and checked, and the app's memory crossed the broker "
+             "encrypted.\nNext: `mesh init`, then `mesh admit --token` for each device and "
+             "`mesh node --token lmt1.…` on it, then `mesh deploy`, `mesh apps`, "
              "`mesh events`.")
         return 0 if ok else 1
 

@@ -57,6 +57,7 @@ class Profile:
     app_memory_bytes: int | None = None  # the most memory one app may have here
     call_timeout_ms: int | None = None  # the longest one call into an app may run here
     token: str | None = None  # a join token (`mesh admit --token`), redeemed on the first start
+    insecure: bool = False  # with no admission: an open mesh (else: wait to be admitted)
 
 
 def load(path: Path) -> Profile:
@@ -76,7 +77,7 @@ def load(path: Path) -> Profile:
 def parse(data: dict[str, Any], base: Path = Path()) -> Profile:
     """A profile from decoded TOML; relative file paths are taken from `base`."""
     _only(data, "", {"id", "caps", "labels", "sensors", "broker", "state_dir", "keepalive",
-                     "limits", "token"})
+                     "limits", "token", "insecure"})
     node_id = _get(data, "id", str)
     if node_id is not None and not NODE_ID.fullmatch(node_id):
         raise ConfigError(f"id {node_id!r} must be 1-64 letters, digits, '.', '_' or '-', "
@@ -97,13 +98,17 @@ def parse(data: dict[str, Any], base: Path = Path()) -> Profile:
         if value is not None and value <= 0:
             raise ConfigError(f"{name} must be positive")
     state_dir = _get(data, "state_dir", str)
+    insecure = data.get("insecure", False)
+    if not isinstance(insecure, bool):
+        raise ConfigError(f"insecure must be true or false, not {type(insecure).__name__}")
     sensors = {name: sensor(name, spec, base)
                for name, spec in (_get(data, "sensors", dict) or {}).items()}
     return Profile(id=node_id, caps=tuple(caps), labels=dict(labels), sensors=sensors,
                    broker=_get(data, "broker", str),
                    state_dir=Path(state_dir) if state_dir else None, keepalive=keepalive,
                    app_memory_bytes=memory_mb << 20 if memory_mb else None,
-                   call_timeout_ms=timeout_ms, token=_get(data, "token", str))
+                   call_timeout_ms=timeout_ms, token=_get(data, "token", str),
+                   insecure=insecure)
 
 
 def sensor(name: str, spec: Any, base: Path = Path()) -> Sensor:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import wasmtime
 
+from mesh.home import OperatorHome
 from mesh.runtime import Runtime
 from tests.harness import Cluster, mosquitto
 
@@ -71,8 +72,17 @@ def broker(tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    nodes = Cluster(tmp_path)
+def operator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> OperatorHome:
+    """This test's mesh, at `<tmp_path>/operator` (made when a node first joins it, unless the
+    test makes it itself); `mesh` commands run by the test sign with its key."""
+    monkeypatch.setenv("MESH_HOME", str(tmp_path / "operator"))
+    return OperatorHome(tmp_path / "operator")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, operator: OperatorHome) -> Iterator[Cluster]:
+    """Node processes, each joined to the test's mesh with a join token."""
+    nodes = Cluster(tmp_path, operator)
     yield nodes
     nodes.stop_all()
     print(nodes.logs())  # shown when the test failed

@@ -24,8 +24,10 @@ import paho.mqtt.client as paho
 import wasmtime
 from paho.mqtt.enums import CallbackAPIVersion
 
-from mesh import trust, wire
+from mesh import privacy, trust, wire
 from mesh.errors import WireError
+from mesh.home import OperatorHome
+from mesh.trust import Rights
 
 MOSQUITTO_CONF = """\
 listener {port} 127.0.0.1
@@ -139,15 +141,38 @@ class NodeProcess:
         return self.log_path.read_text(errors="replace")
 
 
-class Cluster:
-    """The node processes of one test."""
+SECURITY_FLAGS = frozenset({"--token", "--insecure", "--pair"})
 
-    def __init__(self, workdir: Path) -> None:
+
+def joining(home: OperatorHome | None, args: tuple[str, ...]) -> tuple[str, ...]:
+    """`mesh node` arguments that join `home`'s mesh (made now if need be) with a new join
+    token (a device allowed to deploy), unless they say how to join already."""
+    if home is None or SECURITY_FLAGS & set(args):
+        return args
+    if not home.exists():
+        home.init("test")
+    return (*args, "--token", home.join_token(Rights(may_deploy=True)))
+
+
+def read_checkpoint(topic: str, payload: bytes) -> wire.Snapshot:
+    """A checkpoint as published at `topic`; in a secure mesh, opened with the data keys of
+    the test's mesh (`$MESH_HOME`)."""
+    body = trust.plain(payload)
+    if body[:len(privacy.MAGIC)] == privacy.MAGIC:
+        body = privacy.Opener(OperatorHome().keyring()).piece(topic, privacy.HEADER_INDEX, body)
+    return wire.decode(wire.Snapshot, body)
+
+
+class Cluster:
+    """The node processes of one test, each joined to the mesh of `home` (see `joining`)."""
+
+    def __init__(self, workdir: Path, home: OperatorHome | None = None) -> None:
         self.workdir = workdir
+        self.home = home
         self.nodes: dict[str, NodeProcess] = {}
 
     def start(self, node_id: str, broker: str, *args: str) -> NodeProcess:
-        node = NodeProcess(node_id, broker, self.workdir, args).start()
+        node = NodeProcess(node_id, broker, self.workdir, joining(self.home, args)).start()
         self.nodes[node_id] = node
         return node
 

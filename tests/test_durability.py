@@ -7,6 +7,7 @@ import json
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from mesh import wire
+from mesh import keys, trust, wire
 from tests.conftest import COUNTER_WAT, require_tool
 from tests.harness import (
     Cluster,
@@ -25,6 +26,7 @@ from tests.harness import (
     counter_hash,
     free_port,
     mesh_cli,
+    read_checkpoint,
     stream,
     wait_count,
     wait_until,
@@ -63,8 +65,9 @@ def fed_and_checkpointed(obs: Observer, broker: str, app: str, payloads: list[by
 
 def checkpointed(broker: str, app: str, delivered: int) -> None:
     """Wait until the app's stored checkpoint holds `delivered` inputs."""
-    wait_until(lambda: wire.decode(wire.Snapshot, retained(
-        broker, f"mesh/apps/{app}/snapshot")).host.delivered == delivered, 10, "a checkpoint")
+    topic = f"mesh/apps/{app}/snapshot"
+    wait_until(lambda: read_checkpoint(topic, retained(broker, topic)).host.delivered
+               == delivered, 10, "a checkpoint")
 
 
 def ticks(obs: Observer, app: str) -> list[int]:
@@ -232,12 +235,16 @@ def test_garbage_on_a_checkpoint_topic_never_replaces_a_good_checkpoint(
 
 
 def test_an_owner_record_at_an_epoch_nothing_can_follow_is_refused(
-        broker: str, cluster: Cluster) -> None:
+        broker: str, cluster: Cluster, tmp_path: Path) -> None:
     with Observer(broker) as obs:
         running_on(obs, cluster, broker, "counter", node="alpha")
         fed_and_checkpointed(obs, broker, "counter", [b"a", b"b"])
+        # Signed by the owner's own key: what a device gone wrong could publish.
+        topic = "mesh/apps/counter/owner"
         forged = cbor2.dumps({"v": 1, "kind": "owner", "node": "alpha", "epoch": 2**64 - 1})
-        obs.publish("mesh/apps/counter/owner", forged, retain=True)
+        obs.publish(topic, trust.seal(keys.load(tmp_path / "alpha" / "device.key"), "alpha",
+                                      topic, forged, issued_ms=int(time.time() * 1000)),
+                    retain=True)
         wait_until(lambda: obs.has_event("rejected", node="beta"), 10, "the record refused")
         cluster["alpha"].signal(signal.SIGKILL)
         wait_until(lambda: obs.has_event("failed-over", app="counter", node="beta"), 20,

@@ -82,7 +82,7 @@ def test_a_joining_node_claims_past_every_epoch_the_broker_holds(
             obs.publish(f"mesh/apps/{app}/owner",
                         wire.encode(wire.OwnerRecord("gone", GONE_EPOCH)), retain=True)
         try:
-            cluster.start("alpha", narrow_broker)
+            cluster.start("alpha", narrow_broker, "--insecure")  # records made by hand
             wait_until(lambda: len({app for app, _ in owners.by("alpha")}) == APPS, 60,
                        f"alpha to claim all {APPS} apps")
             wait_until(lambda: (record := obs.nodes.get("alpha")) is not None

@@ -16,24 +16,27 @@ import pytest
 
 from mesh.client import find_broker
 from mesh.discovery import answers
+from mesh.home import OperatorHome
 from tests.conftest import COUNTER_WAT
-from tests.harness import Observer, count_of, counter_hash, wait_count, wait_until
+from tests.harness import Observer, count_of, counter_hash, joining, wait_count, wait_until
 from tests.lan import Device, Lan, can_build_lans
 
 pytestmark = pytest.mark.skipif(bool(can_build_lans()), reason=can_build_lans() or "")
 
 
 @pytest.fixture
-def lan() -> Iterator[Lan]:
+def lan(operator: OperatorHome) -> Iterator[Lan]:
     with Lan() as built:
         yield built
 
 
 def boot(lan: Lan, work: Path, name: str, *args: str) -> Device:
-    """Plug in a device (if it is not yet) and start `mesh node` on it, as its boot would."""
+    """Plug in a device (if it is not yet) and start `mesh node` on it, as its boot would:
+    with a join token of the test's mesh, unless `args` say how it joins."""
     device = lan.devices.get(name) or lan.plug(name)
-    device.start(sys.executable, "-m", "mesh", "-v", "node", "--keepalive", "2", *args,
-                 log=work / f"{name}.log", env={"MESH_STATE_DIR": str(work / name)})
+    device.start(sys.executable, "-m", "mesh", "-v", "node", "--keepalive", "2",
+                 *joining(OperatorHome(), args), log=work / f"{name}.log",
+                 env={"MESH_STATE_DIR": str(work / name)})
     return device
 
 

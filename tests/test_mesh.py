@@ -13,13 +13,15 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import wasmtime
 
-from mesh import wire
+from mesh import trust, wire
+from mesh.home import OperatorHome
 from tests.conftest import COUNTER_WAT, require_tool
 from tests.harness import (
     Cluster,
@@ -55,9 +57,10 @@ def deploy(broker: str, app: str, *args: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def mesh_of(obs: Observer, cluster: Cluster, broker: str, *ids: str) -> None:
+def mesh_of(obs: Observer, cluster: Cluster, broker: str, *ids: str,
+            args: tuple[str, ...] = ()) -> None:
     for node_id in ids:
-        cluster.start(node_id, broker)
+        cluster.start(node_id, broker, *args)
     wait_until(lambda: set(ids) <= set(obs.nodes), 20, f"nodes {ids} to join")
 
 
@@ -204,8 +207,8 @@ def test_commands_from_plain_mosquitto_pub(broker: str, cluster: Cluster) -> Non
         subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-q", "1",
                         "-t", topic, "-m", message], check=True, timeout=10)
 
-    with Observer(broker) as obs:
-        mesh_of(obs, cluster, broker, "alpha", "beta")
+    with Observer(broker) as obs:  # an open mesh: any tool may steer it
+        mesh_of(obs, cluster, broker, "alpha", "beta", args=("--insecure",))
         deploy(broker, "counter", "--on", "alpha")
         wait_until(lambda: obs.running("counter") == "alpha", 20, "counter on alpha")
         pub("mesh/apps/counter/in", "hello")
@@ -226,7 +229,7 @@ def test_commands_from_plain_mosquitto_pub(broker: str, cluster: Cluster) -> Non
 
 
 def test_bad_requests_are_refused_with_reasons(broker: str, cluster: Cluster,
-                                               tmp_path: Path) -> None:
+                                               operator: OperatorHome) -> None:
     with Observer(broker) as obs:
         mesh_of(obs, cluster, broker, "alpha")
         deploy(broker, "counter")
@@ -241,10 +244,13 @@ def test_bad_requests_are_refused_with_reasons(broker: str, cluster: Cluster,
         wait_until(lambda: obs.has_event("unplaceable", app="camera"), 20, "unplaceable")
         fake = "ab" * 32
         obs.publish(f"mesh/modules/{fake}", b"\0asm\x01\0\0\0", retain=True)
-        obs.publish("mesh/cmd", json.dumps(
-            {"op": "deploy", "id": "bad", "spec": {"app": "bad", "module": fake}}).encode())
-        reply = json.loads(wait_until(lambda: obs.replies.get("bad"), 20, "reply bad"))
-        assert "does not match its hash" in reply["error"]
+        command = wire.Command(op="deploy", id="bad", spec=wire.AppSpec(app="bad", module=fake))
+        obs.publish("mesh/cmd", trust.seal(operator.key(), trust.OPERATOR, "mesh/cmd",
+                                           wire.encode(command),
+                                           issued_ms=int(time.time() * 1000)))
+        reply = wire.decode(wire.Reply, wait_until(lambda: obs.replies.get("bad"), 20,
+                                                   "reply bad"))
+        assert "does not match its hash" in (reply.error or "")
         obs.publish(IN.format("counter"), b"x" * (300 * 1024))
         wait_until(lambda: obs.has_event("rejected", app="counter"), 20, "rejected input")
         obs.publish("mesh/nodes/evil", b"\xa1garbage", retain=True)

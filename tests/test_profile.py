@@ -33,6 +33,8 @@ id = "greenhouse-1"
 caps = ["temperature", "relay"]
 broker = "mqtt://10.0.0.2:1883"
 keepalive = 3
+token = "lmt1.abc"
+insecure = true
 [labels]
 room = "greenhouse"
 [limits]
@@ -54,6 +56,8 @@ command = ["{sys.executable}", "-c", "print('hello')"]
     assert kit.caps == ("temperature", "relay")
     assert kit.labels == {"room": "greenhouse"}
     assert (kit.broker, kit.keepalive) == ("mqtt://10.0.0.2:1883", 3)
+    assert (kit.token, kit.insecure) == ("lmt1.abc", True)
+    assert not profile.parse({}).insecure  # secure unless asked
     assert (kit.app_memory_bytes, kit.call_timeout_ms) == (32 << 20, 250)
     assert 18 <= float(kit.sensors["temperature"]()) <= 24
     assert kit.sensors["probe"]() == b"21.5"
@@ -65,6 +69,7 @@ command = ["{sys.executable}", "-c", "print('hello')"]
     ("colour = 'red'", "unknown key colour"),
     ("caps = 'relay'", "caps must be a list"),
     ("keepalive = -1", "keepalive must be positive"),
+    ("insecure = 'yes'", "insecure must be true or false"),
     ("[limits]\nram = 1", "unknown key limits.ram"),
     ("[labels]\nroom = 3", "labels must map names to strings"),
     ("[sensors.t]\nsource = 'radio'", "source must be simulated, file or command"),

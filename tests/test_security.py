@@ -17,6 +17,7 @@ from mesh.privacy import HEADER_INDEX, Keyring, MissingKey, Opener
 from tests.conftest import COUNTER_WAT, mesh
 from tests.harness import (
     Cluster,
+    NodeProcess,
     Observer,
     ballast_wasm,
     counter_hash,
@@ -56,7 +57,7 @@ def _reply(obs: Observer, request: str) -> wire.Reply:
 
 def _secure_pair(broker: str, cluster: Cluster, tmp_path: Path) -> Path:
     """A secure mesh of alpha and beta, joined with tokens; the operator's home."""
-    home = tmp_path / "home"
+    home = tmp_path / "operator"
     token_a, token_b, _ = _init(home)
     cluster.start("alpha", broker, "--token", token_a)
     cluster.start("beta", broker, "--token", token_b)
@@ -139,7 +140,7 @@ def test_only_the_operator_or_an_admitted_device_steers_a_secure_mesh(
 
 def test_a_join_token_admits_one_device_only(broker: str, cluster: Cluster,
                                              tmp_path: Path) -> None:
-    token, _, _ = _init(tmp_path / "home")
+    token, _, _ = _init(tmp_path / "operator")
     cluster.start("alpha", broker, "--token", token)
     with Observer(broker) as obs:
         wait_until(lambda: "alpha" in obs.nodes, 20, "alpha to join")
@@ -148,9 +149,16 @@ def test_a_join_token_admits_one_device_only(broker: str, cluster: Cluster,
                                for e in obs.events), 20, "the second use to be refused")
 
 
-def test_a_node_without_a_mesh_says_it_runs_an_open_one(broker: str, cluster: Cluster) -> None:
-    node = cluster.start("plain", broker)
-    wait_until(lambda: "OPEN mesh" in node.log(), 20, "the warning")
+def test_a_node_with_no_admission_waits_for_one_unless_told_to_run_an_open_mesh(
+        broker: str, cluster: Cluster) -> None:
+    with Observer(broker) as obs:
+        waiting = NodeProcess("newcomer", broker, cluster.workdir).start()
+        cluster.nodes["newcomer"] = waiting
+        wait_until(lambda: "waits to be admitted" in waiting.log(), 20, "it to wait")
+        plain = cluster.start("plain", broker, "--insecure")
+        wait_until(lambda: "OPEN mesh (--insecure)" in plain.log(), 20, "the warning")
+        wait_until(lambda: "plain" in obs.nodes, 20, "the open node to join")
+        assert "newcomer" not in obs.nodes  # it runs nothing until admitted
 
 
 def test_a_secure_mesh_runs_only_specs_signed_by_whom_may_deploy(
@@ -282,7 +290,7 @@ def _forged_checkpoint(state_dir: Path, epoch: int, seq: int) -> wire.Snapshot:
 
 def test_a_device_acts_only_within_its_admission(broker: str, cluster: Cluster,
                                                  tmp_path: Path) -> None:
-    home = tmp_path / "home"
+    home = tmp_path / "operator"
     token, _, _ = _init(home)
     narrow = mesh("admit", "--token", "--cap", "gpio", "--home", home).stdout.strip()
     brief = mesh("admit", "--token", "--hours", "0.002", "--home", home).stdout.strip()
@@ -318,7 +326,7 @@ def test_a_device_acts_only_within_its_admission(broker: str, cluster: Cluster,
 
 def test_a_device_waiting_to_be_admitted_joins_when_the_operator_admits_it(
         broker: str, cluster: Cluster, tmp_path: Path) -> None:
-    home = tmp_path / "home"
+    home = tmp_path / "operator"
     token, _, _ = _init(home)
     cluster.start("alpha", broker, "--token", token)
     kitchen = cluster.start("kitchen", broker, "--pair")
