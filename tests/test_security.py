@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from tests.harness import (
     ballast_wasm,
     counter_hash,
     mesh_cli,
+    read_checkpoint,
     sniffing,
     wait_count,
     wait_until,
@@ -347,6 +349,10 @@ def test_a_device_waiting_to_be_admitted_joins_when_the_operator_admits_it(
         wait_until(lambda: obs.running("counter") == "kitchen", 20, "counter on kitchen")
 
 
+def _runs_on(obs: Observer, node: str) -> bool:
+    return obs.running("counter") == node
+
+
 def _fingerprint(log: str) -> str | None:
     marker = "check that it shows key "
     at = log.find(marker)
@@ -445,3 +451,56 @@ def test_a_revoked_device_loses_its_apps_and_cannot_read_what_comes_after(
         assert beta_keys.newest == 1
         with pytest.raises(MissingKey):
             Opener(beta_keys).piece(topic, HEADER_INDEX, trust.plain(seen[topic]))
+
+
+def test_a_replayed_handover_or_old_owner_record_changes_nothing(
+        broker: str, cluster: Cluster, tmp_path: Path) -> None:
+    home = _secure_pair(broker, cluster, tmp_path)
+    owner_topic, snap_topic = "mesh/apps/counter/owner", "mesh/apps/counter/snapshot"
+    with Observer(broker) as obs, sniffing(broker, "mesh/apps/counter/#") as seen:
+        first = _deploy_counter(obs, broker, cluster, home, "--checkpoint-every", "1")
+        other = "beta" if first == "alpha" else "alpha"
+        sent: list[bytes] = []
+        recorded: dict[int, tuple[bytes, bytes]] = {}  # epoch -> its owner record, checkpoint
+
+        def feed_and_record(payload: bytes) -> None:
+            sent.append(payload)
+            obs.publish("mesh/apps/counter/in", payload)
+            wait_count(obs, "counter", len(sent))
+            epoch = obs.owners["counter"].epoch
+
+            def stored() -> bool:
+                if snap_topic not in seen:
+                    return False
+                snap = read_checkpoint(snap_topic, seen[snap_topic])
+                return (snap.epoch, snap.host.delivered) == (epoch, len(sent))
+
+            wait_until(stored, 20, f"checkpoint {len(sent)} at epoch {epoch}")
+            recorded[epoch] = (seen[owner_topic], seen[snap_topic])
+
+        feed_and_record(b"one")
+        for target in (other, first):  # a handover there, and back
+            moved = mesh_cli("migrate", "counter", target, broker=broker)
+            assert moved.returncode == 0, moved.stderr
+            wait_until(partial(_runs_on, obs, target), 20, f"counter on {target}")
+            feed_and_record(f"after the move to {target}".encode())
+        assert sorted(recorded) == [1, 2, 3]
+
+        # Replayed as they were: the first owner record, and the handover to the other node.
+        for epoch in (1, 2):
+            owner, snap = recorded[epoch]
+            obs.publish(snap_topic, snap, retain=True)
+            obs.publish(owner_topic, owner, retain=True)
+        obs.publish("mesh/cmd", b'{"op":"apps","id":"barrier"}')  # after them, on each node
+        wait_until(lambda: "barrier" in obs.replies, 20, "the nodes to take the replays")
+        assert obs.running("counter") == first
+        feed_and_record(b"four")
+        assert not obs.has_event("fenced", "counter")
+
+        # The node left running it goes on from the genuine newest state, at a newer epoch.
+        cluster[first].proc.kill()  # type: ignore[union-attr]
+        wait_until(lambda: obs.running("counter") == other, 30, "the failover")
+        sent.append(b"five")
+        obs.publish("mesh/apps/counter/in", b"five")
+        assert wait_count(obs, "counter", 5) == f"5 {counter_hash(sent)}".encode()
+        assert obs.owners["counter"].epoch == 4
