@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mesh import keys, privacy, trust, wire
 from mesh.errors import ConfigError, TrustError, WireError
 from mesh.privacy import Keyring
+from mesh.topics import Topics
 from mesh.trust import MeshIdentity, TrustStore
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,12 @@ class Authority:
         if self.trust is None or not body:
             return body
         return self._opener.piece(topic, privacy.HEADER_INDEX, body)
+
+    def app_session(self, app: str) -> str:
+        """The MQTT client id of an app's session (`Topics.app_session`): in a secure mesh,
+        not one a stranger can guess and take over."""
+        secret = privacy.session_secret(self.keyring, app) if self.secure else ""
+        return Topics(self.root).app_session(app, secret)
 
     def open_chunk(self, topic: str, index: int, payload: bytes) -> bytes:
         """A memory chunk's plain bytes; TrustError if it is not sealed with the mesh's key

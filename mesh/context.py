@@ -69,3 +69,5 @@ class HostContext:
     call_timeout_ms: int | None = None
     kept: Callable[[wire.Snapshot], None] = lambda snap: None  # a checkpoint was stored
     sealing: Sealing = PLAIN  # how checkpoints are signed and encrypted
+    session_id: Callable[[str], str] | None = None  # an app's session's client id (else
+    # `Topics.app_session`)

@@ -170,7 +170,8 @@ class HostedApp:
         (a stale owner can store nothing from then on) and sends its queued inputs, which
         wait here until `start`."""
         if self._session is None:
-            self._session = Connection(self.ctx.broker, self.ctx.topics.app_session(self.name),
+            session_id = (self.ctx.session_id or self.ctx.topics.app_session)(self.name)
+            self._session = Connection(self.ctx.broker, session_id,
                                        on_message=self._on_input, clean_session=False,
                                        manual_ack=True, keepalive=self.ctx.keepalive)
             await self._session.connect()

@@ -116,7 +116,7 @@ class Node:
         self.host_ctx = HostContext(self.runtime, config.broker, self.topics, config.keepalive,
                                 config.sensors, self.event, self._app_lost,
                                 config.app_memory_bytes, config.call_timeout_ms, self.kept.keep,
-                                self.authority)
+                                self.authority, self.authority.app_session)
 
     @property
     def control(self) -> Connection:

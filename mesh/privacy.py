@@ -191,6 +191,14 @@ class Opener:
                              "or sealed for another place)") from None
 
 
+def session_secret(keyring: Keyring, app: str) -> str:
+    """What an app's MQTT session id carries in a secure mesh, so that only a device holding
+    the mesh's first data key can take the session (and the inputs queued for it): 16 hex
+    digits of HKDF-SHA256 of that key and the app's name."""
+    first = keyring.key(min(keyring.keys, default=1))
+    return _derive(first, None, f"liquid-mesh/1 app session\0{app}".encode())[:8].hex()
+
+
 # --- handing the keys to a device ------------------------------------------------------------
 
 

@@ -42,9 +42,10 @@ class Topics:
     def events(self) -> str:
         return f"{self.root}/events"
 
-    def app_session(self, app: str) -> str:
-        """The MQTT client id of an app's own session: the same on whichever node runs it."""
-        return f"{self.root}-app-{app}"
+    def app_session(self, app: str, secret: str = "") -> str:
+        """The MQTT client id of an app's own session: the same on whichever node runs it
+        (with a `secret` only the mesh's devices can derive, in a secure mesh)."""
+        return f"{self.root}-app-{app}" + (f"-{secret}" if secret else "")
 
     def parse(self, topic: str) -> tuple[str, ...]:
         """The parts after the root, e.g. ('apps', 'counter', 'spec'); () if not ours."""

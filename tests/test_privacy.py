@@ -75,3 +75,11 @@ def test_a_keyring_merges_and_keeps_its_file_private(tmp_path: Path) -> None:
     path.write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="not data keys"):
         Keyring.load(path)
+
+
+def test_an_apps_session_secret_is_the_meshs_alone() -> None:
+    secret = privacy.session_secret(KEYS, "counter")
+    assert len(secret) == 16
+    assert privacy.session_secret(KEYS.rotated(), "counter") == secret  # the first key's
+    assert privacy.session_secret(KEYS, "thermo") != secret
+    assert privacy.session_secret(Keyring.new(), "counter") != secret

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 from functools import partial
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paho.mqtt.enums import CallbackAPIVersion
 
 from mesh import keys, trust, wire
 from mesh.errors import WireError
@@ -504,3 +507,35 @@ def test_a_replayed_handover_or_old_owner_record_changes_nothing(
         obs.publish("mesh/apps/counter/in", b"five")
         assert wait_count(obs, "counter", 5) == f"5 {counter_hash(sent)}".encode()
         assert obs.owners["counter"].epoch == 4
+
+
+def test_an_apps_session_cannot_be_taken_with_its_client_id(broker: str, cluster: Cluster,
+                                                           tmp_path: Path) -> None:
+    home = _secure_pair(broker, cluster, tmp_path)
+    with Observer(broker) as obs:
+        host = _deploy_counter(obs, broker, cluster, home)
+        sent = [b"one"]
+        obs.publish("mesh/apps/counter/in", b"one")
+        wait_count(obs, "counter", 1)
+        # A stranger connects as the app's session would be named in an open mesh, keeping
+        # the session: a resumed session gets its queued inputs without subscribing.
+        stolen: list[bytes] = []
+        connected = threading.Event()
+        host_name, port = broker.removeprefix("mqtt://").split(":")
+        thief = paho.Client(CallbackAPIVersion.VERSION2, client_id="mesh-app-counter",
+                            clean_session=False)
+        thief.on_message = lambda _c, _u, message: stolen.append(bytes(message.payload))
+        thief.on_connect = lambda *_: connected.set()
+        thief.connect(host_name, int(port))
+        thief.loop_start()
+        try:
+            wait_until(connected.is_set, 10, "the stranger to connect")
+            for n in range(2, 6):
+                sent.append(f"in-{n}".encode())
+                obs.publish("mesh/apps/counter/in", sent[-1])
+            assert wait_count(obs, "counter", 5) == f"5 {counter_hash(sent)}".encode()
+        finally:
+            thief.loop_stop()
+            thief.disconnect()
+        assert stolen == []
+        assert obs.running("counter") == host
