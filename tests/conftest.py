@@ -14,7 +14,7 @@ import wasmtime
 
 from mesh.home import OperatorHome
 from mesh.runtime import Runtime
-from tests.harness import Cluster, mosquitto
+from tests.harness import Cluster, embedded_broker, mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 COUNTER_WAT = ROOT / "mesh" / "apps" / "counter.wat"
@@ -69,6 +69,18 @@ def broker(tmp_path: Path) -> Iterator[str]:
     require_tool("mosquitto")
     with mosquitto(tmp_path) as url:
         yield url
+
+
+@pytest.fixture(params=["mosquitto", "embedded"])
+def any_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Mosquitto, then the embedded broker (amqtt): what must hold on either."""
+    if request.param == "mosquitto":
+        require_tool("mosquitto")
+        with mosquitto(tmp_path) as url:
+            yield url
+    else:
+        with embedded_broker(tmp_path) as url:
+            yield url
 
 
 @pytest.fixture

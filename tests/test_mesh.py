@@ -14,10 +14,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import wasmtime
 
 from mesh import trust, wire
@@ -30,26 +28,13 @@ from tests.harness import (
     ballast_wasm,
     count_of,
     counter_hash,
-    embedded_broker,
     mesh_cli,
-    mosquitto,
     stream,
     wait_count,
     wait_until,
 )
 
 IN = "mesh/apps/{}/in"
-
-
-@pytest.fixture(params=["mosquitto", "embedded"])
-def any_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "mosquitto":
-        require_tool("mosquitto")
-        with mosquitto(tmp_path) as url:
-            yield url
-    else:
-        with embedded_broker(tmp_path) as url:
-            yield url
 
 
 def deploy(broker: str, app: str, *args: str) -> None:

@@ -81,10 +81,10 @@ def _deploy_counter(obs: Observer, broker: str, cluster: Cluster, home: Path,
 
 
 def test_only_the_operator_or_an_admitted_device_steers_a_secure_mesh(
-        broker: str, cluster: Cluster, tmp_path: Path) -> None:
-    home = _secure_pair(broker, cluster, tmp_path)
-    with Observer(broker) as obs:
-        _deploy_counter(obs, broker, cluster, home)
+        any_broker: str, cluster: Cluster, tmp_path: Path) -> None:
+    home = _secure_pair(any_broker, cluster, tmp_path)
+    with Observer(any_broker) as obs:
+        _deploy_counter(obs, any_broker, cluster, home)
         obs.publish("mesh/apps/counter/in", b"one")
         wait_count(obs, "counter", 1)
 
@@ -94,7 +94,7 @@ def test_only_the_operator_or_an_admitted_device_steers_a_secure_mesh(
         assert not reply.ok
         assert "must be signed by the operator" in (reply.error or "")
         anonymous = mesh_cli("stop", "counter", "--home", str(tmp_path / "nowhere"),
-                             broker=broker)
+                             broker=any_broker)
         assert anonymous.returncode == 1
         assert "must be signed by the operator" in anonymous.stderr
 
@@ -130,7 +130,7 @@ def test_only_the_operator_or_an_admitted_device_steers_a_secure_mesh(
         obs.publish("mesh/cmd", _signed(beta_key, "beta",
                                         wire.Command(op="restart", app="counter", id="b1")))
         assert "has not failed" in (_reply(obs, "b1").error or "")
-        revoked = mesh_cli("revoke", "beta", "--home", str(home), broker=broker)
+        revoked = mesh_cli("revoke", "beta", "--home", str(home), broker=any_broker)
         assert revoked.returncode == 0, revoked.stderr
         # The broker passes the revocation on before any command published after it.
         obs.publish("mesh/cmd", _signed(beta_key, "beta",
@@ -167,18 +167,18 @@ def test_a_node_with_no_admission_waits_for_one_unless_told_to_run_an_open_mesh(
 
 
 def test_a_secure_mesh_runs_only_specs_signed_by_whom_may_deploy(
-        broker: str, cluster: Cluster, tmp_path: Path) -> None:
-    home = _secure_pair(broker, cluster, tmp_path)
+        any_broker: str, cluster: Cluster, tmp_path: Path) -> None:
+    home = _secure_pair(any_broker, cluster, tmp_path)
     kept = tmp_path / "alpha" / "specs"  # the specs alpha took, as it took them
 
     def apps() -> list[str]:
         """Answered by alpha (the lowest id) once it took every message published before."""
-        listed = mesh_cli("apps", "--json", broker=broker)
+        listed = mesh_cli("apps", "--json", broker=any_broker)
         assert listed.returncode == 0, listed.stderr
         return [row["app"] for row in json.loads(listed.stdout)]
 
-    with Observer(broker) as obs:
-        assert _deploy_counter(obs, broker, cluster, home, "--on", "alpha") == "alpha"
+    with Observer(any_broker) as obs:
+        assert _deploy_counter(obs, any_broker, cluster, home, "--on", "alpha") == "alpha"
         obs.publish("mesh/apps/counter/in", b"one")
         wait_count(obs, "counter", 1)
         pinned_to_alpha = (kept / "counter.cbor").read_bytes()
@@ -198,7 +198,7 @@ def test_a_secure_mesh_runs_only_specs_signed_by_whom_may_deploy(
         assert sorted(path.name for path in kept.iterdir()) == ["counter.cbor"]
 
         # The operator moves the app; the old spec replayed does not move it back.
-        moved = mesh_cli("migrate", "counter", "beta", "--home", str(home), broker=broker)
+        moved = mesh_cli("migrate", "counter", "beta", "--home", str(home), broker=any_broker)
         assert moved.returncode == 0, moved.stderr + cluster.logs()
         wait_until(lambda: obs.running("counter") == "beta", 20, "counter on beta")
         pinned_to_beta = (kept / "counter.cbor").read_bytes()
@@ -210,7 +210,7 @@ def test_a_secure_mesh_runs_only_specs_signed_by_whom_may_deploy(
         assert wait_count(obs, "counter", 2).startswith(b"2 ")
         assert obs.running("counter") == "beta"
 
-        stopped = mesh_cli("stop", "counter", "--home", str(home), broker=broker)
+        stopped = mesh_cli("stop", "counter", "--home", str(home), broker=any_broker)
         assert stopped.returncode == 0, stopped.stderr
         wait_until(lambda: obs.running("counter") is None, 20, "counter stopped")
         assert apps() == []
@@ -219,11 +219,11 @@ def test_a_secure_mesh_runs_only_specs_signed_by_whom_may_deploy(
         assert apps() == []
 
 
-def test_a_forged_node_or_owner_record_moves_nothing(broker: str, cluster: Cluster,
+def test_a_forged_node_or_owner_record_moves_nothing(any_broker: str, cluster: Cluster,
                                                       tmp_path: Path) -> None:
-    home = _secure_pair(broker, cluster, tmp_path)
-    with Observer(broker) as obs:
-        host = _deploy_counter(obs, broker, cluster, home)
+    home = _secure_pair(any_broker, cluster, tmp_path)
+    with Observer(any_broker) as obs:
+        host = _deploy_counter(obs, any_broker, cluster, home)
         obs.publish("mesh/apps/counter/in", b"one")
         wait_count(obs, "counter", 1)
         owner = obs.owners["counter"]
@@ -251,7 +251,7 @@ def test_a_forged_node_or_owner_record_moves_nothing(broker: str, cluster: Clust
                                "beta" in (e.reason or "") for e in obs.events), 15,
                    "the forged record of beta to be refused")
         wait_until(lambda: obs.nodes["beta"].started_ms > 0, 15, "beta's own record back")
-        listed = mesh_cli("nodes", "--json", broker=broker)  # answered after all of the above
+        listed = mesh_cli("nodes", "--json", broker=any_broker)  # answered after all of the above
         assert listed.returncode == 0, listed.stderr
         assert sorted(row["id"] for row in json.loads(listed.stdout)) == ["alpha", "beta"]
         for n in range(2, 6):
@@ -262,11 +262,11 @@ def test_a_forged_node_or_owner_record_moves_nothing(broker: str, cluster: Clust
         assert not obs.has_event("fenced", "counter")
 
 
-def test_a_forged_checkpoint_is_never_restored(broker: str, cluster: Cluster,
+def test_a_forged_checkpoint_is_never_restored(any_broker: str, cluster: Cluster,
                                                tmp_path: Path) -> None:
-    home = _secure_pair(broker, cluster, tmp_path)
-    with Observer(broker) as obs:
-        host = _deploy_counter(obs, broker, cluster, home, "--checkpoint-every", "1")
+    home = _secure_pair(any_broker, cluster, tmp_path)
+    with Observer(any_broker) as obs:
+        host = _deploy_counter(obs, any_broker, cluster, home, "--checkpoint-every", "1")
         for n in range(3):
             obs.publish("mesh/apps/counter/in", f"in-{n}".encode())
         wait_count(obs, "counter", 3)
@@ -278,7 +278,7 @@ def test_a_forged_checkpoint_is_never_restored(broker: str, cluster: Cluster,
         obs.publish(topic, wire.encode(forged), retain=True)
         obs.publish(topic, trust.seal(keys.generate(), host, topic, wire.encode(forged),
                                       issued_ms=int(time.time() * 1000)), retain=True)
-        listed = mesh_cli("apps", "--json", broker=broker)  # answered after the forgeries
+        listed = mesh_cli("apps", "--json", broker=any_broker)  # answered after the forgeries
         assert listed.returncode == 0, listed.stderr
         cluster[host].proc.kill()  # type: ignore[union-attr]
         other = "beta" if host == "alpha" else "alpha"
@@ -362,17 +362,17 @@ def _fingerprint(log: str) -> str | None:
     return log[at + len(marker):at + len(marker) + 16] if at >= 0 else None
 
 
-def test_app_memory_is_sealed_and_a_tampered_chunk_is_refused(broker: str, cluster: Cluster,
+def test_app_memory_is_sealed_and_a_tampered_chunk_is_refused(any_broker: str, cluster: Cluster,
                                                                tmp_path: Path) -> None:
-    home = _secure_pair(broker, cluster, tmp_path)
+    home = _secure_pair(any_broker, cluster, tmp_path)
     app = tmp_path / "ballast.wasm"
     app.write_bytes(ballast_wasm(64, checksum_end=4 << 20))  # 4 MiB of dense memory: chunks
     topic = "mesh/apps/ballast/snapshot"
     opener = Opener(Keyring.load(home / "data-keys.cbor"))
-    with Observer(broker) as obs, sniffing(broker, "mesh/apps/ballast/#") as seen:
+    with Observer(any_broker) as obs, sniffing(any_broker, "mesh/apps/ballast/#") as seen:
         wait_until(lambda: {"alpha", "beta"} <= set(obs.nodes), 20, "both nodes to join")
         deployed = mesh_cli("deploy", "ballast", str(app), "--on", "alpha",
-                            "--checkpoint-every", "1", "--home", str(home), broker=broker)
+                            "--checkpoint-every", "1", "--home", str(home), broker=any_broker)
         assert deployed.returncode == 0, deployed.stderr + cluster.logs()
         wait_until(lambda: obs.running("ballast") == "alpha", 30, "ballast on alpha")
         obs.publish("mesh/apps/ballast/in", b"x")
@@ -457,11 +457,11 @@ def test_a_revoked_device_loses_its_apps_and_cannot_read_what_comes_after(
 
 
 def test_a_replayed_handover_or_old_owner_record_changes_nothing(
-        broker: str, cluster: Cluster, tmp_path: Path) -> None:
-    home = _secure_pair(broker, cluster, tmp_path)
+        any_broker: str, cluster: Cluster, tmp_path: Path) -> None:
+    home = _secure_pair(any_broker, cluster, tmp_path)
     owner_topic, snap_topic = "mesh/apps/counter/owner", "mesh/apps/counter/snapshot"
-    with Observer(broker) as obs, sniffing(broker, "mesh/apps/counter/#") as seen:
-        first = _deploy_counter(obs, broker, cluster, home, "--checkpoint-every", "1")
+    with Observer(any_broker) as obs, sniffing(any_broker, "mesh/apps/counter/#") as seen:
+        first = _deploy_counter(obs, any_broker, cluster, home, "--checkpoint-every", "1")
         other = "beta" if first == "alpha" else "alpha"
         sent: list[bytes] = []
         recorded: dict[int, tuple[bytes, bytes]] = {}  # epoch -> its owner record, checkpoint
@@ -483,7 +483,7 @@ def test_a_replayed_handover_or_old_owner_record_changes_nothing(
 
         feed_and_record(b"one")
         for target in (other, first):  # a handover there, and back
-            moved = mesh_cli("migrate", "counter", target, broker=broker)
+            moved = mesh_cli("migrate", "counter", target, broker=any_broker)
             assert moved.returncode == 0, moved.stderr
             wait_until(partial(_runs_on, obs, target), 20, f"counter on {target}")
             feed_and_record(f"after the move to {target}".encode())
@@ -509,11 +509,11 @@ def test_a_replayed_handover_or_old_owner_record_changes_nothing(
         assert obs.owners["counter"].epoch == 4
 
 
-def test_an_apps_session_cannot_be_taken_with_its_client_id(broker: str, cluster: Cluster,
+def test_an_apps_session_cannot_be_taken_with_its_client_id(any_broker: str, cluster: Cluster,
                                                            tmp_path: Path) -> None:
-    home = _secure_pair(broker, cluster, tmp_path)
-    with Observer(broker) as obs:
-        host = _deploy_counter(obs, broker, cluster, home)
+    home = _secure_pair(any_broker, cluster, tmp_path)
+    with Observer(any_broker) as obs:
+        host = _deploy_counter(obs, any_broker, cluster, home)
         sent = [b"one"]
         obs.publish("mesh/apps/counter/in", b"one")
         wait_count(obs, "counter", 1)
@@ -521,7 +521,7 @@ def test_an_apps_session_cannot_be_taken_with_its_client_id(broker: str, cluster
         # the session: a resumed session gets its queued inputs without subscribing.
         stolen: list[bytes] = []
         connected = threading.Event()
-        host_name, port = broker.removeprefix("mqtt://").split(":")
+        host_name, port = any_broker.removeprefix("mqtt://").split(":")
         thief = paho.Client(CallbackAPIVersion.VERSION2, client_id="mesh-app-counter",
                             clean_session=False)
         thief.on_message = lambda _c, _u, message: stolen.append(bytes(message.payload))
@@ -537,5 +537,6 @@ def test_an_apps_session_cannot_be_taken_with_its_client_id(broker: str, cluster
         finally:
             thief.loop_stop()
             thief.disconnect()
-        assert stolen == []
+        # (amqtt 0.12 sends any new client retained records it never asked for; no input.)
+        assert not set(sent) & set(stolen)
         assert obs.running("counter") == host
