@@ -273,9 +273,10 @@ def _add_trust(sub: Subparsers) -> None:
     init.add_argument("--name", default="", help="a name for the mesh")
     init.set_defaults(func=_lazy("cmd_init"))
     admit = sub.add_parser("admit", help="admit a device to the mesh",
-                           description="Admit a device waiting for it (`mesh node --pair`), "
-                           "or print a one-time join token for one (give it as `mesh node "
-                           "--token` or the profile's `token`).")
+                           description="Admit a device waiting for it (`mesh node` with "
+                           "no token), or print a one-time join token for one (give it as "
+                           "`mesh node --token` or the profile's `token`). With neither: list "
+                           "the devices waiting, with their keys' fingerprints.")
     admit.add_argument("device", nargs="?", help="the device waiting to be admitted")
     admit.add_argument("--token", action="store_true", help="print a one-time join token")
     admit.add_argument("--cap", action="append", default=[], metavar="CAP",

@@ -25,6 +25,7 @@ from mesh import keys, pairing, profile, wire
 from mesh.authority import OPEN_MESH_WARNING, Authority, admitted, keep
 from mesh.cli import read_module
 from mesh.client import MeshClient, broker_from, find_broker
+from mesh.discovery import Discovery
 from mesh.errors import MeshError
 from mesh.home import OperatorHome
 from mesh.mqtt import BrokerAddress
@@ -74,7 +75,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     token = args.token or kit.token
     insecure = (args.insecure or kit.insecure) and not args.pair
     if not token and not insecure and not admitted(state_dir):
-        asyncio.run(_pair(url, args.root, state_dir, node_id))
+        asyncio.run(_pair(url, args.root, state_dir, node_id, mdns=not args.no_mdns))
     authority = Authority.load(state_dir, node_id, args.root, token)  # redeems a new token
     if authority.secure:
         log.info("node %s joins %s", node_id, authority.describe())
@@ -93,11 +94,17 @@ def cmd_node(args: argparse.Namespace) -> int:
     return asyncio.run(run_device(device, embedded=args.embedded_broker))
 
 
-async def _pair(url: str | None, root: str, state_dir: Path, node_id: str) -> None:
-    """Wait to be admitted (`mesh.pairing`), and keep the admission."""
+async def _pair(url: str | None, root: str, state_dir: Path, node_id: str, *,
+                mdns: bool) -> None:
+    """Wait to be admitted (`mesh.pairing`), announced on the LAN too, and keep the
+    admission."""
     key = keys.load_or_create(state_dir / "device.key")
-    identity, admission, keyring = await pairing.wait_for_admission(
-        await find_broker(url, root), node_id, key, root)
+    async with contextlib.AsyncExitStack() as stack:
+        if mdns:
+            lan = await stack.enter_async_context(Discovery(node_id, root))
+            await lan.advertise_pending(keys.fingerprint(keys.public_bytes(key)))
+        identity, admission, keyring = await pairing.wait_for_admission(
+            await find_broker(url, root), node_id, key, root)
     keep(state_dir, identity, admission, keyring)
 
 
@@ -159,9 +166,19 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_admit(args: argparse.Namespace) -> int:
-    if bool(args.device) == bool(args.token):
+    if args.device and args.token:
         raise MeshError("admit a device waiting for it (`mesh admit DEVICE`), or print a join "
                         "token (`mesh admit --token`)")
+    if not args.device and not args.token:
+        async def waiting() -> list[pairing.Pending]:
+            return await pairing.waiting(await find_broker(args.broker, args.root), args.root)
+
+        found = asyncio.run(waiting())
+        for request in found:
+            print(f"{request.device}  key {keys.fingerprint(request.key)}")
+        if not found:
+            print("no device waits to be admitted (a device started with no token waits)")
+        return 0
     home = OperatorHome(args.home)
     hours = args.hours
     rights = Rights(caps=tuple(args.cap), may_deploy=not args.no_deploy,

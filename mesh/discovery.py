@@ -32,6 +32,7 @@ from mesh.profile import NODE_ID
 log = logging.getLogger(__name__)
 
 NODE_SERVICE = "_liquid-mesh._tcp.local."
+PENDING_SERVICE = "_mesh-pending._tcp.local."  # a device waiting to be admitted
 BROKER_SERVICE = "_mqtt._tcp.local."
 RESOLVE_MS = 3000
 MAX_TXT_VALUE = 255
@@ -145,6 +146,12 @@ class Discovery:
         await self._advertise(NODE_SERVICE, 1883, {
             "id": self.node_id, "caps": ",".join(caps)[:MAX_TXT_VALUE], "broker": broker,
             "v": "1"})
+
+    async def advertise_pending(self, fingerprint: str) -> None:
+        """Announce that this device waits to be admitted (`mesh admit DEVICE`), with its key's
+        fingerprint."""
+        await self._advertise(PENDING_SERVICE, 1883, {"id": self.node_id, "key": fingerprint,
+                                                      "mesh": self.root})
 
     async def advertise_broker(self, port: int, started_ms: int) -> None:
         """Announce the embedded broker this node hosts."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paho.mqtt.client import topic_matches_sub
 
 from mesh import keys, privacy, trust, wire
 from mesh.errors import MeshError, TrustError, WireError
@@ -107,6 +108,43 @@ def _check_welcome(data: bytes, device: str, key: Ed25519PrivateKey,
     return identity, welcome.admission, privacy.open_grant(grant, identity.id, device, key)
 
 
+async def waiting(broker: BrokerAddress, root: str = "mesh") -> list[Pending]:
+    """The devices waiting to be admitted, as their pending records on the broker say."""
+    records = await _retained(broker, f"{root}/pending/+", root)
+    found = []
+    for topic, data in sorted(records.items()):
+        try:
+            request = wire.decode(Pending, data)
+        except WireError as exc:
+            log.warning("%s: not a pending record: %s", topic, exc)
+            continue
+        if topic == f"{root}/pending/{request.device}":
+            found.append(request)
+    return found
+
+
+async def _retained(broker: BrokerAddress, topic_filter: str, root: str) -> dict[str, bytes]:
+    """The retained messages at `topic_filter`, by topic."""
+    records: dict[str, bytes] = {}
+    marker = f"{root}/operator/{time.monotonic_ns()}"
+    back = asyncio.Event()
+
+    def on_message(message: Message) -> None:
+        if message.topic == marker:
+            back.set()
+        elif message.payload and topic_matches_sub(topic_filter, message.topic):
+            records[message.topic] = bytes(message.payload)
+
+    async with Connection(broker, f"{root}-operator-{time.monotonic_ns()}",
+                          on_message=on_message) as conn:
+        await conn.subscribe(topic_filter, marker)
+        await conn.publish(marker, b"1")  # retained messages come before it (most brokers)
+        async with asyncio.timeout(PENDING_WAIT_S):
+            await back.wait()
+        await asyncio.sleep(0.5)  # and the rest from a broker that does not keep that order
+    return records
+
+
 async def admit(broker: BrokerAddress, home: OperatorHome, device: str, rights: Rights, *,
                 root: str = "mesh") -> str:
     """The operator's side: admit the pending `device`; returns its key's fingerprint."""
@@ -171,31 +209,15 @@ async def grant_all(broker: BrokerAddress, home: OperatorHome, *, root: str = "m
     """Grant the mesh's data keys to every device admitted (and not revoked) but `but`;
     returns those devices."""
     operator, identity, keyring = home.key(), home.identity(), home.keyring()
-    records: dict[str, bytes] = {}
-    revoked: set[str] = {but}
-    marker = f"{root}/operator/{time.monotonic_ns()}"
-    back = asyncio.Event()
-
-    def on_message(message: Message) -> None:
-        kind, _, name = message.topic.removeprefix(f"{root}/").partition("/")
-        if message.topic == marker:
-            back.set()
-        elif kind == "admissions" and message.payload:
-            records[name] = bytes(message.payload)
-        elif kind == "revoked" and message.payload:
-            revoked.add(name)
-
-    async with Connection(broker, f"{root}-grant-{time.monotonic_ns()}",
-                          on_message=on_message) as conn:
-        await conn.subscribe(f"{root}/admissions/+", f"{root}/revoked/+", marker)
-        await conn.publish(marker, b"1")  # retained records come before it (most brokers)
-        async with asyncio.timeout(PENDING_WAIT_S):
-            await back.wait()
-        await asyncio.sleep(0.5)  # and the rest from a broker that does not keep that order
-        store = TrustStore(identity, root)
-        now = int(time.time() * 1000)
-        granted = []
-        for name, data in sorted(records.items()):
+    admissions = await _retained(broker, f"{root}/admissions/+", root)
+    revoked = {topic.rsplit("/", 1)[1]
+               for topic in await _retained(broker, f"{root}/revoked/+", root)} | {but}
+    store = TrustStore(identity, root)
+    now = int(time.time() * 1000)
+    granted = []
+    async with Connection(broker, f"{root}-grant-{time.monotonic_ns()}") as conn:
+        for topic, data in sorted(admissions.items()):
+            name = topic.rsplit("/", 1)[1]
             if name in revoked:
                 continue
             try:

@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from zeroconf import IPVersion, Zeroconf
 
 from mesh.client import find_broker
-from mesh.discovery import answers
+from mesh.discovery import PENDING_SERVICE, answers
 from mesh.home import OperatorHome
 from tests.conftest import COUNTER_WAT
 from tests.harness import Observer, count_of, counter_hash, joining, wait_count, wait_until
@@ -30,12 +31,12 @@ def lan(operator: OperatorHome) -> Iterator[Lan]:
         yield built
 
 
-def boot(lan: Lan, work: Path, name: str, *args: str) -> Device:
+def boot(lan: Lan, work: Path, name: str, *args: str, token: bool = True) -> Device:
     """Plug in a device (if it is not yet) and start `mesh node` on it, as its boot would:
-    with a join token of the test's mesh, unless `args` say how it joins."""
+    with a join token of the test's mesh (`token`), unless `args` say how it joins."""
     device = lan.devices.get(name) or lan.plug(name)
     device.start(sys.executable, "-m", "mesh", "-v", "node", "--keepalive", "2",
-                 *joining(OperatorHome(), args), log=work / f"{name}.log",
+                 *(joining(OperatorHome(), args) if token else args), log=work / f"{name}.log",
                  env={"MESH_STATE_DIR": str(work / name)})
     return device
 
@@ -50,6 +51,17 @@ def node_id(work: Path, name: str) -> str:
 def logs(work: Path) -> str:
     return "\n".join(f"----- {p.name} -----\n{p.read_text(errors='replace')}"
                      for p in sorted(work.glob("*.log")))
+
+
+def pending_on_the_lan(name: str) -> dict[str, str]:
+    """The TXT of the mDNS record a device waiting to be admitted announces."""
+    zc = Zeroconf(ip_version=IPVersion.V4Only)
+    try:
+        info = zc.get_service_info(PENDING_SERVICE, f"{name}.{PENDING_SERVICE}", timeout=5000)
+    finally:
+        zc.close()
+    assert info is not None, f"{name} is not announced as waiting"
+    return {key.decode(): (value or b"").decode() for key, value in info.properties.items()}
 
 
 def discovered_broker(viewer: Device) -> str:
@@ -316,8 +328,8 @@ def test_devices_paired_with_join_tokens_form_a_secure_mesh(lan: Lan, tmp_path: 
 
 
 def test_a_device_paired_by_the_operator_joins_the_secure_mesh(lan: Lan, tmp_path: Path) -> None:
-    """With someone at the device: `mesh node --pair` waits, showing its key; `mesh admit
-    DEVICE` on the laptop shows the same key and lets it in."""
+    """With someone at the device: `mesh node` with no token waits, showing its key (in its
+    log and on the LAN); `mesh admit DEVICE` on the laptop shows the same key and lets it in."""
     viewer = lan.plug("laptop")
     home = str(tmp_path / "operator")
     cli(viewer, "init", "--home", home)
@@ -325,11 +337,15 @@ def test_a_device_paired_by_the_operator_joins_the_secure_mesh(lan: Lan, tmp_pat
          cli(viewer, "admit", "--token", "--home", home).strip())
     with observing(viewer, {"kitchen"}, tmp_path):
         pass  # the mesh, and its broker, are up
-    boot(lan, tmp_path, "hall", "--id", "hall", "--pair")
+    boot(lan, tmp_path, "hall", "--id", "hall", token=False)
     log = tmp_path / "hall.log"
     wait_until(lambda: log.exists() and "check that it shows key" in log.read_text(), 30,
                f"hall to wait\n{logs(tmp_path)}")
     shown = log.read_text().split("check that it shows key ")[1][:16]
+    with viewer.inside():
+        announced = pending_on_the_lan("hall")
+    assert announced == {"id": "hall", "key": shown, "mesh": "mesh"}
+    assert f"hall  key {shown}" in cli(viewer, "admit", "--home", home)
     assert f"key {shown}" in cli(viewer, "admit", "hall", "--home", home)
     with observing(viewer, {"kitchen", "hall"}, tmp_path) as obs:
         cli(viewer, "deploy", "counter", str(COUNTER_WAT), "--on", "hall", "--home", home)

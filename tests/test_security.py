@@ -339,6 +339,9 @@ def test_a_device_waiting_to_be_admitted_joins_when_the_operator_admits_it(
         wait_until(lambda: "alpha" in obs.nodes, 20, "alpha to join")
         shown = wait_until(lambda: _fingerprint(kitchen.log()), 20, "kitchen to wait")
         assert "kitchen" not in obs.nodes  # it runs nothing until admitted
+        listed = mesh_cli("admit", "--home", str(home), broker=broker)
+        assert listed.returncode == 0, listed.stderr
+        assert f"kitchen  key {shown}" in listed.stdout
         nobody = mesh_cli("admit", "garage", "--home", str(home), broker=broker, timeout=30)
         assert nobody.returncode == 1
         assert "no device 'garage' waits to be admitted" in nobody.stderr
