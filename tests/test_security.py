@@ -97,6 +97,11 @@ def test_only_the_operator_or_an_admitted_device_steers_a_secure_mesh(
                              broker=any_broker)
         assert anonymous.returncode == 1
         assert "must be signed by the operator" in anonymous.stderr
+        # Nor does a module anyone uploads, with a plain deploy command: it runs nowhere.
+        uploaded = mesh_cli("deploy", "intruder", str(COUNTER_WAT), "--home",
+                            str(tmp_path / "nowhere"), broker=any_broker)
+        assert uploaded.returncode == 1
+        assert "must be signed by the operator" in uploaded.stderr
 
         # Commands are taken in order: once a later, genuine one is answered, an earlier one
         # that got no answer was refused.
@@ -139,6 +144,9 @@ def test_only_the_operator_or_an_admitted_device_steers_a_secure_mesh(
 
         obs.publish("mesh/apps/counter/in", b"two")
         assert wait_count(obs, "counter", 2).startswith(b"2 ")
+        listed = mesh_cli("apps", "--json", broker=any_broker)
+        assert listed.returncode == 0, listed.stderr
+        assert [row["app"] for row in json.loads(listed.stdout)] == ["counter"]
     assert cluster["alpha"].proc is not None
     assert cluster["alpha"].proc.poll() is None
 
