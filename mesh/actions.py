@@ -134,12 +134,13 @@ async def start(node: Node, spec: wire.AppSpec, epoch: int, *, handover: bool,
         held = node.inbox.version(name)
         if handover and owner is not None and owner.seq == 0 and held and held[0] < epoch:
             checkpoint = None  # started over (`restart --fresh`): not from one before that
+        elif node.inbox.unreadable(name):  # never an older one, nor a fresh start, over it
+            raise SnapshotIncomplete(f"the newest checkpoint of {name} is one this device "
+                                     "cannot open (sealed with a data key it was not given: "
+                                     "run `mesh grant`; or signed by a device revoked since)")
         elif checkpoint is None and held and node.inbox.module_of(name) == spec.module:
             # Its checkpoint's header is here but not all of it: never a fresh start over it.
             raise SnapshotIncomplete(f"the checkpoint of {name} has not all arrived")
-        elif checkpoint is None and node.inbox.unreadable(name):
-            raise SnapshotIncomplete(f"the checkpoint of {name} is sealed with a data key this "
-                                     "device was not given (run `mesh grant`)")
         if checkpoint:
             await hosted.start(checkpoint.snap, checkpoint.pieces, checkpoint.matches)
         else:
@@ -304,6 +305,8 @@ async def leave(node: Node) -> None:
 
 async def close_all(node: Node) -> None:
     """Close every app here, handing nothing over, and leave."""
+    await node.busy.acquire()  # let a reconcile pass in progress finish; none after it
+    await asyncio.gather(*node.acting.values(), return_exceptions=True)
     for name, hosted in list(node.hosted.items()):
         await hosted.close()
         node.hosted.pop(name, None)

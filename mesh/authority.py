@@ -77,8 +77,12 @@ class Authority:
         if token and not admission_file.exists():
             key = keys.load_or_create(state_dir / "device.key")
             contents = trust.read_token(token)
+            try:
+                keyring = Keyring.decode(contents.keys)
+            except WireError as exc:
+                raise ConfigError(f"this join token carries no data keys of its mesh ({exc}): "
+                                  "make a new one with `mesh admit --token`") from None
             identity, admission = trust.redeem(contents, device, key, privacy.box_public(key))
-            keyring = Keyring.decode(contents.keys) if contents.keys else None
             keep(state_dir, identity, admission, keyring)
             log.info("device %s redeemed its join token for mesh %s", device, identity.id)
         if not admission_file.exists():
@@ -113,24 +117,34 @@ class Authority:
         if self.trust is not None and payload:
             self.trust.admit(device, payload, _now_ms())
 
-    def learn_revocation(self, device: str, payload: bytes) -> None:
-        if self.trust is not None and payload:
-            self.trust.revoke(device, payload)
+    def learn_revocation(self, device: str, payload: bytes) -> bool:
+        """Whether `payload` revokes `device` (TrustError if it is not a valid revocation; an
+        open mesh takes none)."""
+        if self.trust is None or not payload:
+            return False
+        self.trust.revoke(device, payload)
+        return True
 
-    def learn_grant(self, payload: bytes) -> None:
+    def learn_grant(self, payload: bytes) -> bool:
         """The mesh's data keys, granted to this device by the operator (a new one after a
-        revocation); TrustError if the grant is not valid."""
+        revocation); whether there were new ones. TrustError if the grant is not valid."""
         if self.trust is None or self.key is None or not payload:
-            return
+            return False
         sealed = self.trust.open(f"{self.root}/keys/{self.device}", payload, _now_ms())
         if sealed.signer != trust.OPERATOR:
             raise TrustError(f"a key grant signed by {sealed.signer!r}, not the operator")
         granted = privacy.open_grant(wire.decode(privacy.Grant, sealed.body),
                                      self.trust.identity.id, self.device, self.key)
-        if self.keyring.merge(granted) and self.state_dir is not None:
-            self.keyring.save(self.state_dir / KEYS_FILE)
-            log.info("device %s holds data keys %s of the mesh", self.device,
-                     sorted(self.keyring.keys))
+        if not self.keyring.merge(granted):
+            return False
+        log.info("device %s holds data keys %s of the mesh", self.device,
+                 sorted(self.keyring.keys))
+        if self.state_dir is not None:
+            try:
+                self.keyring.save(self.state_dir / KEYS_FILE)
+            except OSError as exc:
+                log.warning("cannot keep the mesh's data keys in %s: %s", self.state_dir, exc)
+        return True
 
     # --- checkpoints: signed, and sealed with the mesh's data key ----------------------------
 
@@ -299,12 +313,10 @@ def admitted(state_dir: Path) -> bool:
     return (state_dir / "admission.cbor").exists()
 
 
-def keep(state_dir: Path, identity: MeshIdentity, admission: bytes,
-         keyring: Keyring | None) -> None:
+def keep(state_dir: Path, identity: MeshIdentity, admission: bytes, keyring: Keyring) -> None:
     """Keep this device's admission, the identity of the mesh it is admitted to, and the
     mesh's data keys it was given."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    if keyring is not None:
-        keyring.save(state_dir / KEYS_FILE)
+    keyring.save(state_dir / KEYS_FILE)
     (state_dir / "mesh-identity.cbor").write_bytes(wire.encode(identity))
     (state_dir / "admission.cbor").write_bytes(admission)

@@ -78,6 +78,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         asyncio.run(_pair(url, args.root, state_dir, node_id, mdns=not args.no_mdns))
     authority = Authority.load(state_dir, node_id, args.root, token)  # redeems a new token
     if authority.secure:
+        if insecure:
+            log.warning("--insecure is ignored: this device is admitted to a secure mesh")
         log.info("node %s joins %s", node_id, authority.describe())
         authority.check_caps(node_id, (*kit.caps, *args.cap))  # before the others refuse it
     else:

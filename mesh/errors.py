@@ -47,6 +47,11 @@ class TrustError(MeshError):
     has revoked), or that is expired or replayed."""
 
 
+class Revoked(TrustError):
+    """A record genuinely signed by a device that was revoked since: not acted on, but not
+    garbage either (a checkpoint of it is state the mesh once accepted)."""
+
+
 class NotAdmitted(TrustError):
     """A record signed by a device this node has not seen admitted (yet: its admission may be
     on its way, and the record is checked again when it comes)."""

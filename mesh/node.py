@@ -148,8 +148,7 @@ class Node:
         # data keys first (every other record is checked or opened with them), then
         # checkpoints, all here before the owner records that may make this node restore one.
         await control.subscribe(f"{t.root}/admissions/+", f"{t.root}/revoked/+",
-                                f"{t.root}/keys/{self.id}",
-                                f"{t.root}/apps/+/snapshot/+", f"{t.root}/apps/+/snapshot",
+                                f"{t.root}/keys/{self.id}", *self._checkpoint_filters(),
                                 f"{t.root}/nodes/+", f"{t.root}/apps/+/spec",
                                 f"{t.root}/apps/+/owner", f"{t.root}/apps/+/stopped", t.mesh,
                                 t.cmd, t.node_cmd(self.id), t.node_sync(self.id))
@@ -178,6 +177,9 @@ class Node:
     async def leave(self) -> None:
         """Leave gracefully: hand every app to the node that should run it next."""
         await actions.leave(self)
+
+    def _checkpoint_filters(self) -> tuple[str, str]:
+        return f"{self.topics.root}/apps/+/snapshot/+", f"{self.topics.root}/apps/+/snapshot"
 
     @property
     def broker_gone(self) -> bool:
@@ -327,10 +329,9 @@ class Node:
                     self.inbox.wake(app)
             case ("apps", app, "owner"):
                 self._owner_record(app, payload)
-            case ("apps", app, "snapshot"):  # kept as is; put together only when needed
-                self.inbox.snapshot(app, None, payload)
-            case ("apps", app, "snapshot", index):
-                self.inbox.snapshot(app, index, payload)
+            case ("apps", app, "snapshot", *index) if len(index) <= 1:
+                self._bare_clear(app, payload)
+                self.inbox.snapshot(app, index[0] if index else None, payload)
             case ("modules", sha256):
                 self.inbox.module(sha256, None, payload)
             case ("modules", sha256, index):
@@ -342,10 +343,12 @@ class Node:
             case ("admissions", device):
                 self.authority.learn_admission(device, payload)
             case ("revoked", device):
-                self.authority.learn_revocation(device, payload)
-                self._revoked(device)
+                if self.authority.learn_revocation(device, payload):
+                    self._revoked(device)
             case ("keys", device) if device == self.id:
-                self.authority.learn_grant(payload)
+                if self.authority.learn_grant(payload) and self.inbox.locked:
+                    self.inbox.locked = False  # what it refused for lack of the key: again
+                    self.spawn(self.control.subscribe(*self._checkpoint_filters()), "reopen")
             case ("mesh",):
                 self.marker = wire.decode(wire.MeshRecord, payload) if payload else None
                 if self.marker is None:
@@ -381,8 +384,15 @@ class Node:
             self.authority.check_caps(node_id, wire.decode(wire.NodeRecord, body).caps)
         self._set(self.members, node_id, body, wire.NodeRecord)
 
+    def _bare_clear(self, app: str, payload: bytes) -> None:
+        """In a secure mesh only a stop clears an app's checkpoint and owner record (they
+        cannot be signed): a clear while the app has a spec is refused."""
+        if not payload and self.authority.secure and app in self.specs:
+            raise TrustError(f"a bare clear of a record of {app}, which is deployed")
+
     def _owner_record(self, app: str, payload: bytes) -> None:
         topic = self.topics.app(app, "owner")
+        self._bare_clear(app, payload)
         body = self.authority.open_record(topic, payload)
         held = self.owners.get(app)
         if held and body and stale_owner(held, wire.decode(wire.OwnerRecord, body)):

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.client import topic_matches_sub
 
 from mesh import keys, privacy, trust, wire
-from mesh.errors import MeshError, TrustError, WireError
+from mesh.errors import MeshError, TrustError
 from mesh.home import OperatorHome
 from mesh.mqtt import BrokerAddress, Connection, Message
 from mesh.privacy import Keyring
@@ -74,8 +74,9 @@ async def wait_for_admission(broker: BrokerAddress, device: str, key: Ed25519Pri
 
     async with Connection(broker, f"{root}-pairing-{device}", on_message=on_message) as conn:
         await conn.subscribe(f"{pending}/welcome")
-        await conn.publish(pending, wire.encode(Pending(device, public,
-                                                        privacy.box_public(key))), retain=True)
+        request = Pending(device, public, privacy.box_public(key))
+        await conn.publish(pending, trust.seal(key, device, pending, wire.encode(request)),
+                           retain=True)
         log.warning("device %s waits to be admitted: run `mesh admit %s` where the mesh was "
                     "created, and check that it shows key %s", device, device,
                     keys.fingerprint(public))
@@ -114,13 +115,21 @@ async def waiting(broker: BrokerAddress, root: str = "mesh") -> list[Pending]:
     found = []
     for topic, data in sorted(records.items()):
         try:
-            request = wire.decode(Pending, data)
-        except WireError as exc:
+            found.append(pending_record(topic, data))
+        except MeshError as exc:
             log.warning("%s: not a pending record: %s", topic, exc)
-            continue
-        if topic == f"{root}/pending/{request.device}":
-            found.append(request)
     return found
+
+
+def pending_record(topic: str, data: bytes) -> Pending:
+    """The pending record published at `topic`, signed with the key it names (so that no one
+    else can put their box key, to which the mesh's data keys would be sealed, in it)."""
+    sealed = trust.unseal(data)
+    request = wire.decode(Pending, sealed.body)
+    if topic.rsplit("/", 1)[-1] != request.device:
+        raise MeshError(f"the pending record at {topic} is of {request.device!r}")
+    trust.verify(sealed, topic, request.key, request.device)
+    return request
 
 
 async def _retained(broker: BrokerAddress, topic_filter: str, root: str) -> dict[str, bytes]:
@@ -165,13 +174,11 @@ async def admit(broker: BrokerAddress, home: OperatorHome, device: str, rights: 
                     pass
         except TimeoutError:
             raise MeshError(f"no device {device!r} waits to be admitted (start it with "
-                            "`mesh node --pair`)") from None
+                            "`mesh node` and no token)") from None
         try:
-            request = wire.decode(Pending, data)
-        except WireError as exc:
+            request = pending_record(pending, data)
+        except MeshError as exc:
             raise MeshError(f"the pending record of {device!r} is not valid: {exc}") from None
-        if request.device != device:
-            raise MeshError(f"the pending record at {pending} is of {request.device!r}")
         now = int(time.time() * 1000)
         admission = trust.admission(operator, identity, device, request.key, rights,
                                     now_ms=now, root=root, box=request.box)
@@ -194,14 +201,16 @@ def grant(operator: Ed25519PrivateKey, identity: MeshIdentity, keyring: Keyring,
 
 async def revoke(broker: BrokerAddress, home: OperatorHome, device: str, *,
                  root: str = "mesh") -> tuple[int, list[str]]:
-    """Revoke `device`, make a new data key, and grant it to every other device admitted;
-    returns the key's generation and those devices."""
+    """Make a new data key, grant it to every device admitted but `device`, then revoke
+    `device` (so that whatever its apps checkpoint after they move is sealed with the new
+    key); returns the key's generation and the devices granted it."""
+    keyring = home.rotate()
+    granted = await grant_all(broker, home, root=root, but=device)
     revocation = trust.revocation(home.key(), home.identity(), device,
                                   now_ms=int(time.time() * 1000), root=root)
     async with Connection(broker, f"{root}-revoke-{time.monotonic_ns()}") as conn:
         await conn.publish(f"{root}/revoked/{device}", revocation, retain=True)
-    keyring = home.rotate()
-    return keyring.newest, await grant_all(broker, home, root=root, but=device)
+    return keyring.newest, granted
 
 
 async def grant_all(broker: BrokerAddress, home: OperatorHome, *, root: str = "mesh",
@@ -210,9 +219,15 @@ async def grant_all(broker: BrokerAddress, home: OperatorHome, *, root: str = "m
     returns those devices."""
     operator, identity, keyring = home.key(), home.identity(), home.keyring()
     admissions = await _retained(broker, f"{root}/admissions/+", root)
-    revoked = {topic.rsplit("/", 1)[1]
-               for topic in await _retained(broker, f"{root}/revoked/+", root)} | {but}
     store = TrustStore(identity, root)
+    revoked = {but}
+    for topic, data in (await _retained(broker, f"{root}/revoked/+", root)).items():
+        name = topic.rsplit("/", 1)[1]
+        try:
+            store.revoke(name, data)
+            revoked.add(name)
+        except MeshError as exc:
+            log.warning("%s: not a revocation (%s): ignored", topic, exc)
     now = int(time.time() * 1000)
     granted = []
     async with Connection(broker, f"{root}-grant-{time.monotonic_ns()}") as conn:

@@ -10,7 +10,9 @@
   newest data key and a random salt of the checkpoint's own. Each piece travels as
   `MAGIC | generation | salt | AES-GCM ciphertext`: it can be opened as it arrives, before its
   header. The nonce is the chunk's index (the header's: all ones) and the associated data the
-  checkpoint's topic, so no piece opens at another index or under another app.
+  checkpoint's topic, so no piece opens at another index or under another app (a chunk of an
+  older checkpoint of the same app, at the same index, does: the sha256 its header names
+  refuses it).
 
 Pure code over `cryptography`; no hand-written cryptography.
 """
@@ -18,7 +20,6 @@ Pure code over `cryptography`; no hand-written cryptography.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +116,11 @@ class Keyring:
 
     @classmethod
     def decode(cls, data: bytes) -> Keyring:
-        return cls({key.generation: key.key for key in wire.decode(DataKeys, data).keys})
+        """Keys as `encode` wrote them; WireError if there are none."""
+        keyring = cls({key.generation: key.key for key in wire.decode(DataKeys, data).keys})
+        if not keyring.keys:
+            raise WireError("no data keys")
+        return keyring
 
     def save(self, path: Path) -> None:
         """Write the keys to `path`, readable by its owner only."""
@@ -163,27 +168,27 @@ class Sealer:
         return self._prefix + self._aead.encrypt(_nonce(index), data, self._topic)
 
 
+def generation_of(piece: bytes) -> int:
+    """The data key a sealed piece names (0: not sealed)."""
+    if len(piece) < _PREFIX or piece[:len(MAGIC)] != MAGIC:
+        return 0
+    return int.from_bytes(piece[len(MAGIC):len(MAGIC) + 4], "big")
+
+
 class Opener:
     """Opens the pieces of checkpoints with the keys of a keyring."""
 
     def __init__(self, keyring: Keyring) -> None:
         self.keyring = keyring
-        self._ciphers: OrderedDict[bytes, AESGCM] = OrderedDict()  # by prefix, a few
 
     def piece(self, topic: str, index: int, data: bytes) -> bytes:
         """The plain bytes of a piece sealed for chunk `index` of the checkpoint at `topic`;
         TrustError if it is not one (not sealed, tampered with, or moved)."""
         if len(data) < _PREFIX + _TAG or data[:len(MAGIC)] != MAGIC:
             raise TrustError(f"a checkpoint piece at {topic} that is not encrypted")
-        prefix = data[:_PREFIX]
-        aead = self._ciphers.get(prefix)
-        if aead is None:
-            generation = int.from_bytes(prefix[len(MAGIC):len(MAGIC) + 4], "big")
-            key = _derive(self.keyring.key(generation), prefix[-SALT_BYTES:],
-                          b"liquid-mesh/1 memory")
-            aead = self._ciphers[prefix] = AESGCM(key)
-            if len(self._ciphers) > 16:
-                self._ciphers.popitem(last=False)
+        generation = generation_of(data)
+        aead = AESGCM(_derive(self.keyring.key(generation), data[_PREFIX - SALT_BYTES:_PREFIX],
+                              b"liquid-mesh/1 memory"))
         try:
             return aead.decrypt(_nonce(index), memoryview(data)[_PREFIX:], topic.encode())
         except InvalidTag:

@@ -22,8 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from mesh import chunks, trust, wire
-from mesh.errors import MeshError, TrustError, WireError
+from mesh import chunks, privacy, trust, wire
+from mesh.errors import MeshError, Revoked, TrustError, WireError
 from mesh.mqtt import Connection
 from mesh.privacy import MissingKey
 from mesh.snapshot import Buffer
@@ -206,7 +206,9 @@ class Inbox:
         self._touched: dict[str, float] = {}  # app -> when a piece of its checkpoint came
         self._versions: dict[str, tuple[int, int]] = {}  # app -> (epoch, seq) of the one held
         self._module_of: dict[str, str] = {}  # app -> the module of the one held
-        self._unreadable: set[str] = set()  # apps whose newest checkpoint this node cannot open
+        # Apps whose newest checkpoint this node cannot open: the data key it is sealed with.
+        self._unreadable: dict[str, int] = {}
+        self.locked = False  # pieces were refused for a data key this node lacks (`reopen`)
 
     def snapshot(self, app: str, index: str | None, payload: bytes) -> None:
         """A message at an app's checkpoint topic (`index` None) or at one of its chunks."""
@@ -222,7 +224,12 @@ class Inbox:
                     self._decoded[app] = self._put_together(payload, snap) or payload
             else:
                 number = chunks.index_of(index)
-                self.retained.chunk(topic, number, self.sealing.open_chunk(topic, number, payload))
+                try:
+                    plain = self.sealing.open_chunk(topic, number, payload)
+                except MissingKey:
+                    self.locked = True
+                    raise
+                self.retained.chunk(topic, number, plain)
                 # A checkpoint put together keeps its chunks until a newer header comes:
                 # chunks of a copy older than it may land on the same indices before their
                 # header is refused. (One still waiting for chunks is put together again.)
@@ -240,7 +247,8 @@ class Inbox:
         return self._module_of.get(app) if app in self._versions else None
 
     def unreadable(self, app: str) -> bool:
-        """The newest checkpoint of `app` is sealed with a data key this device lacks."""
+        """The newest checkpoint of `app` is one this node cannot open (a data key it lacks;
+        signed by a device revoked since): never restore an older one, nor start fresh."""
         return app in self._unreadable
 
     def versions(self) -> dict[str, tuple[int, int]]:
@@ -262,24 +270,31 @@ class Inbox:
         """Only a valid checkpoint of `app`, no older than the one held, replaces that one (an
         empty payload clears it: the app was stopped); returns it decoded. Raises WireError
         otherwise."""
-        self._unreadable.discard(app)
+        topic = self.topics.app(app, "snapshot")
         if not payload:
+            self._unreadable.pop(app, None)
             self._versions.pop(app, None)
             return None
-        topic = self.topics.app(app, "snapshot")
+        if payload == self.retained.head(topic) and app not in self._unreadable:
+            return snapshot_of(self.sealing, topic, payload)  # the one held, sent again
         try:
             snap = wire.decode(wire.Snapshot, self.sealing.open_checkpoint(topic, payload))
-        except MissingKey:
-            self._unreadable.add(app)  # never a fresh start over it (`unreadable`)
+        except (MissingKey, Revoked) as exc:
+            self._unreadable[app] = privacy.generation_of(trust.plain(payload))
+            self.locked = self.locked or isinstance(exc, MissingKey)
             raise
         if snap.app != app:
             raise WireError(f"a checkpoint of {snap.app!r} published as {app!r}'s")
+        if privacy.generation_of(trust.plain(payload)) < self._unreadable.get(app, 0):
+            raise WireError(f"checkpoint {snap.version} of {app} is sealed with an older data "
+                            "key than one this node could not open (replayed)")
         held = self._versions.get(app)
         if held is not None and snap.version < held:
             raise WireError(f"checkpoint {snap.version} of {app} is older than the one held, "
                             f"{held}")
         self._versions[app] = snap.version
         self._module_of[app] = snap.module
+        self._unreadable.pop(app, None)
         return snap
 
     def prune(self, specs: Mapping[str, wire.AppSpec], now: float) -> int:

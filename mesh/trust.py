@@ -26,7 +26,7 @@ from typing import ClassVar, TypeVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mesh import keys, wire
-from mesh.errors import NotAdmitted, TrustError, WireError
+from mesh.errors import NotAdmitted, Revoked, TrustError, WireError
 
 OPERATOR = "operator"  # the signer name of the operator's key
 TOKEN_PREFIX = "lmt1."  # a join token's text starts with this
@@ -163,6 +163,12 @@ def plain(payload: bytes) -> bytes:
         return payload
 
 
+def verify(sealed: Sealed, topic: str, public: bytes, who: str) -> None:
+    """TrustError unless the holder of `public` (`who`) signed `sealed` for `topic`."""
+    if not keys.verify(public, sealed.sig, _message(topic, sealed.body, sealed.issued_ms)):
+        raise TrustError(f"a record at {topic} not signed by {who}")
+
+
 def body_of(cls: type[T], sealed: Sealed) -> T:
     return wire.decode(cls, sealed.body)
 
@@ -174,7 +180,7 @@ class Token:
     mesh's data keys (`mesh.privacy`): a token is as secret as a device's own state."""
 
     KIND: ClassVar[str] = "join-token"
-    MAX_BYTES: ClassVar[int] = 8192
+    MAX_BYTES: ClassVar[int] = 64 * 1024
     root: str
     identity: bytes
     voucher: bytes
@@ -212,7 +218,7 @@ class TrustStore:
         sealed = unseal(data)
         topic = self.admission_topic(device)
         if sealed.signer == OPERATOR:
-            self._check(sealed, topic, self.identity.operator, "the operator")
+            verify(sealed, topic, self.identity.operator, "the operator")
             admission = body_of(Admission, sealed)
         else:
             admission = self._redeemed(sealed, topic)
@@ -236,12 +242,12 @@ class TrustStore:
         token = sealed.signer.removeprefix(prefix)
         if not sealed.signer.startswith(prefix) or voucher_sealed.signer != OPERATOR:
             raise TrustError(f"an admission signed by {sealed.signer!r}, not the operator")
-        self._check(voucher_sealed, self.voucher_topic(token), self.identity.operator,
+        verify(voucher_sealed, self.voucher_topic(token), self.identity.operator,
                     "the operator")
         voucher = body_of(Voucher, voucher_sealed)
         if voucher.token != token:
             raise TrustError(f"a claim of token {token!r} with the voucher of {voucher.token!r}")
-        self._check(sealed, topic, voucher.key, f"token {token}")
+        verify(sealed, topic, voucher.key, f"token {token}")
         used_by = self.tokens.get(token)
         if used_by is not None and used_by != claim.device:
             raise TrustError(f"join token {token} was used already, by {used_by!r}")
@@ -251,7 +257,7 @@ class TrustStore:
 
     def revoke(self, device: str, data: bytes) -> Revocation:
         sealed = unseal(data)
-        self._check(sealed, self.revocation_topic(device), self.identity.operator,
+        verify(sealed, self.revocation_topic(device), self.identity.operator,
                     "the operator")
         if sealed.signer != OPERATOR:
             raise TrustError(f"a revocation signed by {sealed.signer!r}, not the operator")
@@ -266,13 +272,17 @@ class TrustStore:
 
     def open(self, topic: str, data: bytes, now_ms: int) -> Sealed:
         """A record published at `topic`, if signed by the operator or by a device admitted
-        now; else TrustError."""
+        now; else TrustError (Revoked: signed by a device revoked since)."""
         sealed = unseal(data)
         if sealed.signer == OPERATOR:
-            self._check(sealed, topic, self.identity.operator, "the operator")
+            verify(sealed, topic, self.identity.operator, "the operator")
             return sealed
+        known = self.admissions.get(sealed.signer)
+        if known is not None and sealed.signer in self.revoked:
+            verify(sealed, topic, known.key, sealed.signer)
+            raise Revoked(f"a record at {topic} signed by {sealed.signer!r}, revoked since")
         admission = self.rights_of(sealed.signer, now_ms)
-        self._check(sealed, topic, admission.key, sealed.signer)
+        verify(sealed, topic, admission.key, sealed.signer)
         return sealed
 
     def may_deploy(self, signer: str, now_ms: int) -> bool:
@@ -298,11 +308,6 @@ class TrustStore:
         expires = admission.rights.expires_ms
         if expires and now_ms >= expires:
             raise TrustError(f"the admission of {admission.device!r} expired")
-
-    @staticmethod
-    def _check(sealed: Sealed, topic: str, public: bytes, who: str) -> None:
-        if not keys.verify(public, sealed.sig, _message(topic, sealed.body, sealed.issued_ms)):
-            raise TrustError(f"a record at {topic} not signed by {who}")
 
 
 # --- the operator's side ---------------------------------------------------------------------

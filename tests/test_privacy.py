@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import stat
+import time
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh import keys, privacy, wire
-from mesh.errors import ConfigError, TrustError
+from mesh import keys, privacy, trust, wire
+from mesh.authority import Authority
+from mesh.errors import ConfigError, TrustError, WireError
 from mesh.privacy import HEADER_INDEX, Keyring, MissingKey, Opener, Sealer
+from mesh.topics import Topics
+from mesh.transfer import Inbox
+from mesh.trust import MeshIdentity, Rights
 
 TOPIC = "mesh/apps/counter/snapshot"
 KEYS = Keyring.new()
@@ -83,3 +88,52 @@ def test_an_apps_session_secret_is_the_meshs_alone() -> None:
     assert privacy.session_secret(KEYS.rotated(), "counter") == secret  # the first key's
     assert privacy.session_secret(KEYS, "thermo") != secret
     assert privacy.session_secret(Keyring.new(), "counter") != secret
+
+
+def _authorities(granted: Keyring, lacking: Keyring) -> tuple[Authority, Authority]:
+    """Two admitted devices of one mesh: one holding `granted`, one only `lacking`."""
+    operator = keys.generate()
+    identity = MeshIdentity(keys.public_bytes(operator))
+    made = []
+    for device, keyring in (("alpha", granted), ("beta", lacking)):
+        key = keys.generate()
+        admission = trust.admission(operator, identity, device, keys.public_bytes(key),
+                                    Rights(), now_ms=int(time.time() * 1000))
+        authority = Authority(device, key=key, identity=identity, admission=admission,
+                              keyring=Keyring(dict(keyring.keys)))
+        made.append(authority)
+    for authority in made:
+        for other in made:
+            assert other.admission is not None
+            authority.learn_admission(other.device, other.admission)
+    return made[0], made[1]
+
+
+def _sealed_head(authority: Authority, seq: int) -> bytes:
+    snap = wire.Snapshot(app="counter", module="ab" * 32,
+                         memory=wire.MemoryImage(65536, 4096, (), b""), epoch=1, seq=seq)
+    return authority.seal_checkpoint(TOPIC).header(wire.encode(snap))
+
+
+def test_a_checkpoint_sealed_with_a_key_not_held_is_never_passed_over() -> None:
+    alpha, beta = _authorities(KEYS.rotated(), KEYS)
+    inbox = Inbox(Topics(), beta)
+    older = _sealed_head(beta, 1)  # with data key 1, which both hold
+    inbox.snapshot("counter", None, older)
+    assert inbox.checkpoint("counter") is not None
+    newer = _sealed_head(alpha, 2)  # with data key 2, which beta was not given yet
+    with pytest.raises(MissingKey):
+        inbox.snapshot("counter", None, newer)
+    assert inbox.unreadable("counter")  # not the older one, not a fresh start
+    assert inbox.locked  # to be taken again once the key comes
+    with pytest.raises(WireError):  # garbage does not lift that
+        inbox.snapshot("counter", None, b"\xa1garbage")
+    assert inbox.unreadable("counter")
+    with pytest.raises(WireError, match=r"older data key .* \(replayed\)"):
+        inbox.snapshot("counter", None, older)  # the one held, sent again
+    assert inbox.unreadable("counter")
+    assert inbox.checkpoint("counter") is not None  # (still held, but not to restore)
+    beta.keyring.merge(alpha.keyring)  # the grant came
+    inbox.snapshot("counter", None, newer)
+    assert not inbox.unreadable("counter")
+    assert inbox.version("counter") == (1, 2)

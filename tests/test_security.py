@@ -286,6 +286,10 @@ def test_a_forged_checkpoint_is_never_restored(any_broker: str, cluster: Cluster
         obs.publish(topic, wire.encode(forged), retain=True)
         obs.publish(topic, trust.seal(keys.generate(), host, topic, wire.encode(forged),
                                       issued_ms=int(time.time() * 1000)), retain=True)
+        # Nor does clearing the checkpoint and the owner record (which no one can sign):
+        # gone from the broker, but not from the nodes.
+        obs.publish(topic, b"", retain=True)
+        obs.publish("mesh/apps/counter/owner", b"", retain=True)
         listed = mesh_cli("apps", "--json", broker=any_broker)  # answered after the forgeries
         assert listed.returncode == 0, listed.stderr
         cluster[host].proc.kill()  # type: ignore[union-attr]
@@ -444,6 +448,14 @@ def test_a_revoked_device_loses_its_apps_and_cannot_read_what_comes_after(
         for payload in sent:
             obs.publish("mesh/apps/counter/in", payload)
         wait_count(obs, "counter", 2)
+        # A revocation anyone publishes (a bare clear, garbage) takes no one out.
+        obs.publish("mesh/revoked/beta", b"", retain=True)
+        obs.publish("mesh/revoked/alpha", b"\xa1garbage", retain=True)
+        obs.publish("mesh/cmd", b'{"op":"apps","id":"barrier"}')  # after them, on each node
+        wait_until(lambda: "barrier" in obs.replies, 20, "the nodes to take them")
+        assert obs.running("counter") == "beta"
+        assert cluster["beta"].proc is not None
+        assert cluster["beta"].proc.poll() is None
 
         revoked = mesh_cli("revoke", "beta", "--home", str(home), broker=broker)
         assert revoked.returncode == 0, revoked.stderr

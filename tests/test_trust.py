@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import stat
 from pathlib import Path
 
@@ -10,8 +11,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh import keys, privacy, trust, wire
-from mesh.errors import ConfigError, MeshError, TrustError
+from mesh import keys, pairing, privacy, trust, wire
+from mesh.errors import ConfigError, MeshError, Revoked, TrustError, WireError
 from mesh.privacy import Keyring
 from mesh.trust import MeshIdentity, Rights, TrustStore
 
@@ -107,7 +108,7 @@ def test_an_expired_admission_or_a_revoked_device_acts_no_more() -> None:
         trusted.revoke("kitchen", forged)
     assert trusted.open(OWNER_TOPIC, data, NOW).signer == "kitchen"
     trusted.revoke("kitchen", trust.revocation(OPERATOR, IDENTITY, "kitchen", now_ms=NOW))
-    with pytest.raises(TrustError, match="'kitchen' was revoked"):
+    with pytest.raises(TrustError, match="'kitchen', revoked since"):
         trusted.open(OWNER_TOPIC, data, NOW)
     again = trust.admission(OPERATOR, IDENTITY, "kitchen", keys.public_bytes(DEVICE), Rights(),
                             now_ms=NOW + 5)
@@ -185,3 +186,31 @@ def test_a_private_key_file_is_made_once_and_readable_by_its_owner_only(tmp_path
     (tmp_path / "bad.key").write_text("not a key")
     with pytest.raises(ConfigError, match="not a PEM private key"):
         keys.load(tmp_path / "bad.key")
+
+
+def test_a_revoked_devices_genuine_record_is_told_from_a_forged_one() -> None:
+    trusted = admitted()
+    trusted.revoke("kitchen", trust.revocation(OPERATOR, IDENTITY, "kitchen", now_ms=NOW))
+    genuine = trust.seal(DEVICE, "kitchen", OWNER_TOPIC, RECORD)
+    with pytest.raises(Revoked, match="revoked since"):
+        trusted.open(OWNER_TOPIC, genuine, NOW)
+    forged = trust.seal(keys.generate(), "kitchen", OWNER_TOPIC, RECORD)
+    with pytest.raises(TrustError, match="not signed by kitchen"):
+        trusted.open(OWNER_TOPIC, forged, NOW)
+
+
+def test_a_pending_record_must_be_signed_with_the_key_it_names() -> None:
+    key = keys.generate()
+    topic = "mesh/pending/kitchen"
+    request = pairing.Pending("kitchen", keys.public_bytes(key), privacy.box_public(key))
+    signed = trust.seal(key, "kitchen", topic, wire.encode(request))
+    assert pairing.pending_record(topic, signed) == request
+    # The device's key (what the operator compares) with a stranger's box key in: refused.
+    swapped = dataclasses.replace(request, box=privacy.box_public(keys.generate()))
+    with pytest.raises(TrustError, match="not signed by kitchen"):
+        pairing.pending_record(topic, trust.seal(keys.generate(), "kitchen", topic,
+                                                 wire.encode(swapped)))
+    with pytest.raises(WireError):
+        pairing.pending_record(topic, wire.encode(swapped))  # not signed at all
+    with pytest.raises(MeshError, match="is of 'kitchen'"):
+        pairing.pending_record("mesh/pending/hall", signed)
