@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mesh import wire
+from mesh import profile, wire
 from mesh.abi import Limits, LocalIO
 from mesh.errors import MeshError, ModuleError
 
@@ -189,6 +189,9 @@ def _add_node(sub: Subparsers) -> None:
                       help="MQTT keepalive, default 5; a crash is noticed within 1.5x this")
     node.add_argument("--embedded-broker", action="store_true",
                       help="serve MQTT in-process (amqtt) at the --broker address")
+    node.add_argument("--hosted-broker", choices=profile.HOSTED_BROKERS,
+                      help="the broker this device hosts when the LAN has none (default auto: "
+                      "Mosquitto if installed, else the embedded amqtt)")
     node.add_argument("--no-mdns", action="store_true",
                       help="neither announce this node nor look for brokers on the LAN")
     node.add_argument("--cap", action="append", default=[], help="a capability (repeatable)")

@@ -92,7 +92,8 @@ def cmd_node(args: argparse.Namespace) -> int:
                         keepalive=args.keepalive or kit.keepalive or 5,
                         app_memory_bytes=kit.app_memory_bytes,
                         call_timeout_ms=kit.call_timeout_ms, token=token)
-    device = Device(config, broker=broker, mdns=not args.no_mdns)
+    device = Device(config, broker=broker, mdns=not args.no_mdns,
+                    hosted=args.hosted_broker or kit.hosted_broker or "auto")
     return asyncio.run(run_device(device, embedded=args.embedded_broker))
 
 

@@ -2,7 +2,8 @@
 
 With a broker given, the device just runs its node there, joining again whenever it loses it.
 Without one it looks on the LAN (mDNS, `mesh.discovery`) for a short while; if no broker
-answers, it starts the embedded one and announces it. When two devices did that at the same
+answers, it hosts one and announces it: Mosquitto when the device has it (`mesh.mosquitto`),
+else the embedded amqtt broker (`mesh.broker`). When two devices did that at the same
 moment, the one `mesh.election` ranks lower shuts its broker, and its node, like every node that
 used it, finds the other. When the broker's device is lost, the survivors elect a new host and
 bring the mesh back on it from what they hold (`mesh.recovery`).
@@ -18,7 +19,7 @@ from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
 
-from mesh import election
+from mesh import election, mosquitto
 from mesh.broker import LIMITS_WARNING, EmbeddedBroker
 from mesh.discovery import (
     BROKER_SERVICE,
@@ -29,9 +30,11 @@ from mesh.discovery import (
     local_addresses,
 )
 from mesh.election import BrokerAd
-from mesh.errors import BrokerError, TrustError
+from mesh.errors import BrokerError, ConfigError, TrustError
+from mesh.mosquitto import HostedMosquitto
 from mesh.mqtt import BrokerAddress
 from mesh.node import Node, NodeConfig
+from mesh.profile import HOSTED_BROKERS
 from mesh.recovery import CARRY_RETRY_S, Carry
 from mesh.store import StateStore
 
@@ -46,14 +49,20 @@ class Device:
     """`await Device(config, ...).run(stopping)` runs until `stopping` is set."""
 
     def __init__(self, config: NodeConfig, *, broker: BrokerAddress | None, mdns: bool = True,
-                 broker_port: int = 1883) -> None:
+                 broker_port: int = 1883, hosted: str = "auto") -> None:
+        if hosted not in HOSTED_BROKERS:
+            raise ConfigError(f"the broker to host is one of {', '.join(HOSTED_BROKERS)}, "
+                              f"not {hosted!r}")
+        if hosted == "mosquitto" and mosquitto.available() is None:
+            raise ConfigError("mosquitto is not installed (apt-get install mosquitto)")
         self.config = config
         self.broker = broker  # given: use only this one
         self.mdns = mdns
         self.broker_port = broker_port
+        self.hosted = hosted
         self.lan: Discovery | None = None
         self.node: Node | None = None
-        self._hosted: EmbeddedBroker | None = None
+        self._hosted: EmbeddedBroker | HostedMosquitto | None = None
         self._hosted_ad: BrokerAd | None = None
         self._watching: asyncio.Task[None] | None = None
 
@@ -144,14 +153,20 @@ class Device:
         return None
 
     async def _host(self) -> tuple[BrokerAddress, BrokerAd]:
-        """Start the embedded broker here and announce it."""
+        """Start a broker here (Mosquitto if this device has it) and announce it."""
         assert self.lan is not None
         port = free_port(preferred=self.broker_port)
-        broker = EmbeddedBroker("0.0.0.0", port, self.config.keepalive)
+        broker: EmbeddedBroker | HostedMosquitto
+        if self.hosted != "amqtt" and mosquitto.available() is not None:
+            broker = HostedMosquitto("0.0.0.0", port, self.config.state_dir)
+            log.warning("no broker on the LAN: hosting Mosquitto on port %d", port)
+        else:
+            broker = EmbeddedBroker("0.0.0.0", port, self.config.keepalive)
+            log.warning("no broker on the LAN: hosting one on port %d; %s", port,
+                        LIMITS_WARNING)
         await broker.__aenter__()
         self._hosted = broker
         started = int(time.time() * 1000)
-        log.warning("no broker on the LAN: hosting one on port %d; %s", port, LIMITS_WARNING)
         self._hosted_ad = BrokerAd(f"{self.config.node_id}.{BROKER_SERVICE}",
                                    tuple(local_addresses()), port, self.config.node_id, started,
                                    self.config.root)

@@ -43,6 +43,8 @@ COMMAND_TIMEOUT_S = 2.0
 Sensor = Callable[[], bytes]
 
 
+HOSTED_BROKERS = ("auto", "mosquitto", "amqtt")  # which broker a device hosts (auto: the best)
+
 @dataclass(frozen=True)
 class Profile:
     """What a device profile says; defaults describe a plain device."""
@@ -58,6 +60,7 @@ class Profile:
     call_timeout_ms: int | None = None  # the longest one call into an app may run here
     token: str | None = None  # a join token (`mesh admit --token`), redeemed on the first start
     insecure: bool = False  # with no admission: an open mesh (else: wait to be admitted)
+    hosted_broker: str | None = None  # one of HOSTED_BROKERS (see `mesh.device`)
 
 
 def load(path: Path) -> Profile:
@@ -77,7 +80,7 @@ def load(path: Path) -> Profile:
 def parse(data: dict[str, Any], base: Path = Path()) -> Profile:
     """A profile from decoded TOML; relative file paths are taken from `base`."""
     _only(data, "", {"id", "caps", "labels", "sensors", "broker", "state_dir", "keepalive",
-                     "limits", "token", "insecure"})
+                     "limits", "token", "insecure", "hosted_broker"})
     node_id = _get(data, "id", str)
     if node_id is not None and not NODE_ID.fullmatch(node_id):
         raise ConfigError(f"id {node_id!r} must be 1-64 letters, digits, '.', '_' or '-', "
@@ -98,6 +101,10 @@ def parse(data: dict[str, Any], base: Path = Path()) -> Profile:
         if value is not None and value <= 0:
             raise ConfigError(f"{name} must be positive")
     state_dir = _get(data, "state_dir", str)
+    hosted = _get(data, "hosted_broker", str)
+    if hosted is not None and hosted not in HOSTED_BROKERS:
+        raise ConfigError(f"hosted_broker must be one of {', '.join(HOSTED_BROKERS)}, not "
+                          f"{hosted!r}")
     insecure = data.get("insecure", False)
     if not isinstance(insecure, bool):
         raise ConfigError(f"insecure must be true or false, not {type(insecure).__name__}")
@@ -108,7 +115,7 @@ def parse(data: dict[str, Any], base: Path = Path()) -> Profile:
                    state_dir=Path(state_dir) if state_dir else None, keepalive=keepalive,
                    app_memory_bytes=memory_mb << 20 if memory_mb else None,
                    call_timeout_ms=timeout_ms, token=_get(data, "token", str),
-                   insecure=insecure)
+                   insecure=insecure, hosted_broker=hosted)
 
 
 def sensor(name: str, spec: Any, base: Path = Path()) -> Sensor:
