@@ -18,8 +18,17 @@ from zeroconf import IPVersion, Zeroconf
 from mesh.client import find_broker
 from mesh.discovery import PENDING_SERVICE, answers
 from mesh.home import OperatorHome
-from tests.conftest import COUNTER_WAT
-from tests.harness import Observer, count_of, counter_hash, joining, wait_count, wait_until
+from tests.conftest import COUNTER_WAT, require_tool
+from tests.harness import (
+    Observer,
+    assert_exactly_once,
+    count_of,
+    counter_hash,
+    joining,
+    stream,
+    wait_count,
+    wait_until,
+)
 from tests.lan import Device, Lan, can_build_lans
 
 pytestmark = pytest.mark.skipif(bool(can_build_lans()), reason=can_build_lans() or "")
@@ -351,3 +360,31 @@ def test_a_device_paired_by_the_operator_joins_the_secure_mesh(lan: Lan, tmp_pat
         cli(viewer, "deploy", "counter", str(COUNTER_WAT), "--on", "hall", "--home", home)
         wait_until(lambda: obs.running("counter") == "hall", 30,
                    f"counter on hall\n{logs(tmp_path)}")
+
+
+def test_nothing_configured_the_hosted_mosquitto_loses_no_input_when_the_app_s_device_dies(
+        lan: Lan, tmp_path: Path) -> None:
+    """The zero-config path on devices that have Mosquitto: the first device hosts it (not the
+    embedded broker), and an app whose device is killed under a QoS 1 stream goes on elsewhere
+    with every input its publisher had acknowledged, each applied once."""
+    require_tool("mosquitto")
+    viewer = lan.plug("laptop")
+    boot(lan, tmp_path, "kitchen", "--id", "kitchen")  # boots first: hosts
+    with observing(viewer, {"kitchen"}, tmp_path):
+        pass
+    assert "hosting Mosquitto" in (tmp_path / "kitchen.log").read_text()
+    hall = boot(lan, tmp_path, "hall", "--id", "hall")
+    boot(lan, tmp_path, "garage", "--id", "garage")
+    with observing(viewer, {"kitchen", "hall", "garage"}, tmp_path) as obs:
+        cli(viewer, "deploy", "counter", str(COUNTER_WAT), "--on", "hall")
+        wait_until(lambda: obs.running("counter") == "hall", 30, logs(tmp_path))
+        payloads, publisher = stream(obs, "counter", 300)  # each one waits for its PUBACK
+        wait_until(lambda: count_of(obs.last_output("counter")) >= 50, 30,
+                   "the stream to be under way")
+        hall.procs[0].send_signal(signal.SIGKILL)
+        publisher.join(60)
+        assert not publisher.is_alive()
+        try:
+            assert_exactly_once(obs, "counter", payloads)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{logs(tmp_path)}") from None
