@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from mesh.mosquitto import HostedMosquitto
 from mesh.mqtt import BrokerAddress, Connection, Message
 from tests.conftest import require_tool
-from tests.harness import free_port
+from tests.harness import free_port, wait_until
 
 
 async def _retained(address: BrokerAddress, topic: str) -> bytes:
@@ -52,3 +54,40 @@ def test_the_hosted_mosquitto_keeps_its_store_and_comes_back_when_it_dies(
     conf = (tmp_path / "broker" / "mosquitto.conf").read_text()
     for limit in ("persistence true", "max_queued_messages 100000", "max_packet_size 2000000"):
         assert limit in conf
+
+
+HOST = """
+import asyncio, sys
+from pathlib import Path
+from mesh.mosquitto import HostedMosquitto
+
+async def main() -> None:
+    async with HostedMosquitto("127.0.0.1", int(sys.argv[1]), Path(sys.argv[2])) as broker:
+        print(broker.pid, flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_the_hosted_mosquitto_dies_with_the_node_that_started_it(tmp_path: Path) -> None:
+    require_tool("mosquitto")
+    with subprocess.Popen([sys.executable, "-c", HOST, str(free_port()), str(tmp_path)],
+                          stdout=subprocess.PIPE, text=True) as node:
+        try:
+            assert node.stdout is not None
+            pid = int(node.stdout.readline())
+            os.kill(pid, 0)  # running
+        finally:
+            node.kill()  # kill -9: no chance to stop it itself
+            node.wait()
+    wait_until(lambda: not _alive(pid), 10, "Mosquitto to stop with its node")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie waiting for init is gone too
+        return stat.read().split(") ")[1][0] != "Z"
