@@ -1,6 +1,6 @@
 """Devices on a LAN (network namespaces, real multicast): how fast the mesh sees them come and go.
 
-    sudo .venv/bin/python benchmarks/lan_bench.py [--quick]
+    sudo .venv/bin/python benchmarks/lan_bench.py [--quick] [--hosted-broker KIND]
 
 - join: a device booting on a LAN with a mesh, from `mesh node` starting to its record being
   visible to the others;
@@ -36,6 +36,7 @@ from tests.lan import Lan, can_build_lans  # noqa: E402
 from tests.test_lan import boot, cli, discovered_broker, feed, observing  # noqa: E402
 
 KEEPALIVE_S = 2
+HOSTED: list[str] = []  # `--hosted-broker KIND` for every device, if given
 
 
 def timed(condition: Callable[[], object], began: float, timeout: float = 30) -> float:
@@ -65,14 +66,14 @@ def bench_join_leave_crash(work: Path, rounds: int) -> dict[str, list[float]]:
                                        "unplug": []}
     with Lan() as lan:
         viewer = lan.plug("laptop")
-        boot(lan, work, "host", "--id", "host")
+        boot(lan, work, "host", "--id", "host", *HOSTED)
         with observing(viewer, {"host"}, work):
             pass
         with observing(viewer, {"host"}, work) as obs:
             for i in range(rounds):
                 name = f"dev{i}"
                 began = time.monotonic()
-                device = boot(lan, work, name, "--id", name)
+                device = boot(lan, work, name, "--id", name, *HOSTED)
                 results["join"].append(timed(partial(present, obs, name), began))
                 time.sleep(2)  # its mDNS announcement settles
                 began = time.monotonic()
@@ -82,7 +83,7 @@ def bench_join_leave_crash(work: Path, rounds: int) -> dict[str, list[float]]:
                 device.procs[-1].wait(30)
                 for how in ("kill", "unplug"):
                     name = f"{how}{i}"
-                    device = boot(lan, work, name, "--id", name)
+                    device = boot(lan, work, name, "--id", name, *HOSTED)
                     wait_until(partial(present, obs, name), 30)
                     began = time.monotonic()
                     if how == "kill":
@@ -97,11 +98,11 @@ def bench_broker_lost(work: Path) -> tuple[float, float]:
     """Seconds until the survivor's app, and the lost device's app, answer again."""
     with Lan() as lan:
         viewer = lan.plug("laptop")
-        host = boot(lan, work, "host", "--id", "host")
+        host = boot(lan, work, "host", "--id", "host", *HOSTED)
         with observing(viewer, {"host"}, work):
             pass
-        boot(lan, work, "hall", "--id", "hall")
-        boot(lan, work, "garage", "--id", "garage")
+        boot(lan, work, "hall", "--id", "hall", *HOSTED)
+        boot(lan, work, "garage", "--id", "garage", *HOSTED)
         with observing(viewer, {"host", "hall", "garage"}, work) as obs:
             cli(viewer, "deploy", "survivor", str(COUNTER_WAT), "--on", "hall")
             cli(viewer, "deploy", "orphan", str(COUNTER_WAT), "--on", "host",
@@ -139,7 +140,12 @@ def bench_broker_lost(work: Path) -> tuple[float, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="one round of each")
+    parser.add_argument("--hosted-broker", choices=("auto", "mosquitto", "amqtt"),
+                        help="the broker the first device hosts (default auto: Mosquitto if "
+                        "installed)")
     args = parser.parse_args()
+    if args.hosted_broker:
+        HOSTED.extend(("--hosted-broker", args.hosted_broker))
     reason = can_build_lans()
     if reason:
         print(f"lan_bench: {reason}", file=sys.stderr)
