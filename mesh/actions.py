@@ -69,6 +69,20 @@ async def module(node: Node, sha256: str, wait: float = MODULE_WAIT_S) -> AppMod
     return loaded
 
 
+async def hold_module(node: Node, sha256: str) -> None:
+    """Keep the module of an app deployed in the mesh on this device's disk, whether or not
+    the app runs here: a broker that lost its store gets it back from any survivor (see
+    `mesh.recovery.rebuild`), even once every device that ran the app is gone."""
+    if await asyncio.to_thread(node.store.has_module, sha256):
+        return
+    try:
+        wasm = await node.inbox.fetch_module(node.control, sha256, MODULE_WAIT_S)
+    except MeshError as exc:  # fetched again when the app must start here
+        log.warning("cannot keep a copy of a deployed module: %s", exc)
+        return
+    await asyncio.to_thread(node.store.save_module, sha256, wasm)
+
+
 async def execute(node: Node, action: Action, view: View) -> None:
     """Carry out one action decided on `view`."""
     match action:

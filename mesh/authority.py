@@ -62,6 +62,10 @@ class Authority:
         self._newest: dict[str, int] = {}  # topic -> when the record held there was signed
         self.state_dir: Path | None = None
         self._last_issued = self._reserved = -1
+        # The valid admissions and revocations learnt, as published (by topic): a broker that
+        # lost its store gets them back (`mesh.recovery`), or records signed by a device gone
+        # since could never be checked again.
+        self.records: dict[str, bytes] = {}
 
     @property
     def secure(self) -> bool:
@@ -116,6 +120,7 @@ class Authority:
         """An admission record at `<root>/admissions/<device>`; TrustError if not valid."""
         if self.trust is not None and payload:
             self.trust.admit(device, payload, _now_ms())
+            self.records[f"{self.root}/admissions/{device}"] = payload
 
     def learn_revocation(self, device: str, payload: bytes) -> bool:
         """Whether `payload` revokes `device` (TrustError if it is not a valid revocation; an
@@ -123,6 +128,7 @@ class Authority:
         if self.trust is None or not payload:
             return False
         self.trust.revoke(device, payload)
+        self.records[f"{self.root}/revoked/{device}"] = payload
         return True
 
     def learn_grant(self, payload: bytes) -> bool:

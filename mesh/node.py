@@ -327,6 +327,8 @@ class Node:
                 finally:
                     self._dirty.set()
                     self.inbox.wake(app)
+                if part == "spec" and (spec := self.specs.get(app)) is not None:
+                    self.spawn(actions.hold_module(self, spec.module), "hold-module")
             case ("apps", app, "owner"):
                 self._owner_record(app, payload)
             case ("apps", app, "snapshot", *index) if len(index) <= 1:

@@ -47,6 +47,7 @@ class Carry:
     only_if_lost: bool = False  # see `mesh.reconcile.Held`
     from_disk: set[str] = field(default_factory=set)  # ... and there
     marker: str | None = None  # the id of the mesh's marker on the broker we held this for
+    trust: dict[str, bytes] = field(default_factory=dict)  # admissions and revocations, by topic
 
     @classmethod
     def kept_on_disk(cls, store: StateStore, node_id: str) -> Carry:
@@ -116,7 +117,8 @@ async def suspend(node: Node) -> Carry:
                  dict(node.desired.payloads), dict(node.owners),
                  node.inbox.retained, versions, {**later, **suspended},
                  from_disk=set(later) - set(suspended),
-                 marker=node.marker.id if node.marker else None)
+                 marker=node.marker.id if node.marker else None,
+                 trust=dict(node.authority.records))
 
 
 async def _resume(node: Node, carry: Carry, resume: tuple[tuple[str, int], ...], *,
@@ -206,6 +208,9 @@ async def rebuild(node: Node, carry: Carry, *, lost: bool, remarked: bool = Fals
         node.kept.forget(name)
     node.inbox.adopt(carry.retained, carry.copies)
     control, topics = node.control, node.topics
+    if lost:  # who was admitted, or revoked: what the specs, records and checkpoints given
+        for topic, record in carry.trust.items():  # back next are checked against
+            await control.publish(topic, record, retain=True)
     for spec in plan.specs:
         await control.publish(topics.app(spec.app, "spec"), carry.spec_payloads[spec.app],
                               retain=True)

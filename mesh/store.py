@@ -50,6 +50,9 @@ class StateStore:
             return None
         return wasm if hashlib.sha256(wasm).hexdigest() == sha256 else None
 
+    def has_module(self, sha256: str) -> bool:
+        return (self.modules_dir / f"{sha256}.wasm").exists()
+
     def save_module(self, sha256: str, wasm: bytes) -> None:
         _write(self.modules_dir / f"{sha256}.wasm", wasm)
 

@@ -17,6 +17,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from mesh import keys, trust, wire
+from mesh.store import StateStore
 from tests.conftest import COUNTER_WAT, require_tool
 from tests.harness import (
     Cluster,
@@ -370,3 +371,33 @@ def test_restart_fresh_is_the_operators_way_to_start_an_app_over(
         obs.publish("mesh/apps/counter/in", b"x")
         wait_until(lambda: obs.last_output("counter") == f"1 {counter_hash([b'x'])}".encode(),
                    20, "a count from the start")
+
+
+def test_a_survivor_that_never_ran_an_app_gives_a_new_broker_everything_it_needs(
+        tmp_path: Path, cluster: Cluster) -> None:
+    """The app's device and the broker's store lost together: the one node left never ran
+    the app, yet holds its module (every node keeps the modules of the mesh's apps), its newest
+    checkpoint and the admissions its records are checked against; it gives all of them back
+    and runs the app on from that checkpoint."""
+    require_tool("mosquitto")
+    broker = Broker(tmp_path, autosave=3600)  # killed, it comes back empty
+    broker.start()
+    try:
+        with Observer(broker.url) as obs:
+            running_on(obs, cluster, broker.url, "counter", "--checkpoint-every", "1",
+                       node="alpha")
+            sent = [f"in-{i}".encode() for i in range(5)]
+            fed_and_checkpointed(obs, broker.url, "counter", sent)
+            beta = StateStore(tmp_path / "beta")
+            module = beta.specs()["counter"][0].module  # the spec it took, as it took it
+            wait_until(lambda: beta.has_module(module), 20, "beta to keep the module")
+            cluster["alpha"].signal(signal.SIGKILL)
+            broker.kill()
+            broker.start()
+            wait_until(lambda: obs.running("counter") == "beta", 60,
+                       f"counter on beta\n{cluster.logs()}")
+            sent.append(b"after")
+            obs.publish("mesh/apps/counter/in", b"after")
+            assert wait_count(obs, "counter", 6) == f"6 {counter_hash(sent)}".encode()
+    finally:
+        broker.stop()
