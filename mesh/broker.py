@@ -16,6 +16,7 @@ from typing import Any
 
 from amqtt.broker import Broker
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import Session
 
 from mesh.mqtt import BrokerAddress
 
@@ -40,6 +41,23 @@ _closing: set[asyncio.Future[None]] = set()
 
 
 BrokerProtocolHandler.handle_read_timeout = _drop_silent_client
+
+_retained_for_subscription = Broker._publish_retained_messages_for_subscription
+
+
+async def _retained_for_own_subscription(self: Broker, subscription: tuple[str, int],
+                                         session: Session) -> None:
+    """amqtt 0.12.1, when a client connects, sends it the retained messages of every
+    subscription in the broker, anyone's (a plain subscriber to one app's outputs got the node
+    records, specs and checkpoints): only those of the client's own subscriptions, as MQTT
+    says. (Also fewer awaits while it walks the broker's subscriptions, which others change.)"""
+    holders = self._subscriptions.get(subscription[0], ())
+    if any(held.client_id == session.client_id for held, _ in holders):
+        await _retained_for_subscription(self, subscription, session)
+
+
+Broker._publish_retained_messages_for_subscription = (
+    _retained_for_own_subscription)
 
 LIMITS_WARNING = (
     "embedded broker (amqtt): inputs published while an app migrates, or between a crash and "
