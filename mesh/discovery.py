@@ -279,9 +279,15 @@ async def first_answering(ads: list[BrokerAd], timeout: float = 1.0) -> tuple[Br
 
 
 def free_port(host: str = "0.0.0.0", preferred: int = 1883) -> int:
-    """`preferred` if nothing listens there, else a free port the system picks."""
+    """`preferred` if nothing listens there, else a free port the system picks.
+
+    Probed as brokers bind (asyncio's servers and Mosquitto set SO_REUSEADDR): a broker this
+    device just closed leaves its connections in TIME_WAIT on that port, which takes nothing
+    from a new listener; probed without it, the port looked taken and the next broker came up
+    on another one."""
     for port in (preferred, 0):
         with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((host, port))
             except OSError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from mesh import discovery
 from mesh.broker import EmbeddedBroker
 from mesh.mqtt import BrokerAddress, Connection, Message
 from tests.harness import free_port
@@ -30,3 +31,27 @@ def test_a_subscriber_gets_only_the_topics_it_asked_for() -> None:
                 return topics
 
     assert asyncio.run(scenario()) == ["mesh/apps/ledger/out/total"]
+
+
+def test_a_broker_hosted_again_listens_on_the_port_of_the_one_before() -> None:
+    """A device that closed its broker (yielding to a better one) and must host again later
+    takes the same port, though the old broker's connections linger in TIME_WAIT on it; a port
+    a broker listens on is never taken."""
+
+    async def scenario() -> tuple[int, int, int]:
+        port = free_port()
+        address = BrokerAddress("127.0.0.1", port)
+        client = Connection(address, "a-node")
+        async with EmbeddedBroker("0.0.0.0", port):
+            await client.connect()
+            await client.subscribe("mesh/nodes/+")
+            busy = discovery.free_port(preferred=port)
+        await client.close()
+        again = discovery.free_port(preferred=port)
+        async with EmbeddedBroker("0.0.0.0", again), Connection(address, "a-node"):
+            pass
+        return port, busy, again
+
+    port, busy, again = asyncio.run(scenario())
+    assert busy != port
+    assert again == port
