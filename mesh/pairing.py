@@ -111,7 +111,7 @@ def _check_welcome(data: bytes, device: str, key: Ed25519PrivateKey,
 
 async def waiting(broker: BrokerAddress, root: str = "mesh") -> list[Pending]:
     """The devices waiting to be admitted, as their pending records on the broker say."""
-    records = await _retained(broker, f"{root}/pending/+", root)
+    records = await _retained(broker, root, f"{root}/pending/+")
     found = []
     for topic, data in sorted(records.items()):
         try:
@@ -132,8 +132,8 @@ def pending_record(topic: str, data: bytes) -> Pending:
     return request
 
 
-async def _retained(broker: BrokerAddress, topic_filter: str, root: str) -> dict[str, bytes]:
-    """The retained messages at `topic_filter`, by topic."""
+async def _retained(broker: BrokerAddress, root: str, *filters: str) -> dict[str, bytes]:
+    """The retained messages at `filters`, by topic."""
     records: dict[str, bytes] = {}
     marker = f"{root}/operator/{time.monotonic_ns()}"
     back = asyncio.Event()
@@ -141,12 +141,12 @@ async def _retained(broker: BrokerAddress, topic_filter: str, root: str) -> dict
     def on_message(message: Message) -> None:
         if message.topic == marker:
             back.set()
-        elif message.payload and topic_matches_sub(topic_filter, message.topic):
+        elif message.payload and any(topic_matches_sub(f, message.topic) for f in filters):
             records[message.topic] = bytes(message.payload)
 
     async with Connection(broker, f"{root}-operator-{time.monotonic_ns()}",
                           on_message=on_message) as conn:
-        await conn.subscribe(topic_filter, marker)
+        await conn.subscribe(*filters, marker)
         await conn.publish(marker, b"1")  # retained messages come before it (most brokers)
         async with asyncio.timeout(PENDING_WAIT_S):
             await back.wait()
@@ -218,21 +218,23 @@ async def grant_all(broker: BrokerAddress, home: OperatorHome, *, root: str = "m
     """Grant the mesh's data keys to every device admitted (and not revoked) but `but`;
     returns those devices."""
     operator, identity, keyring = home.key(), home.identity(), home.keyring()
-    admissions = await _retained(broker, f"{root}/admissions/+", root)
+    records = await _retained(broker, root, f"{root}/admissions/+", f"{root}/revoked/+")
+    by_kind: dict[str, dict[str, bytes]] = {"admissions": {}, "revoked": {}}
+    for topic, data in records.items():
+        kind, name = topic.rsplit("/", 2)[1:]
+        by_kind[kind][name] = data
     store = TrustStore(identity, root)
     revoked = {but}
-    for topic, data in (await _retained(broker, f"{root}/revoked/+", root)).items():
-        name = topic.rsplit("/", 1)[1]
+    for name, data in by_kind["revoked"].items():
         try:
             store.revoke(name, data)
             revoked.add(name)
         except MeshError as exc:
-            log.warning("%s: not a revocation (%s): ignored", topic, exc)
+            log.warning("the revocation of %s is not valid (%s): ignored", name, exc)
     now = int(time.time() * 1000)
     granted = []
     async with Connection(broker, f"{root}-grant-{time.monotonic_ns()}") as conn:
-        for topic, data in sorted(admissions.items()):
-            name = topic.rsplit("/", 1)[1]
+        for name, data in sorted(by_kind["admissions"].items()):
             if name in revoked:
                 continue
             try:

@@ -72,7 +72,7 @@ class _Plain:
         return payload
 
 
-PLAIN: Sealing = _Plain()
+PLAIN = _Plain()  # both a Sealing and the CheckpointSeal it gives
 
 
 def snapshot_of(sealing: Sealing, topic: str, head: bytes) -> wire.Snapshot:
@@ -90,7 +90,7 @@ async def publish_blob(conn: Connection, topic: str, data: bytes) -> None:
         await conn.publish(topic, data, retain=True)
         return
     manifest, parts = await asyncio.to_thread(chunks.split, data, MAX_PACKET)  # hashing
-    await _publish_parts(conn, topic, parts, 0, PLAIN.seal_checkpoint(topic))
+    await _publish_parts(conn, topic, parts, 0, PLAIN)
     await conn.publish(topic, wire.encode(manifest), retain=True)
 
 
@@ -285,7 +285,8 @@ class Inbox:
             raise
         if snap.app != app:
             raise WireError(f"a checkpoint of {snap.app!r} published as {app!r}'s")
-        if privacy.generation_of(trust.plain(payload)) < self._unreadable.get(app, 0):
+        if app in self._unreadable and \
+                privacy.generation_of(trust.plain(payload)) < self._unreadable[app]:
             raise WireError(f"checkpoint {snap.version} of {app} is sealed with an older data "
                             "key than one this node could not open (replayed)")
         held = self._versions.get(app)

@@ -396,8 +396,7 @@ def test_app_memory_is_sealed_and_a_tampered_chunk_is_refused(any_broker: str, c
         def checkpoint() -> wire.Snapshot | None:  # the one taken after the input
             if topic not in seen:
                 return None
-            snap = wire.decode(wire.Snapshot, opener.piece(topic, HEADER_INDEX,
-                                                           trust.plain(seen[topic])))
+            snap = read_checkpoint(topic, seen[topic])
             return snap if snap.host.delivered == 1 else None
 
         snap = wait_until(checkpoint, 30, "the checkpoint after the input")
