@@ -1,23 +1,21 @@
 """The embedded MQTT broker (amqtt), started in-process when a device has no broker to use.
 
-It makes one device alone, or a LAN without Mosquitto, work out of the box. Its limits, which
-the node states in a startup warning: MQTT 3.1.1 only, and it does not redeliver unacknowledged
-or queued QoS 1 messages to a resumed session, so inputs published while an app moves between
-devices, or after its device crashed and before a survivor took over, can be lost. For the
-no-loss guarantees, use Mosquitto (see broker-config/mosquitto.conf).
+It makes one device alone, or a LAN without Mosquitto, work out of the box, with the node's
+fixes to amqtt (`mesh.amqtt_fixes`): persistent sessions keep and redeliver QoS 1 messages as
+MQTT 3.1.1 says, so migration and failover lose no input on it either. Its limits, which the
+node states in a startup warning: MQTT 3.1.1 only, and it keeps everything in memory, so a
+restart of the broker loses what it had queued for apps that were away.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from typing import Any
 
 from amqtt.broker import Broker
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import Session
 
+from mesh import amqtt_fixes
 from mesh.mqtt import BrokerAddress
 
 log = logging.getLogger(__name__)
@@ -26,42 +24,12 @@ log = logging.getLogger(__name__)
 # client and publishes its Last Will: at least 1.5x the mesh's keepalive, as the MQTT spec says
 # (amqtt takes whole seconds).
 DEFAULT_KEEPALIVE_S = 5
-
-
-def _drop_silent_client(handler: BrokerProtocolHandler) -> None:
-    """amqtt 0.12 notices that a client went silent (a read timeout) and does nothing, so a
-    device whose cable is pulled keeps its session and no Last Will is sent: drop it, as the
-    MQTT spec says, which publishes the will."""
-    closing = asyncio.ensure_future(handler.handle_connection_closed())
-    _closing.add(closing)
-    closing.add_done_callback(_closing.discard)
-
-
-_closing: set[asyncio.Future[None]] = set()
-
-
-BrokerProtocolHandler.handle_read_timeout = _drop_silent_client
-
-_retained_for_subscription = Broker._publish_retained_messages_for_subscription
-
-
-async def _retained_for_own_subscription(self: Broker, subscription: tuple[str, int],
-                                         session: Session) -> None:
-    """amqtt 0.12.1, when a client connects, sends it the retained messages of every
-    subscription in the broker, anyone's (a plain subscriber to one app's outputs got the node
-    records, specs and checkpoints): only those of the client's own subscriptions, as MQTT
-    says. (Also fewer awaits while it walks the broker's subscriptions, which others change.)"""
-    holders = self._subscriptions.get(subscription[0], ())
-    if any(held.client_id == session.client_id for held, _ in holders):
-        await _retained_for_subscription(self, subscription, session)
-
-
-Broker._publish_retained_messages_for_subscription = (
-    _retained_for_own_subscription)
+SESSION_EXPIRY_S = 7 * 24 * 3600  # a persistent session away this long is dropped (as Mosquitto's)
 
 LIMITS_WARNING = (
-    "embedded broker (amqtt): inputs published while an app migrates, or between a crash and "
-    "the failover, may be lost; use Mosquitto (--broker) for no-loss guarantees")
+    "embedded broker (amqtt): it keeps its store in memory only, so inputs queued for an app "
+    "that was moving when the broker restarted are lost; Mosquitto (apt-get install mosquitto) "
+    "keeps them on disk")
 
 
 class EmbeddedBroker:
@@ -73,9 +41,8 @@ class EmbeddedBroker:
         config: dict[str, Any] = {
             "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
             "timeout_disconnect_delay": math.ceil(keepalive / 2),
-            "plugins": {
-                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
-            },
+            "session_expiry_interval": SESSION_EXPIRY_S,
+            "plugins": {f"{amqtt_fixes.__name__}.{amqtt_fixes.OpenAuth.__name__}": {}},
         }
         self._broker = Broker(config)
 

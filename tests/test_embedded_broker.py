@@ -55,3 +55,134 @@ def test_a_broker_hosted_again_listens_on_the_port_of_the_one_before() -> None:
     port, busy, again = asyncio.run(scenario())
     assert busy != port
     assert again == port
+
+
+async def _next(got: asyncio.Queue[Message]) -> tuple[bytes, bool, bool, int]:
+    message = await asyncio.wait_for(got.get(), 10)
+    return bytes(message.payload), message.dup, message.retain, message.mid
+
+
+def test_a_resumed_session_gets_what_was_in_flight_then_what_was_queued_then_the_rest() -> None:
+    """MQTT 3.1.1 section 4.4, for a client without credentials (as every mesh session is on
+    the embedded broker): QoS 1 messages sent but not acknowledged come again with DUP and the
+    same packet id, then those published while it was away (not retained), in order; amqtt
+    0.12.1 dropped the session of a client without a username at once, and with it both."""
+
+    async def scenario() -> tuple[list[tuple[bytes, bool, bool, int]], ...]:
+        address = BrokerAddress("127.0.0.1", free_port())
+        got: asyncio.Queue[Message] = asyncio.Queue()
+
+        def session() -> Connection:
+            return Connection(address, "an-app", on_message=got.put_nowait,
+                              clean_session=False, manual_ack=True)
+
+        async with EmbeddedBroker(address.host, address.port), \
+                Connection(address, "a-sensor") as sensor:
+            async with session() as app:
+                await app.subscribe("in")
+                for payload in (b"1", b"2"):
+                    await sensor.publish("in", payload)
+                first = [await _next(got) for _ in range(2)]  # not acknowledged
+            for payload in (b"3", b"4"):
+                await sensor.publish("in", payload)  # while the app is away
+            async with session():
+                again = [await _next(got) for _ in range(4)]  # not acknowledged either
+            async with session() as app:
+                third = [await _next(got) for _ in range(4)]
+                for *_, mid in third:
+                    app.ack(mid)
+                await sensor.publish("in", b"5")
+                after = [await _next(got)]
+        return first, again, third, after
+
+    first, again, third, after = asyncio.run(scenario())
+    assert [(p, dup, retain) for p, dup, retain, _ in first] == [(b"1", False, False),
+                                                               (b"2", False, False)]
+    assert [(p, dup, retain) for p, dup, retain, _ in again] == [
+        (b"1", True, False), (b"2", True, False), (b"3", False, False), (b"4", False, False)]
+    assert [mid for *_, mid in again[:2]] == [mid for *_, mid in first]
+    assert [(p, dup, mid) for p, dup, _, mid in third] == [(p, True, mid) for p, _, _, mid in again]
+    assert [p for p, *_ in after] == [b"5"]
+
+
+def test_a_session_taken_over_goes_on_receiving_on_the_new_connection() -> None:
+    """A client that connects with the id of one still connected (a node taking over an app
+    whose device froze) takes the session: amqtt 0.12.1 then let the old connection's close
+    mark the session disconnected, and the new connection received nothing more."""
+
+    async def scenario() -> list[bytes]:
+        address = BrokerAddress("127.0.0.1", free_port())
+        old: asyncio.Queue[Message] = asyncio.Queue()
+        new: asyncio.Queue[Message] = asyncio.Queue()
+        async with EmbeddedBroker(address.host, address.port), \
+                Connection(address, "a-sensor") as sensor:
+            frozen = Connection(address, "an-app", on_message=old.put_nowait,
+                                clean_session=False)
+            await frozen.connect()
+            await frozen.subscribe("in")
+            async with Connection(address, "an-app", on_message=new.put_nowait,
+                                  clean_session=False):
+                assert frozen.lost is not None
+                await asyncio.wait_for(asyncio.shield(frozen.lost), 10)  # closed by the broker
+                received = []
+                for payload in (b"1", b"2", b"3"):
+                    await sensor.publish("in", payload)
+                    received.append(bytes((await asyncio.wait_for(new.get(), 10)).payload))
+            await frozen.close()
+            return received
+
+    assert asyncio.run(scenario()) == [b"1", b"2", b"3"]
+
+
+def _packet(kind: int, body: bytes) -> bytes:
+    length, size = b"", len(body)
+    while True:
+        size, digit = size >> 7, size & 0x7F
+        length += bytes([digit | (0x80 if size else 0)])
+        if not size:
+            return bytes([kind]) + length + body
+
+
+def _string(text: str) -> bytes:
+    return len(text).to_bytes(2, "big") + text.encode()
+
+
+async def _read_until(reader: asyncio.StreamReader, kind: int) -> None:
+    """Read MQTT packets until one of this kind (the high nibble of its first byte)."""
+    while True:
+        first = (await asyncio.wait_for(reader.readexactly(1), 10))[0]
+        size, shift = 0, 0
+        while (digit := (await reader.readexactly(1))[0]) & 0x80:
+            size, shift = size | (digit & 0x7F) << shift, shift + 7
+        await reader.readexactly(size | digit << shift)
+        if first >> 4 == kind:
+            return
+
+
+def test_a_session_resuming_while_others_subscribe_is_not_dropped() -> None:
+    """A resuming session gets its subscriptions' retained messages in a walk over the broker's
+    subscriptions that waits on each send: a client subscribing to a new filter meanwhile broke
+    the walk ("dictionary changed size during iteration") and the resumed session was left
+    half served (its later requests never answered). Here the resuming client reads nothing
+    until the others have subscribed, so the walk waits on it."""
+
+    async def scenario() -> None:
+        address = BrokerAddress("127.0.0.1", free_port())
+        async with EmbeddedBroker(address.host, address.port), \
+                Connection(address, "a-node") as node:
+            for i in range(64):
+                await node.publish(f"r/{i}", bytes(64 * 1024), retain=True)
+            async with Connection(address, "a-watcher", clean_session=False) as first:
+                await first.subscribe("r/#")
+            reader, writer = await asyncio.open_connection(address.host, address.port)
+            writer.write(_packet(0x10, _string("MQTT") + bytes([4, 0, 0, 60])
+                                 + _string("a-watcher")))  # clean session 0
+            await _read_until(reader, 2)  # CONNACK; the retained walk now waits on our reads
+            for i in range(10):
+                async with Connection(address, f"a-subscriber-{i}") as other:
+                    await other.subscribe(f"s/{i}")
+            writer.write(_packet(0x82, (7).to_bytes(2, "big") + _string("t") + bytes([1])))
+            await _read_until(reader, 9)  # SUBACK: the session is served
+            writer.close()
+
+    asyncio.run(scenario())

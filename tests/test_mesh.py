@@ -71,14 +71,14 @@ def _wasm() -> bytes:
 
 
 def test_live_migration_under_a_stream_loses_and_duplicates_nothing(
-        broker: str, cluster: Cluster) -> None:
-    with Observer(broker) as obs:
-        mesh_of(obs, cluster, broker, "alpha", "beta")
-        deploy(broker, "counter", "--on", "alpha")
+        any_broker: str, cluster: Cluster) -> None:
+    with Observer(any_broker) as obs:
+        mesh_of(obs, cluster, any_broker, "alpha", "beta")
+        deploy(any_broker, "counter", "--on", "alpha")
         wait_until(lambda: obs.running("counter") == "alpha", 20, "counter on alpha")
         payloads, publisher = stream(obs, "counter", 400)
         wait_count(obs, "counter", 100)
-        result = mesh_cli("migrate", "counter", "beta", broker=broker)
+        result = mesh_cli("migrate", "counter", "beta", broker=any_broker)
         assert result.returncode == 0, result.stderr
         wait_until(lambda: obs.running("counter") == "beta", 20, "counter on beta")
         publisher.join()
@@ -89,10 +89,10 @@ def test_live_migration_under_a_stream_loses_and_duplicates_nothing(
 
 
 def test_kill_9_of_the_owner_mid_stream_applies_every_input_once(
-        broker: str, cluster: Cluster) -> None:
-    with Observer(broker) as obs:
-        mesh_of(obs, cluster, broker, "alpha", "beta")
-        deploy(broker, "counter", "--on", "alpha", "--checkpoint-every", "7")
+        any_broker: str, cluster: Cluster) -> None:
+    with Observer(any_broker) as obs:
+        mesh_of(obs, cluster, any_broker, "alpha", "beta")
+        deploy(any_broker, "counter", "--on", "alpha", "--checkpoint-every", "7")
         wait_until(lambda: obs.running("counter") == "alpha", 20, "counter on alpha")
         payloads, publisher = stream(obs, "counter", 300)
         wait_count(obs, "counter", 120)
@@ -151,10 +151,10 @@ def test_a_graceful_leave_hands_every_app_over(broker: str, cluster: Cluster) ->
 
 
 def test_a_stale_owner_back_from_a_pause_does_not_run_the_app(
-        broker: str, cluster: Cluster) -> None:
-    with Observer(broker) as obs:
-        mesh_of(obs, cluster, broker, "alpha", "beta")
-        deploy(broker, "counter", "--on", "alpha", "--checkpoint-every", "1")
+        any_broker: str, cluster: Cluster) -> None:
+    with Observer(any_broker) as obs:
+        mesh_of(obs, cluster, any_broker, "alpha", "beta")
+        deploy(any_broker, "counter", "--on", "alpha", "--checkpoint-every", "1")
         wait_until(lambda: obs.running("counter") == "alpha", 20, "counter on alpha")
         sent = [b"one", b"two"]
         for payload in sent:

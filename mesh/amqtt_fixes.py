@@ -1,0 +1,244 @@
+"""What liquid-mesh fixes in amqtt 0.12.1 (the embedded broker), applied when imported.
+
+Each fix is written for amqtt 0.12.1 (pinned in pyproject.toml) so that it could be offered
+upstream as it is; broker-config/amqtt-fixes.md says what each one changes and why:
+
+1. a silent client is dropped, which publishes its Last Will;
+2. a connecting client gets the retained messages of its own subscriptions only;
+3. a client without credentials keeps a persistent session (`OpenAuth`);
+4. a QoS 1 message stays in its session's flight until the client acknowledges it, and is
+   sent again, with DUP set and the same packet id, when the session resumes;
+5. a resumed session gets, in order: what was in flight, what was queued while it was away
+   (as ordinary messages, not retained ones), then what comes after;
+6. when a new connection takes over a session, the old one's close leaves the session alone;
+7. the broker's subscriptions and retained messages are walked over copies, so a client that
+   subscribes meanwhile no longer breaks the walk ("dictionary changed size during iteration").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Awaitable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from amqtt.broker import Broker, RetainedApplicationMessage
+from amqtt.mqtt.constants import QOS_1
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.session import OutgoingApplicationMessage, Session
+
+log = logging.getLogger(__name__)
+
+_tasks: set[asyncio.Future[Any]] = set()
+
+
+def _spawn(work: Awaitable[Any]) -> None:
+    task = asyncio.ensure_future(work)
+    _tasks.add(task)
+    task.add_done_callback(_finished)
+
+
+def _finished(task: asyncio.Future[Any]) -> None:
+    _tasks.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("embedded broker: a delivery ended: %s", task.exception())
+
+
+# --- 1. a silent client is dropped --------------------------------------------------------------
+
+def _drop_silent_client(handler: BrokerProtocolHandler) -> None:
+    """amqtt notices that a client went silent (a read timeout) and does nothing, so a device
+    whose cable is pulled keeps its session and no Last Will is sent: drop it, as MQTT 3.1.1
+    section 3.1.2.10 says, which publishes the Will."""
+    _spawn(handler.handle_connection_closed())
+
+
+# --- 2. retained messages of the client's own subscriptions --------------------------------------
+
+_retained_for_subscription = Broker._publish_retained_messages_for_subscription
+
+
+async def _retained_for_own_subscription(self: Broker, subscription: tuple[str, int],
+                                         session: Session) -> None:
+    """amqtt, when a client connects, sends it the retained messages of every subscription in
+    the broker, anyone's (a plain subscriber to one app's outputs got the node records, specs
+    and checkpoints): only those of the client's own subscriptions, as MQTT says."""
+    holders = self._subscriptions.get(subscription[0], ())
+    if any(held.client_id == session.client_id for held, _ in holders):
+        await _retained_for_subscription(self, subscription, session)
+
+
+# --- 3. persistent sessions without credentials --------------------------------------------------
+
+class OpenAuth(BaseAuthPlugin):  # type: ignore[misc]  # amqtt is untyped
+    """Lets every client in, as amqtt's AnonymousAuthPlugin does, without marking its session
+    anonymous: amqtt neither queues messages for an anonymous session that is away nor keeps it
+    once it disconnects, so `clean_session=False` meant nothing to a client without a username.
+    MQTT ties a persistent session to the client id, not to credentials."""
+
+    @dataclass
+    class Config:
+        """Nothing to configure."""
+
+    async def authenticate(self, *, session: Session) -> bool:
+        return True
+
+
+# --- 4 and 5. QoS 1 flight, redelivery, and order on resume --------------------------------------
+
+_HOLD = "_mesh_hold"  # on a Session: a connection is resuming it; QoS 1 messages wait in its queue
+_CONNECTION = "_mesh_connection"  # on a Session and its handler: which connection owns the session
+_STOPPED = "_mesh_stopped"  # on a handler: its connection is closed; nothing more waits on it
+_connections = itertools.count(1)
+
+_publish = BrokerProtocolHandler.mqtt_publish
+_retry_deliveries = BrokerProtocolHandler._retry_deliveries
+_stop_waiters = BrokerProtocolHandler._stop_waiters
+_initialize_client_session = Broker._initialize_client_session
+_handle_disconnect = Broker._handle_disconnect
+
+M = TypeVar("M")
+
+
+async def _done(value: M) -> M:
+    return value
+
+
+def _mqtt_publish(self: BrokerProtocolHandler, topic: str, data: bytes | bytearray,  # noqa: PLR0917 - amqtt's signature
+                  qos: int | None, retain: bool,
+                  ack_timeout: int | None = None) -> Awaitable[OutgoingApplicationMessage]:
+    """A QoS 1 message enters its session's flight the moment the broker sends it, not when the
+    sending task first runs (by then the connection may be gone, and amqtt dropped it); while
+    a connection resumes the session, it waits in the session's queue behind older ones."""
+    session = self.session
+    if qos != QOS_1 or session is None:
+        return _publish(self, topic, data, qos, retain, ack_timeout)  # type: ignore[no-any-return]
+    if getattr(session, _HOLD, False):
+        session.retained_messages.put_nowait(
+            RetainedApplicationMessage(None, topic, data, qos))
+        return _done(OutgoingApplicationMessage(None, topic, qos, data, retain))
+    message = OutgoingApplicationMessage(session.next_packet_id, topic, qos, data, retain)
+    session.inflight_out[message.packet_id] = message
+    return _in_flight(self, message)
+
+
+async def _in_flight(self: BrokerProtocolHandler, message: OutgoingApplicationMessage
+                     ) -> OutgoingApplicationMessage:
+    """Send a message of the session's flight (DUP if it was sent before) and wait for its
+    PUBACK. amqtt gave up after 5 s and when the connection closed, and forgot the message
+    either way; here it leaves the flight only once acknowledged (MQTT 3.1.1 section 4.4)."""
+    session = self.session
+    assert session is not None
+    assert message.packet_id is not None
+    packet = message.build_publish_packet(dup=message.publish_packet is not None)
+    await self._send_packet(packet)
+    message.publish_packet = packet
+    if getattr(self, _STOPPED, False):
+        return message  # closed: the next connection of the session sends it again
+    waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    self._puback_waiters[message.packet_id] = waiter
+    try:
+        await asyncio.wait([waiter])  # cancelled when the connection closes
+    finally:
+        self._puback_waiters.pop(message.packet_id, None)
+    if not waiter.cancelled():
+        message.puback_packet = waiter.result()
+        session.inflight_out.pop(message.packet_id, None)
+    return message
+
+
+async def _redeliver(self: BrokerProtocolHandler) -> None:
+    """On resume, send again what is in flight, in the order it was first sent, without waiting
+    for the acknowledgements (amqtt waited, then gave up on each after 10 s)."""
+    session = self.session
+    assert session is not None
+    for message in list(session.inflight_out.values()):
+        if message.qos == QOS_1:
+            _spawn(_in_flight(self, message))
+    if session.inflight_in or any(m.qos != QOS_1 for m in session.inflight_out.values()):
+        await _retry_deliveries(self)  # QoS 2: amqtt's own flow
+
+
+def _stop(self: BrokerProtocolHandler) -> None:
+    setattr(self, _STOPPED, True)
+    _stop_waiters(self)
+
+
+async def _initialize(self: Broker, *args: Any) -> tuple[BrokerProtocolHandler, Session]:
+    handler, session = await _initialize_client_session(self, *args)
+    connection = next(_connections)
+    setattr(session, _CONNECTION, connection)
+    setattr(handler, _CONNECTION, connection)
+    setattr(session, _HOLD, True)
+    return handler, session
+
+
+async def _resume_queue(self: Broker, session: Session) -> None:
+    """Deliver what was queued for the session, in order, as ordinary messages (amqtt set the
+    retain flag on them, and a client may rightly ignore a retained input), then let newer
+    messages through. Nothing in between awaits, so nothing overtakes the queue."""
+    handler = self._get_handler(session)
+    setattr(session, _HOLD, False)
+    if handler is None:
+        return
+    queue = session.retained_messages
+    while not queue.empty():
+        queued = queue.get_nowait()
+        _spawn(handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False))
+
+
+# --- 6. a session taken over ---------------------------------------------------------------------
+
+async def _disconnected(self: Broker, session: Session, handler: BrokerProtocolHandler,
+                        waiter: asyncio.Future[Any]) -> None:
+    """When a client connects with the id of one still connected, amqtt closes the old
+    connection, whose own close then marked the session disconnected, under the new connection:
+    the session stopped receiving anything. The old connection now closes alone."""
+    if getattr(session, _CONNECTION, None) == getattr(handler, _CONNECTION, None):
+        await _handle_disconnect(self, session, handler, waiter)
+    else:
+        await self._stop_handler(handler)
+
+
+# --- 7. walks over copies ------------------------------------------------------------------------
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Walkable(dict[K, V]):
+    """A dict whose walks go over a copy: amqtt awaits inside its walks over the broker's
+    subscriptions and retained messages, and another client's subscribe meanwhile raised
+    "dictionary changed size during iteration" and dropped the client or the message."""
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(list(super().__iter__()))
+
+    def items(self) -> Any:
+        return list(super().items())
+
+    def values(self) -> Any:
+        return list(super().values())
+
+
+_broker_init = Broker.__init__
+
+
+def _init(self: Broker, *args: Any, **kwargs: Any) -> None:
+    _broker_init(self, *args, **kwargs)
+    self._subscriptions = _Walkable(self._subscriptions)
+    self._retained_messages = _Walkable(self._retained_messages)
+
+
+BrokerProtocolHandler.handle_read_timeout = _drop_silent_client
+Broker._publish_retained_messages_for_subscription = _retained_for_own_subscription
+BrokerProtocolHandler.mqtt_publish = _mqtt_publish
+BrokerProtocolHandler._retry_deliveries = _redeliver
+BrokerProtocolHandler._stop_waiters = _stop
+Broker._initialize_client_session = _initialize
+Broker._publish_session_retained_messages = _resume_queue
+Broker._handle_disconnect = _disconnected
+Broker.__init__ = _init
