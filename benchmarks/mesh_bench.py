@@ -8,7 +8,9 @@
   through the same broker;
 - failover: kill -9 of the owner, and a silent owner (SIGSTOP), until the app answers again;
 - input throughput into a wasm app through a node, next to a bare paho subscriber;
-- placement of 1000 apps on 100 nodes, and how many apps a join moves.
+- placement of 1000 apps on 100 nodes, and how many apps a join moves;
+- brokers: migration downtime (16 MiB) and input throughput on Mosquitto configured as a device
+  hosts it, and on the embedded amqtt, each next to bare paho through the same broker.
 
 Prints Markdown tables of medians. Needs mosquitto (Debian package). The mesh is a secure one,
 as by default (`mesh init`, nodes joined with join tokens, every command, spec, record and
@@ -27,8 +29,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -40,10 +42,18 @@ sys.path.insert(0, str(ROOT))
 
 from mesh.placement import assign  # noqa: E402
 from mesh.wire import AppSpec, NodeRecord  # noqa: E402
-from tests.harness import Cluster, Observer, ballast_wasm, mosquitto, wait_until  # noqa: E402
+from tests.harness import (  # noqa: E402
+    Cluster,
+    Observer,
+    ballast_wasm,
+    embedded_broker,
+    hosted_mosquitto,
+    mosquitto,
+    wait_until,
+)
 
 MIB = 1 << 20
-BENCHES = ("migration", "failover", "throughput", "placement")
+BENCHES = ("migration", "failover", "throughput", "placement", "brokers")
 CHUNK = 1_900_000 - 1024
 
 SECURE: dict[str, Path] = {}  # "home": the operator's home (none with --insecure)
@@ -148,10 +158,13 @@ def answered_more(obs: Observer, app: str, count: int) -> bool:
     return len(output_times(obs, app)) > count
 
 
+Serve = Callable[[Path], AbstractContextManager[str]]
+
+
 @contextmanager
-def two_nodes(work: Path) -> Iterator[tuple[str, Observer, Cluster]]:
-    """Mosquitto, an observer, and nodes alpha and beta joined to it."""
-    with mosquitto(work) as broker, Observer(broker) as obs:
+def two_nodes(work: Path, serve: Serve = mosquitto) -> Iterator[tuple[str, Observer, Cluster]]:
+    """A broker (Mosquitto unless `serve` says), an observer, and nodes alpha and beta."""
+    with serve(work) as broker, Observer(broker) as obs:
         cluster = Cluster(work)
         try:
             for node in ("alpha", "beta"):
@@ -185,15 +198,20 @@ def bench_migration(work: Path, quick: bool, mib: list[int] | None = None) -> No
     print("| app memory | migration downtime ms | bare paho transfer ms | ratio |")
     print("|---|---:|---:|---:|")
     for size in sizes:
-        with two_nodes(work) as (broker, obs, _):
-            app = f"ballast{size // MIB}"
-            mesh("deploy", app, str(app_file(work, size)), "--on", "alpha",
-                 "--checkpoint-ms", "60000", "--checkpoint-every", "100000", broker=broker)
-            wait_until(partial(runs_on, obs, app, "alpha"), 60, "deploy")
-            downtime = migration_downtime_ms(obs, broker, app, ("alpha", "beta"), rounds)
-            bare = bare_transfer_ms(broker, size, rounds)
+        downtime, bare = migration(work, size, rounds, mosquitto)
         print(f"| {size // MIB} MiB | {downtime:.0f} | {bare:.0f} | {downtime / bare:.2f}x |",
               flush=True)
+
+
+def migration(work: Path, size: int, rounds: int, serve: Serve) -> tuple[float, float]:
+    """Median migration downtime of an app of `size` bytes, and of the bare transfer, in ms."""
+    with two_nodes(work, serve) as (broker, obs, _):
+        app = f"ballast{size // MIB}"
+        mesh("deploy", app, str(app_file(work, size)), "--on", "alpha",
+             "--checkpoint-ms", "60000", "--checkpoint-every", "100000", broker=broker)
+        wait_until(partial(runs_on, obs, app, "alpha"), 60, "deploy")
+        downtime = migration_downtime_ms(obs, broker, app, ("alpha", "beta"), rounds)
+        return downtime, bare_transfer_ms(broker, size, rounds)
 
 
 def bench_failover(work: Path, quick: bool) -> None:
@@ -234,8 +252,23 @@ def bench_failover(work: Path, quick: bool) -> None:
 def bench_throughput(work: Path, quick: bool) -> None:
     count = 2000 if quick else 10000
     rounds = 1 if quick else 3
+    mesh_rates, bare_rates = throughput(work, count, rounds, mosquitto)
+    ratios = sorted(m / b for m, b in zip(mesh_rates, bare_rates, strict=True))
+    print(f"\n| input throughput ({count} QoS 1 messages, median of {rounds}) | msg/s |")
+    print("|---|---:|")
+    print(f"| bare paho subscriber | {statistics.median(bare_rates):.0f} |")
+    print(f"| into the wasm counter through a node (it publishes an answer to each) "
+          f"| {statistics.median(mesh_rates):.0f} |")
+    print(f"| **ratio node / bare**, median of the rounds' ratios (target >= 0.5) "
+          f"| **{statistics.median(ratios):.2f}** ({ratios[0]:.2f}-{ratios[-1]:.2f}) |")
+
+
+def throughput(work: Path, count: int, rounds: int, serve: Serve
+               ) -> tuple[list[float], list[float]]:
+    """Rates (msg/s) of `count` QoS 1 inputs into the counter through a node, and to a bare
+    paho subscriber, alternating for `rounds` rounds so that both see the same machine."""
     mesh_rates, bare_rates = [], []
-    with mosquitto(work) as broker, Observer(broker) as obs:
+    with serve(work) as broker, Observer(broker) as obs:
         cluster = Cluster(work)
         try:
             start(cluster, "alpha", broker)
@@ -261,7 +294,7 @@ def bench_throughput(work: Path, quick: bool) -> None:
                     info.wait_for_publish(120)
                 return began
 
-            for done in range(1, rounds + 1):  # alternating, so both see the same machine
+            for done in range(1, rounds + 1):
                 began = blast("mesh/apps/counter/in")
                 wait_until(partial(answered_more, obs, "counter", done * count - 1), 300,
                            "all applied")
@@ -275,14 +308,28 @@ def bench_throughput(work: Path, quick: bool) -> None:
             publisher.loop_stop()
         finally:
             cluster.stop_all()
-    ratios = sorted(m / b for m, b in zip(mesh_rates, bare_rates, strict=True))
-    print(f"\n| input throughput ({count} QoS 1 messages, median of {rounds}) | msg/s |")
-    print("|---|---:|")
-    print(f"| bare paho subscriber | {statistics.median(bare_rates):.0f} |")
-    print(f"| into the wasm counter through a node (it publishes an answer to each) "
-          f"| {statistics.median(mesh_rates):.0f} |")
-    print(f"| **ratio node / bare**, median of the rounds' ratios (target >= 0.5) "
-          f"| **{statistics.median(ratios):.2f}** ({ratios[0]:.2f}-{ratios[-1]:.2f}) |")
+    return mesh_rates, bare_rates
+
+
+def bench_brokers(work: Path, quick: bool) -> None:
+    """The zero-config brokers side by side: what a device hosts when it has Mosquitto, and
+    the embedded amqtt it hosts when it has not."""
+    size, rounds = 16 * MIB, (2 if quick else 3)
+    count = 2000 if quick else 5000
+    print(f"\n| broker a device hosts | migration downtime 16 MiB ms | bare paho transfer ms "
+          f"| ratio | node msg/s ({count} QoS 1) | bare paho msg/s | ratio node / bare |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, serve in (("Mosquitto (hosted configuration)", hosted_mosquitto),
+                        ("embedded amqtt", embedded_broker)):
+        place = work / f"brokers-{serve.__name__}"
+        for part in ("migration", "throughput"):
+            (place / part).mkdir(parents=True)
+        downtime, bare = migration(place / "migration", size, rounds, serve)
+        mesh_rates, bare_rates = throughput(place / "throughput", count, rounds, serve)
+        ratio = statistics.median(m / b for m, b in zip(mesh_rates, bare_rates, strict=True))
+        print(f"| {name} | {downtime:.0f} | {bare:.0f} | {downtime / bare:.2f}x "
+              f"| {statistics.median(mesh_rates):.0f} | {statistics.median(bare_rates):.0f} "
+              f"| {ratio:.2f} |", flush=True)
 
 
 def bench_placement() -> None:
@@ -329,6 +376,8 @@ def main() -> int:
             bench_failover(work, args.quick)
         if "throughput" in chosen:
             bench_throughput(work, args.quick)
+        if "brokers" in chosen:
+            bench_brokers(work, args.quick)
     if "placement" in chosen:
         bench_placement()
     return 0

@@ -19,7 +19,7 @@ from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
 
-from mesh import election, mosquitto
+from mesh import election, mosquitto, recovery
 from mesh.broker import LIMITS_WARNING, EmbeddedBroker
 from mesh.discovery import (
     BROKER_SERVICE,
@@ -30,7 +30,7 @@ from mesh.discovery import (
     local_addresses,
 )
 from mesh.election import BrokerAd
-from mesh.errors import BrokerError, ConfigError, TrustError
+from mesh.errors import BrokerError, ConfigError, MeshError, TrustError
 from mesh.mosquitto import HostedMosquitto
 from mesh.mqtt import BrokerAddress
 from mesh.node import Node, NodeConfig
@@ -65,6 +65,7 @@ class Device:
         self._hosted: EmbeddedBroker | HostedMosquitto | None = None
         self._hosted_ad: BrokerAd | None = None
         self._watching: asyncio.Task[None] | None = None
+        self._joined = asyncio.Event()  # our node has joined the broker (and given it back)
 
     async def run(self, stopping: asyncio.Event) -> None:
         async with contextlib.AsyncExitStack() as stack:
@@ -89,6 +90,7 @@ class Device:
                 try:
                     async with node:
                         self.node = node
+                        self._joined.set()
                         carry = None  # given to this broker (if it needed it): let it go
                         backoff = RETRY_S[0]
                         if self.lan:
@@ -107,6 +109,7 @@ class Device:
                     backoff = min(backoff * 2, RETRY_S[1] if carry is None else CARRY_RETRY_S)
                 finally:
                     self.node = None
+                    self._joined.clear()
                 if node.revoked:
                     raise TrustError(f"device {node.id} was revoked from the mesh (`mesh "
                                      "revoke`): it runs nothing until it is admitted again")
@@ -180,6 +183,15 @@ class Device:
         lan, mine = self.lan, self._hosted_ad
         assert lan is not None
         assert mine is not None
+        # Announced only once our node has given the new broker back what it held, and every
+        # app's session is there to hold its inputs: a sensor that finds the broker then loses
+        # nothing it publishes.
+        await self._joined.wait()
+        if self.node is not None:
+            try:
+                await recovery.hold_inputs(self.node)
+            except MeshError as exc:
+                log.warning("could not open the apps' sessions on our broker: %s", exc)
         await lan.advertise_broker(port, started)
         while True:
             found = await first_answering(election.better_than(mine, lan.brokers.values()))

@@ -35,6 +35,7 @@ from mesh.mqtt import Connection, Message
 from mesh.reconcile import AppState
 from mesh.runtime import App, AppModule, Limits
 from mesh.snapshot import Buffer
+from mesh.topics import Topics
 from mesh.transfer import publish_snapshot
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,12 @@ POISON_LIMIT = 3  # inputs in a row that fail before the app is failed for good
 ACKED_MEMORY = 4096  # well under the 65535 packet ids a session cycles through
 MAX_DEAD = 16  # dead letters kept per app (retained at dead/0 .. dead/15, oldest overwritten)
 
+
+
+def input_filters(topics: Topics, spec: wire.AppSpec) -> tuple[str, ...]:
+    """What an app's session subscribes to: its inputs (`in/#` matches `.../in` itself too),
+    and the topics its spec names."""
+    return (f"{topics.app(spec.app, 'in')}/#", *spec.subscriptions)
 
 class HostedApp:
     """An app this node runs. States: starting, running, stopped, failed."""
@@ -175,8 +182,7 @@ class HostedApp:
                                        on_message=self._on_input, clean_session=False,
                                        manual_ack=True, keepalive=self.ctx.keepalive)
             await self._session.connect()
-            await self._session.subscribe(f"{self._in_prefix}/#", *self.spec.subscriptions,
-                                          qos=1)  # in/# matches .../in itself too
+            await self._session.subscribe(*input_filters(self.ctx.topics, self.spec), qos=1)
         return self._session
 
     def _new_instance(self) -> App:

@@ -150,12 +150,13 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
 
 
 def _dying_with_us() -> tuple[str, ...]:
-    """What Mosquitto is started through so that Linux sends it SIGTERM (it saves its store)
-    when the node that started it dies, even by kill -9: a broker outliving its device's node
-    would keep the mesh on a device that runs nothing. (`setpriv`, of util-linux, is on every
-    Debian; without it Mosquitto is stopped only with the node's own stop.)"""
+    """What Mosquitto is started through so that Linux kills it when the node that started it
+    dies, even by kill -9: a broker outliving its device's node would keep the mesh on a device
+    that runs nothing. SIGKILL, as a power cut would: on SIGTERM Mosquitto publishes the Last
+    Will of every client, and each survivor would take the others for gone. (`setpriv`, of
+    util-linux, is on every Debian; without it Mosquitto is stopped only with the node.)"""
     setpriv = shutil.which("setpriv")
-    return (setpriv, "--pdeathsig", "TERM") if setpriv else ()
+    return (setpriv, "--pdeathsig", "KILL") if setpriv else ()
 
 
 async def _accepts(port: int) -> bool:

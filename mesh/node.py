@@ -81,6 +81,7 @@ class Node:
         self.runtime = Runtime(cache_dir=self.store.compiled_dir)
         self.inbox = Inbox(self.topics, self.authority)
         self.members: dict[str, wire.NodeRecord] = {}
+        self.departed: dict[str, float] = {}  # node id -> when its record was cleared
         self.desired = DesiredState(self.authority, self.topics, self.store)
         self.specs = self.desired.specs  # the apps to run, and
         self.tombstones = self.desired.tombstones  # the apps stopped since last deployed
@@ -384,6 +385,8 @@ class Node:
             raise
         if body:
             self.authority.check_caps(node_id, wire.decode(wire.NodeRecord, body).caps)
+        elif node_id in self.members:  # a broker going down gracefully sends every Will
+            self.departed[node_id] = time.monotonic()
         self._set(self.members, node_id, body, wire.NodeRecord)
 
     def _bare_clear(self, app: str, payload: bytes) -> None:

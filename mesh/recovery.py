@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from mesh import chunks, wire
 from mesh.errors import MeshError, WireError
+from mesh.hosted import input_filters
+from mesh.mqtt import Connection
 from mesh.reconcile import Held, Version, copy_wanted, plan_rebuild, plan_resume
 from mesh.store import StateStore
 from mesh.transfer import publish_blob, publish_snapshot, republish
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
     from mesh.node import Node
 
 log = logging.getLogger(__name__)
+
+DEPARTED_S = 3.0  # a member whose record was cleared this shortly before a broker's loss
 
 REJOIN_GRACE_S = 1.0  # plus 1.5x keepalive, plus CARRY_RETRY_S
 CARRY_RETRY_S = 2.0  # how often, at most, a node holding apps' state tries a lost broker again
@@ -113,7 +117,12 @@ async def suspend(node: Node) -> Carry:
     node.hosted.clear()
     versions = {name: version for name, version in node.inbox.versions().items()
                 if _complete(node, name)}
-    return Carry(set(node.members) - {node.id}, dict(node.specs),
+    # The members to elect the next broker's host among: a broker stopped gracefully (or a
+    # Mosquitto sent SIGTERM) first publishes every client's Last Will, so the ones that just
+    # left count too, or each survivor would think itself the only one and host at once.
+    now = time.monotonic()
+    members = {*node.members, *(n for n, at in node.departed.items() if now - at < DEPARTED_S)}
+    return Carry(members - {node.id}, dict(node.specs),
                  dict(node.desired.payloads), dict(node.owners),
                  node.inbox.retained, versions, {**later, **suspended},
                  from_disk=set(later) - set(suspended),
@@ -240,3 +249,20 @@ async def rebuild(node: Node, carry: Carry, *, lost: bool, remarked: bool = Fals
                  "the checkpoints of %s", node.id, len(plan.specs),
                  ", ".join(name for name, _ in plan.resume) or "(none)",
                  ", ".join(plan.copies) or "(none)")
+
+
+async def hold_inputs(node: Node) -> None:
+    """On a broker this device has just started, before anyone else can find it: open the
+    persistent session of every app not running here, subscribed to its inputs, so that inputs
+    published before the app is back wait in its queue (a new broker would take and drop them:
+    no one subscribed yet). Its node takes the session over with everything queued in it."""
+    for spec in list(node.specs.values()):
+        if spec.app in node.hosted:
+            continue  # its session is open already
+        session = Connection(node.config.broker, node.authority.app_session(spec.app),
+                             clean_session=False, keepalive=node.config.keepalive)
+        async with session:
+            await session.subscribe(*input_filters(node.topics, spec), qos=1)
+    if node.specs:
+        log.info("node %s opened the sessions of %d apps on the new broker, to hold their "
+                 "inputs", node.id, len(node.specs) - len(node.hosted))

@@ -27,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from mesh import privacy, trust, wire
 from mesh.errors import WireError
 from mesh.home import OperatorHome
+from mesh.mosquitto import config as mosquitto_config
 from mesh.trust import Rights
 
 MOSQUITTO_CONF = """\
@@ -65,6 +66,18 @@ def mosquitto(workdir: Path, conf: str = MOSQUITTO_CONF) -> Iterator[str]:
     path = workdir / "mosquitto.conf"
     path.write_text(conf.format(port=port))
     with _serving(["mosquitto", "-c", str(path)], port, workdir / "mosquitto.log"):
+        yield f"mqtt://127.0.0.1:{port}"
+
+
+@contextmanager
+def hosted_mosquitto(workdir: Path) -> Iterator[str]:
+    """Mosquitto configured as a device hosts it (`mesh.mosquitto.config`: persistence in
+    `workdir`, the mesh's limits), on a free port; yields its URL."""
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "hosted-mosquitto.conf"
+    path.write_text(mosquitto_config("127.0.0.1", port, workdir))
+    with _serving(["mosquitto", "-c", str(path)], port, workdir / "hosted-mosquitto.out"):
         yield f"mqtt://127.0.0.1:{port}"
 
 
@@ -161,6 +174,30 @@ def read_checkpoint(topic: str, payload: bytes) -> wire.Snapshot:
     if body[:len(privacy.MAGIC)] == privacy.MAGIC:
         body = privacy.Opener(OperatorHome().keyring()).piece(topic, privacy.HEADER_INDEX, body)
     return wire.decode(wire.Snapshot, body)
+
+
+def retained(broker: str, topic: str, timeout: float = 10) -> bytes:
+    """The retained message at `topic`, read by a new plain client."""
+    got: list[bytes] = []
+    host, port = broker.removeprefix("mqtt://").split(":")
+    client = paho.Client(CallbackAPIVersion.VERSION2)
+    client.on_message = lambda _c, _u, message: got.append(bytes(message.payload))
+    client.connect(host, int(port))
+    client.subscribe(topic, 1)
+    client.loop_start()
+    try:
+        wait_until(lambda: got, timeout, f"a retained message at {topic}")
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return got[0]
+
+
+def checkpointed(broker: str, app: str, delivered: int) -> None:
+    """Wait until the app's stored checkpoint holds `delivered` inputs."""
+    topic = f"mesh/apps/{app}/snapshot"
+    wait_until(lambda: read_checkpoint(topic, retained(broker, topic)).host.delivered
+               == delivered, 10, "a checkpoint")
 
 
 class Cluster:

@@ -23,11 +23,12 @@ from tests.harness import (
     Cluster,
     Observer,
     assert_exactly_once,
+    checkpointed,
     count_of,
     counter_hash,
     free_port,
     mesh_cli,
-    read_checkpoint,
+    retained,
     stream,
     wait_count,
     wait_until,
@@ -62,13 +63,6 @@ def fed_and_checkpointed(obs: Observer, broker: str, app: str, payloads: list[by
         obs.publish(f"mesh/apps/{app}/in", payload)
     wait_count(obs, app, len(payloads))
     checkpointed(broker, app, len(payloads))
-
-
-def checkpointed(broker: str, app: str, delivered: int) -> None:
-    """Wait until the app's stored checkpoint holds `delivered` inputs."""
-    topic = f"mesh/apps/{app}/snapshot"
-    wait_until(lambda: read_checkpoint(topic, retained(broker, topic)).host.delivered
-               == delivered, 10, "a checkpoint")
 
 
 def ticks(obs: Observer, app: str) -> list[int]:
@@ -121,23 +115,6 @@ def test_a_long_call_holds_up_neither_its_stop_nor_another_apps_failover(
         obs.publish("mesh/apps/counter/in", b"two")
         assert wait_count(obs, "counter", 2, timeout=15) == \
             f"2 {counter_hash([b'one', b'two'])}".encode()
-
-
-def retained(broker: str, topic: str, timeout: float = 10) -> bytes:
-    """The retained message at `topic`, read by a new plain client."""
-    got: list[bytes] = []
-    host, port = broker.removeprefix("mqtt://").split(":")
-    client = paho.Client(CallbackAPIVersion.VERSION2)
-    client.on_message = lambda _c, _u, message: got.append(bytes(message.payload))
-    client.connect(host, int(port))
-    client.subscribe(topic, 1)
-    client.loop_start()
-    try:
-        wait_until(lambda: got, timeout, f"a retained message at {topic}")
-    finally:
-        client.loop_stop()
-        client.disconnect()
-    return got[0]
 
 
 def app_row(broker: str, app: str) -> dict[str, Any]:
