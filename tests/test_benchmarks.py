@@ -16,7 +16,7 @@ from tests.lan import can_build_lans
      ("cached load + instantiate", "ratio host / bare", "| 16 MiB | dense |")),
     ("mesh_bench.py", "mosquitto",
      ("migration downtime ms", "kill -9 of the owner", "ratio node / bare",
-      "apps moved by a join")),
+      "apps moved by a join", "| embedded amqtt |")),
     ("broker_bench.py", "mosquitto",
      ("checkpoints stored per s", "autosave_on_changes, every change")),
     ("lan_bench.py", "ip",
