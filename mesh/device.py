@@ -19,7 +19,7 @@ from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
 
-from mesh import election, mosquitto, recovery
+from mesh import election, mosquitto
 from mesh.broker import LIMITS_WARNING, EmbeddedBroker
 from mesh.discovery import (
     BROKER_SERVICE,
@@ -30,7 +30,7 @@ from mesh.discovery import (
     local_addresses,
 )
 from mesh.election import BrokerAd
-from mesh.errors import BrokerError, ConfigError, MeshError, TrustError
+from mesh.errors import BrokerError, ConfigError, TrustError
 from mesh.mosquitto import HostedMosquitto
 from mesh.mqtt import BrokerAddress
 from mesh.node import Node, NodeConfig
@@ -66,6 +66,7 @@ class Device:
         self._hosted_ad: BrokerAd | None = None
         self._watching: asyncio.Task[None] | None = None
         self._joined = asyncio.Event()  # our node has joined the broker (and given it back)
+        self._announced = False  # the broker we host is announced on the LAN
 
     async def run(self, stopping: asyncio.Event) -> None:
         async with contextlib.AsyncExitStack() as stack:
@@ -86,6 +87,8 @@ class Device:
                 if choice is None:
                     return
                 address, ad = choice
+                if carry is not None and ad is not None and ad is self._hosted_ad:
+                    carry = replace(carry, hold_inputs=not self._announced)
                 node = Node(replace(self.config, broker=address), carry)
                 try:
                     async with node:
@@ -168,7 +171,7 @@ class Device:
             log.warning("no broker on the LAN: hosting one on port %d; %s", port,
                         LIMITS_WARNING)
         await broker.__aenter__()
-        self._hosted = broker
+        self._hosted, self._announced = broker, False
         started = int(time.time() * 1000)
         self._hosted_ad = BrokerAd(f"{self.config.node_id}.{BROKER_SERVICE}",
                                    tuple(local_addresses()), port, self.config.node_id, started,
@@ -183,16 +186,12 @@ class Device:
         lan, mine = self.lan, self._hosted_ad
         assert lan is not None
         assert mine is not None
-        # Announced only once our node has given the new broker back what it held, and every
-        # app's session is there to hold its inputs: a sensor that finds the broker then loses
+        # Announced only once our node has opened every app's session on it, to hold its
+        # inputs, and given it back what it held: a sensor that finds the broker then loses
         # nothing it publishes.
         await self._joined.wait()
-        if self.node is not None:
-            try:
-                await recovery.hold_inputs(self.node)
-            except MeshError as exc:
-                log.warning("could not open the apps' sessions on our broker: %s", exc)
         await lan.advertise_broker(port, started)
+        self._announced = True
         while True:
             found = await first_answering(election.better_than(mine, lan.brokers.values()))
             if found is not None:

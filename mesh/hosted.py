@@ -52,11 +52,11 @@ ACKED_MEMORY = 4096  # well under the 65535 packet ids a session cycles through
 MAX_DEAD = 16  # dead letters kept per app (retained at dead/0 .. dead/15, oldest overwritten)
 
 
-
 def input_filters(topics: Topics, spec: wire.AppSpec) -> tuple[str, ...]:
     """What an app's session subscribes to: its inputs (`in/#` matches `.../in` itself too),
     and the topics its spec names."""
     return (f"{topics.app(spec.app, 'in')}/#", *spec.subscriptions)
+
 
 class HostedApp:
     """An app this node runs. States: starting, running, stopped, failed."""

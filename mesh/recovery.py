@@ -13,7 +13,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import Callable, Collection, Coroutine, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +52,9 @@ class Carry:
     from_disk: set[str] = field(default_factory=set)  # ... and there
     marker: str | None = None  # the id of the mesh's marker on the broker we held this for
     trust: dict[str, bytes] = field(default_factory=dict)  # admissions and revocations, by topic
+    # For a broker this device has just started, that no one else can find yet: open the apps'
+    # sessions on it before anything runs (`hold_inputs`).
+    hold_inputs: bool = False
 
     @classmethod
     def kept_on_disk(cls, store: StateStore, node_id: str) -> Carry:
@@ -202,6 +205,8 @@ async def after_join(node: Node, carry: Carry | None) -> None:
         # is a new one), and another node marked it since.
         remarked = (marker is not None and carry.marker is not None
                     and marker.id != carry.marker)
+        if carry.hold_inputs and marker is None:
+            await hold_inputs(node, carry.specs.values())
         await rebuild(node, carry, lost=marker is None or remarked, remarked=remarked)
     if marker is None:
         mark = wire.MeshRecord(secrets.token_hex(8), int(time.time() * 1000))
@@ -251,18 +256,19 @@ async def rebuild(node: Node, carry: Carry, *, lost: bool, remarked: bool = Fals
                  ", ".join(plan.copies) or "(none)")
 
 
-async def hold_inputs(node: Node) -> None:
-    """On a broker this device has just started, before anyone else can find it: open the
-    persistent session of every app not running here, subscribed to its inputs, so that inputs
-    published before the app is back wait in its queue (a new broker would take and drop them:
-    no one subscribed yet). Its node takes the session over with everything queued in it."""
-    for spec in list(node.specs.values()):
-        if spec.app in node.hosted:
-            continue  # its session is open already
+async def hold_inputs(node: Node, specs: Iterable[wire.AppSpec]) -> None:
+    """On a new broker that no one else can find yet, before any app runs on it: open each
+    app's persistent session, subscribed to its inputs, so that inputs published before the
+    app is back wait in its queue (the broker would take and drop them: no one subscribed).
+    The node that runs the app takes the session over with everything queued in it. (Only
+    then: taking the session of an app running elsewhere would stop it.)"""
+    opened = 0
+    for spec in specs:
         session = Connection(node.config.broker, node.authority.app_session(spec.app),
                              clean_session=False, keepalive=node.config.keepalive)
         async with session:
             await session.subscribe(*input_filters(node.topics, spec), qos=1)
-    if node.specs:
+        opened += 1
+    if opened:
         log.info("node %s opened the sessions of %d apps on the new broker, to hold their "
-                 "inputs", node.id, len(node.specs) - len(node.hosted))
+                 "inputs", node.id, opened)
