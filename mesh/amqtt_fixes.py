@@ -7,7 +7,8 @@ upstream as it is; broker-config/amqtt-fixes.md says what each one changes and w
 2. a connecting client gets the retained messages of its own subscriptions only;
 3. a client without credentials keeps a persistent session (`OpenAuth`);
 4. a QoS 1 message stays in its session's flight until the client acknowledges it, and is
-   sent again, with DUP set and the same packet id, when the session resumes;
+   sent again, with DUP set and the same packet id, when the session resumes; a session has at
+   most MAX_IN_FLIGHT messages in flight and MAX_QUEUED waiting (as Mosquitto's limits);
 5. a resumed session gets, in order: what was in flight, what was queued while it was away
    (as ordinary messages, not retained ones), then what comes after;
 6. when a new connection takes over a session, the old one's close leaves the session alone;
@@ -99,6 +100,12 @@ _retry_deliveries = BrokerProtocolHandler._retry_deliveries
 _stop_waiters = BrokerProtocolHandler._stop_waiters
 _initialize_client_session = Broker._initialize_client_session
 _handle_disconnect = Broker._handle_disconnect
+_retain_broadcast = Broker._retain_broadcast_message
+
+# A session's QoS 1 messages sent and not yet acknowledged, at most (as Mosquitto's
+# `max_inflight_messages`); and the messages waiting for it, at most (`max_queued_messages`).
+MAX_IN_FLIGHT = 1000
+MAX_QUEUED = 100_000
 
 M = TypeVar("M")
 
@@ -111,18 +118,56 @@ def _mqtt_publish(self: BrokerProtocolHandler, topic: str, data: bytes | bytearr
                   qos: int | None, retain: bool,
                   ack_timeout: int | None = None) -> Awaitable[OutgoingApplicationMessage]:
     """A QoS 1 message enters its session's flight the moment the broker sends it, not when the
-    sending task first runs (by then the connection may be gone, and amqtt dropped it); while
-    a connection resumes the session, it waits in the session's queue behind older ones."""
+    sending task first runs (by then the connection may be gone, and amqtt dropped it). It
+    waits in the session's queue, behind older ones, while a connection resumes the session or
+    while the flight is full (MAX_IN_FLIGHT: a client that acknowledges nothing would otherwise
+    use up the 65535 packet ids, and amqtt looks for a free one forever)."""
     session = self.session
     if qos != QOS_1 or session is None:
         return _publish(self, topic, data, qos, retain, ack_timeout)  # type: ignore[no-any-return]
-    if getattr(session, _HOLD, False):
-        session.retained_messages.put_nowait(
-            RetainedApplicationMessage(None, topic, data, qos))
+    queue = session.retained_messages
+    if (getattr(session, _HOLD, False) or len(session.inflight_out) >= MAX_IN_FLIGHT
+            or not queue.empty()):
+        _queue(session, RetainedApplicationMessage(None, topic, data, qos))
         return _done(OutgoingApplicationMessage(None, topic, qos, data, retain))
-    message = OutgoingApplicationMessage(session.next_packet_id, topic, qos, data, retain)
+    return _in_flight(self, _enter_flight(session, topic, data, retain))
+
+
+def _enter_flight(session: Session, topic: str, data: bytes | bytearray,
+                  retain: bool) -> OutgoingApplicationMessage:
+    message = OutgoingApplicationMessage(session.next_packet_id, topic, QOS_1, data, retain)
     session.inflight_out[message.packet_id] = message
-    return _in_flight(self, message)
+    return message
+
+
+def _queue(session: Session, message: RetainedApplicationMessage) -> None:
+    if _room(session, message.topic):
+        session.retained_messages.put_nowait(message)
+
+
+def _room(session: Session, topic: str) -> bool:
+    """Whether a message may still queue for the session: past MAX_QUEUED it is dropped, as
+    Mosquitto drops past its `max_queued_messages`."""
+    if session.retained_messages.qsize() < MAX_QUEUED:
+        return True
+    log.warning("embedded broker: %d messages wait for %s already; dropping one on %s",
+                MAX_QUEUED, session.client_id, topic)
+    return False
+
+
+def _send_queued(handler: BrokerProtocolHandler) -> None:
+    """Move the session's queued messages into its flight, in order, while there is room."""
+    session = handler.session
+    if session is None:
+        return
+    queue = session.retained_messages
+    while (not getattr(session, _HOLD, False) and len(session.inflight_out) < MAX_IN_FLIGHT
+           and not queue.empty()):
+        queued = queue.get_nowait()
+        if queued.qos == QOS_1:
+            _spawn(_in_flight(handler, _enter_flight(session, queued.topic, queued.data, False)))
+        else:  # QoS 2: amqtt's own flow
+            _spawn(_publish(handler, queued.topic, queued.data, queued.qos, False))
 
 
 async def _in_flight(self: BrokerProtocolHandler, message: OutgoingApplicationMessage
@@ -147,6 +192,7 @@ async def _in_flight(self: BrokerProtocolHandler, message: OutgoingApplicationMe
     if not waiter.cancelled():
         message.puback_packet = waiter.result()
         session.inflight_out.pop(message.packet_id, None)
+        _send_queued(self)
     return message
 
 
@@ -178,16 +224,19 @@ async def _initialize(self: Broker, *args: Any) -> tuple[BrokerProtocolHandler, 
 
 async def _resume_queue(self: Broker, session: Session) -> None:
     """Deliver what was queued for the session, in order, as ordinary messages (amqtt set the
-    retain flag on them, and a client may rightly ignore a retained input), then let newer
-    messages through. Nothing in between awaits, so nothing overtakes the queue."""
-    handler = self._get_handler(session)
+    retain flag on them, and a client may rightly ignore a retained input); newer messages
+    queue behind them."""
     setattr(session, _HOLD, False)
-    if handler is None:
-        return
-    queue = session.retained_messages
-    while not queue.empty():
-        queued = queue.get_nowait()
-        _spawn(handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False))
+    handler = self._get_handler(session)
+    if handler is not None:
+        _send_queued(handler)
+
+
+async def _queue_for_away(self: Broker, broadcast: dict[str, Any], qos: int,
+                          session: Session) -> None:
+    """A message for a session that is away: queued, at most MAX_QUEUED (amqtt queued all)."""
+    if _room(session, str(broadcast.get("topic"))):
+        await _retain_broadcast(self, broadcast, qos, session)
 
 
 # --- 6. a session taken over ---------------------------------------------------------------------
@@ -241,4 +290,5 @@ BrokerProtocolHandler._stop_waiters = _stop
 Broker._initialize_client_session = _initialize
 Broker._publish_session_retained_messages = _resume_queue
 Broker._handle_disconnect = _disconnected
+Broker._retain_broadcast_message = _queue_for_away
 Broker.__init__ = _init

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from mesh import discovery
+import pytest
+
+from mesh import amqtt_fixes, discovery
 from mesh.broker import EmbeddedBroker
 from mesh.mqtt import BrokerAddress, Connection, Message
 from tests.harness import free_port
@@ -103,6 +105,38 @@ def test_a_resumed_session_gets_what_was_in_flight_then_what_was_queued_then_the
     assert [mid for *_, mid in again[:2]] == [mid for *_, mid in first]
     assert [(p, dup, mid) for p, dup, _, mid in third] == [(p, True, mid) for p, _, _, mid in again]
     assert [p for p, *_ in after] == [b"5"]
+
+
+def test_a_client_that_acknowledges_nothing_holds_a_bounded_flight(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session has at most MAX_IN_FLIGHT QoS 1 messages unacknowledged; the rest wait, in
+    order, and follow as it acknowledges (amqtt let the flight grow until, at 65535, it looked
+    for a free packet id forever: one silent subscriber hung the broker, and its device)."""
+    monkeypatch.setattr(amqtt_fixes, "MAX_IN_FLIGHT", 10)
+
+    async def scenario() -> tuple[list[bytes], list[bytes]]:
+        address = BrokerAddress("127.0.0.1", free_port())
+        got: asyncio.Queue[Message] = asyncio.Queue()
+        async with EmbeddedBroker(address.host, address.port), \
+                Connection(address, "a-sensor") as sensor, \
+                Connection(address, "an-app", on_message=got.put_nowait, clean_session=False,
+                           manual_ack=True) as app:
+            await app.subscribe("in")
+            await app.subscribe("mark", qos=0)
+            for i in range(15):
+                await sensor.publish("in", str(i).encode())
+            await sensor.publish("mark", b"after the 15", qos=0)  # sent behind the first 10
+            first = []
+            while (message := await asyncio.wait_for(got.get(), 10)).topic != "mark":
+                first.append(message)
+            for message in first[:5]:
+                app.ack(message.mid)
+            rest = [await asyncio.wait_for(got.get(), 10) for _ in range(5)]
+            return [bytes(m.payload) for m in first], [bytes(m.payload) for m in rest]
+
+    first, rest = asyncio.run(scenario())
+    assert first == [str(i).encode() for i in range(10)]
+    assert rest == [str(i).encode() for i in range(10, 15)]
 
 
 def test_a_session_taken_over_goes_on_receiving_on_the_new_connection() -> None:
