@@ -25,8 +25,10 @@ from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from amqtt.broker import Broker, RetainedApplicationMessage
+from amqtt.broker import Broker
+from amqtt.events import BrokerEvents
 from amqtt.mqtt.constants import QOS_1
+from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import OutgoingApplicationMessage, Session
@@ -96,10 +98,9 @@ _STOPPED = "_mesh_stopped"  # on a handler: its connection is closed; nothing mo
 _connections = itertools.count(1)
 
 _publish = BrokerProtocolHandler.mqtt_publish
-_retry_deliveries = BrokerProtocolHandler._retry_deliveries
+_start = BrokerProtocolHandler.start
 _stop_waiters = BrokerProtocolHandler._stop_waiters
 _initialize_client_session = Broker._initialize_client_session
-_handle_disconnect = Broker._handle_disconnect
 _retain_broadcast = Broker._retain_broadcast_message
 
 # A session's QoS 1 messages sent and not yet acknowledged, at most (as Mosquitto's
@@ -107,30 +108,52 @@ _retain_broadcast = Broker._retain_broadcast_message
 MAX_IN_FLIGHT = 1000
 MAX_QUEUED = 100_000
 
-M = TypeVar("M")
+
+@dataclass(frozen=True, slots=True)
+class _Waiting:
+    """A QoS 1 message waiting in a session's queue (amqtt queues its own kind, while the
+    session is away: those are never retained ones)."""
+
+    topic: str
+    data: bytes | bytearray
+    qos: int
+    retain: bool
 
 
-async def _done(value: M) -> M:
-    return value
+def _holds(session: Session, handler: BrokerProtocolHandler) -> bool:
+    """The handler's connection is the newest of the session."""
+    return getattr(session, _CONNECTION, None) == getattr(handler, _CONNECTION, None)
+
+
+def _owns(session: Session, handler: BrokerProtocolHandler) -> bool:
+    """... and it is open."""
+    return _holds(session, handler) and not getattr(handler, _STOPPED, False)
 
 
 def _mqtt_publish(self: BrokerProtocolHandler, topic: str, data: bytes | bytearray,  # noqa: PLR0917 - amqtt's signature
                   qos: int | None, retain: bool,
-                  ack_timeout: int | None = None) -> Awaitable[OutgoingApplicationMessage]:
+                  ack_timeout: int | None = None) -> Awaitable[OutgoingApplicationMessage | None]:
     """A QoS 1 message enters its session's flight the moment the broker sends it, not when the
-    sending task first runs (by then the connection may be gone, and amqtt dropped it). It
-    waits in the session's queue, behind older ones, while a connection resumes the session or
-    while the flight is full (MAX_IN_FLIGHT: a client that acknowledges nothing would otherwise
-    use up the 65535 packet ids, and amqtt looks for a free one forever)."""
+    sending task first runs (by then the connection may be gone, and amqtt dropped it), and no
+    caller waits for its PUBACK (amqtt's subscribe handling did: a client that acknowledges
+    late, as a node does, held up its own session). It waits in the session's queue, behind
+    older ones, while a connection resumes the session or while the flight is full
+    (MAX_IN_FLIGHT: a client that acknowledges nothing would otherwise use up the 65535 packet
+    ids, and amqtt looks for a free one forever)."""
     session = self.session
     if qos != QOS_1 or session is None:
         return _publish(self, topic, data, qos, retain, ack_timeout)  # type: ignore[no-any-return]
     queue = session.retained_messages
     if (getattr(session, _HOLD, False) or len(session.inflight_out) >= MAX_IN_FLIGHT
             or not queue.empty()):
-        _queue(session, RetainedApplicationMessage(None, topic, data, qos))
-        return _done(OutgoingApplicationMessage(None, topic, qos, data, retain))
-    return _in_flight(self, _enter_flight(session, topic, data, retain))
+        _queue(session, _Waiting(topic, data, QOS_1, retain))
+    else:
+        _spawn(_in_flight(self, _enter_flight(session, topic, data, retain)))
+    return _done(None)
+
+
+async def _done(value: None) -> None:
+    return value
 
 
 def _enter_flight(session: Session, topic: str, data: bytes | bytearray,
@@ -140,7 +163,7 @@ def _enter_flight(session: Session, topic: str, data: bytes | bytearray,
     return message
 
 
-def _queue(session: Session, message: RetainedApplicationMessage) -> None:
+def _queue(session: Session, message: _Waiting) -> None:
     if _room(session, message.topic):
         session.retained_messages.put_nowait(message)
 
@@ -156,22 +179,24 @@ def _room(session: Session, topic: str) -> bool:
 
 
 def _send_queued(handler: BrokerProtocolHandler) -> None:
-    """Move the session's queued messages into its flight, in order, while there is room."""
+    """Move the session's queued messages into its flight, in order, while there is room, if
+    this handler's connection holds the session."""
     session = handler.session
-    if session is None:
+    if session is None or not _owns(session, handler):
         return
     queue = session.retained_messages
     while (not getattr(session, _HOLD, False) and len(session.inflight_out) < MAX_IN_FLIGHT
            and not queue.empty()):
         queued = queue.get_nowait()
+        # amqtt's own kind, queued while the session was away, says retained: it is not
+        retain = queued.retain if isinstance(queued, _Waiting) else False
         if queued.qos == QOS_1:
-            _spawn(_in_flight(handler, _enter_flight(session, queued.topic, queued.data, False)))
+            _spawn(_in_flight(handler, _enter_flight(session, queued.topic, queued.data, retain)))
         else:  # QoS 2: amqtt's own flow
-            _spawn(_publish(handler, queued.topic, queued.data, queued.qos, False))
+            _spawn(_publish(handler, queued.topic, queued.data, queued.qos, retain))
 
 
-async def _in_flight(self: BrokerProtocolHandler, message: OutgoingApplicationMessage
-                     ) -> OutgoingApplicationMessage:
+async def _in_flight(self: BrokerProtocolHandler, message: OutgoingApplicationMessage) -> None:
     """Send a message of the session's flight (DUP if it was sent before) and wait for its
     PUBACK. amqtt gave up after 5 s and when the connection closed, and forgot the message
     either way; here it leaves the flight only once acknowledged (MQTT 3.1.1 section 4.4)."""
@@ -182,30 +207,48 @@ async def _in_flight(self: BrokerProtocolHandler, message: OutgoingApplicationMe
     await self._send_packet(packet)
     message.publish_packet = packet
     if getattr(self, _STOPPED, False):
-        return message  # closed: the next connection of the session sends it again
+        return  # closed: the next connection of the session sends it again
     waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     self._puback_waiters[message.packet_id] = waiter
     try:
         await asyncio.wait([waiter])  # cancelled when the connection closes
     finally:
-        self._puback_waiters.pop(message.packet_id, None)
+        if self._puback_waiters.get(message.packet_id) is waiter:
+            del self._puback_waiters[message.packet_id]
     if not waiter.cancelled():
         message.puback_packet = waiter.result()
         session.inflight_out.pop(message.packet_id, None)
         _send_queued(self)
-    return message
 
 
 async def _redeliver(self: BrokerProtocolHandler) -> None:
     """On resume, send again what is in flight, in the order it was first sent, without waiting
-    for the acknowledgements (amqtt waited, then gave up on each after 10 s)."""
+    for the acknowledgements (amqtt waited, then gave up on each after 10 s, and forgot it)."""
     session = self.session
     assert session is not None
     for message in list(session.inflight_out.values()):
         if message.qos == QOS_1:
             _spawn(_in_flight(self, message))
-    if session.inflight_in or any(m.qos != QOS_1 for m in session.inflight_out.values()):
-        await _retry_deliveries(self)  # QoS 2: amqtt's own flow
+        else:  # QoS 2: amqtt's own flow
+            _spawn(asyncio.wait_for(self._handle_message_flow(message), 10))
+    for message in list(session.inflight_in.values()):
+        _spawn(asyncio.wait_for(self._handle_message_flow(message), 10))
+
+
+async def _started(self: BrokerProtocolHandler) -> None:
+    """A connection that resumes a session, once it reads its client's packets: what was in
+    flight goes again first, then what was queued, then the rest. (amqtt then sent what was
+    queued while the session was away with the retain flag set: a client may rightly ignore a
+    retained input, and the node does.) Only if no newer connection took the session since."""
+    await _start(self)
+    session = self.session
+    if session is not None and _owns(session, self):
+        setattr(session, _HOLD, False)
+        _send_queued(self)
+
+
+async def _nothing_queued(self: Broker, session: Session) -> None:
+    """amqtt's delivery of the messages queued while the session was away: done on `start`."""
 
 
 def _stop(self: BrokerProtocolHandler) -> None:
@@ -222,16 +265,6 @@ async def _initialize(self: Broker, *args: Any) -> tuple[BrokerProtocolHandler, 
     return handler, session
 
 
-async def _resume_queue(self: Broker, session: Session) -> None:
-    """Deliver what was queued for the session, in order, as ordinary messages (amqtt set the
-    retain flag on them, and a client may rightly ignore a retained input); newer messages
-    queue behind them."""
-    setattr(session, _HOLD, False)
-    handler = self._get_handler(session)
-    if handler is not None:
-        _send_queued(handler)
-
-
 async def _queue_for_away(self: Broker, broadcast: dict[str, Any], qos: int,
                           session: Session) -> None:
     """A message for a session that is away: queued, at most MAX_QUEUED (amqtt queued all)."""
@@ -243,13 +276,24 @@ async def _queue_for_away(self: Broker, broadcast: dict[str, Any], qos: int,
 
 async def _disconnected(self: Broker, session: Session, handler: BrokerProtocolHandler,
                         waiter: asyncio.Future[Any]) -> None:
-    """When a client connects with the id of one still connected, amqtt closes the old
-    connection, whose own close then marked the session disconnected, under the new connection:
-    the session stopped receiving anything. The old connection now closes alone."""
-    if getattr(session, _CONNECTION, None) == getattr(handler, _CONNECTION, None):
-        await _handle_disconnect(self, session, handler, waiter)
-    else:
-        await self._stop_handler(handler)
+    """amqtt's `_handle_disconnect`, but when a client connects with the id of one still
+    connected, amqtt closes the old connection, whose own close then marked the session
+    disconnected under the new connection: the session stopped receiving anything. A
+    connection that no longer holds its session now closes alone (no Will: the session's Will
+    is the new connection's by then), checked again after each wait."""
+    owner = _holds(session, handler)
+    if owner and not isinstance(waiter.result(), DisconnectPacket) and session.will_flag:
+        await self._broadcast_message(session, session.will_topic, session.will_message,
+                                      session.will_qos)
+        if session.will_retain:
+            await self.retain_message(session, session.will_topic, session.will_message,
+                                      session.will_qos)
+    await self._stop_handler(handler)
+    if owner and _holds(session, handler):
+        session.transitions.disconnect()
+        await self.plugins_manager.fire_event(BrokerEvents.CLIENT_DISCONNECTED,
+                                              client_id=session.client_id,
+                                              client_session=session)
 
 
 # --- 7. walks over copies ------------------------------------------------------------------------
@@ -285,10 +329,11 @@ def _init(self: Broker, *args: Any, **kwargs: Any) -> None:
 BrokerProtocolHandler.handle_read_timeout = _drop_silent_client
 Broker._publish_retained_messages_for_subscription = _retained_for_own_subscription
 BrokerProtocolHandler.mqtt_publish = _mqtt_publish
+BrokerProtocolHandler.start = _started
 BrokerProtocolHandler._retry_deliveries = _redeliver
 BrokerProtocolHandler._stop_waiters = _stop
 Broker._initialize_client_session = _initialize
-Broker._publish_session_retained_messages = _resume_queue
-Broker._handle_disconnect = _disconnected
+Broker._publish_session_retained_messages = _nothing_queued
 Broker._retain_broadcast_message = _queue_for_away
+Broker._handle_disconnect = _disconnected
 Broker.__init__ = _init

@@ -53,3 +53,8 @@ class EmbeddedBroker:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._broker.shutdown()
+
+    def session_state(self, client_id: str) -> str | None:
+        """"connected" or "disconnected" (away, its session kept), None if it has none."""
+        held = self._broker.sessions.get(client_id)
+        return None if held is None else str(held[0].transitions.state)

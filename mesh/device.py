@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 SEARCH_S = 1.5  # how long a device that boots looks for a broker before it hosts one
 LOOK_EVERY_S = 0.25
+ANNOUNCE_WAIT_S = 10.0  # at most, for our node to open the apps' sessions on the broker we host
 RETRY_S = (1.0, 30.0)  # backoff when a broker cannot be reached
 
 
@@ -65,7 +66,7 @@ class Device:
         self._hosted: EmbeddedBroker | HostedMosquitto | None = None
         self._hosted_ad: BrokerAd | None = None
         self._watching: asyncio.Task[None] | None = None
-        self._joined = asyncio.Event()  # our node has joined the broker (and given it back)
+        self._sessions_opened = asyncio.Event()  # on the broker we host, by our node
         self._announced = False  # the broker we host is announced on the LAN
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -87,13 +88,15 @@ class Device:
                 if choice is None:
                     return
                 address, ad = choice
-                if carry is not None and ad is not None and ad is self._hosted_ad:
-                    carry = replace(carry, hold_inputs=not self._announced)
+                if ad is not None and ad is self._hosted_ad and not self._announced:
+                    if carry is None:  # nothing to hold
+                        self._sessions_opened.set()
+                    else:
+                        carry = replace(carry, sessions_opened=self._sessions_opened)
                 node = Node(replace(self.config, broker=address), carry)
                 try:
                     async with node:
                         self.node = node
-                        self._joined.set()
                         carry = None  # given to this broker (if it needed it): let it go
                         backoff = RETRY_S[0]
                         if self.lan:
@@ -112,7 +115,6 @@ class Device:
                     backoff = min(backoff * 2, RETRY_S[1] if carry is None else CARRY_RETRY_S)
                 finally:
                     self.node = None
-                    self._joined.clear()
                 if node.revoked:
                     raise TrustError(f"device {node.id} was revoked from the mesh (`mesh "
                                      "revoke`): it runs nothing until it is admitted again")
@@ -172,6 +174,7 @@ class Device:
                         LIMITS_WARNING)
         await broker.__aenter__()
         self._hosted, self._announced = broker, False
+        self._sessions_opened = asyncio.Event()
         started = int(time.time() * 1000)
         self._hosted_ad = BrokerAd(f"{self.config.node_id}.{BROKER_SERVICE}",
                                    tuple(local_addresses()), port, self.config.node_id, started,
@@ -186,10 +189,11 @@ class Device:
         lan, mine = self.lan, self._hosted_ad
         assert lan is not None
         assert mine is not None
-        # Announced only once our node has opened every app's session on it, to hold its
-        # inputs, and given it back what it held: a sensor that finds the broker then loses
-        # nothing it publishes.
-        await self._joined.wait()
+        # Announced once our node has opened every app's session on it, to hold its inputs
+        # (before anything runs there): a sensor that finds the broker then loses nothing it
+        # publishes. (At the latest after ANNOUNCE_WAIT_S: our node may fail to join.)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._sessions_opened.wait(), ANNOUNCE_WAIT_S)
         await lan.advertise_broker(port, started)
         self._announced = True
         while True:

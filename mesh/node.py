@@ -385,6 +385,7 @@ class Node:
             raise
         if body:
             self.authority.check_caps(node_id, wire.decode(wire.NodeRecord, body).caps)
+            self.departed.pop(node_id, None)
         elif node_id in self.members:  # a broker going down gracefully sends every Will
             self.departed[node_id] = time.monotonic()
         self._set(self.members, node_id, body, wire.NodeRecord)

@@ -52,9 +52,10 @@ class Carry:
     from_disk: set[str] = field(default_factory=set)  # ... and there
     marker: str | None = None  # the id of the mesh's marker on the broker we held this for
     trust: dict[str, bytes] = field(default_factory=dict)  # admissions and revocations, by topic
-    # For a broker this device has just started, that no one else can find yet: open the apps'
-    # sessions on it before anything runs (`hold_inputs`).
-    hold_inputs: bool = False
+    # For a broker this device has just started, that no one else can find yet: the apps'
+    # sessions are opened on it before anything runs (`hold_inputs`), then this is set (and
+    # the device announces the broker).
+    sessions_opened: asyncio.Event | None = None
 
     @classmethod
     def kept_on_disk(cls, store: StateStore, node_id: str) -> Carry:
@@ -205,8 +206,10 @@ async def after_join(node: Node, carry: Carry | None) -> None:
         # is a new one), and another node marked it since.
         remarked = (marker is not None and carry.marker is not None
                     and marker.id != carry.marker)
-        if carry.hold_inputs and marker is None:
-            await hold_inputs(node, carry.specs.values())
+        if carry.sessions_opened is not None:
+            if marker is None:
+                await hold_inputs(node, carry.specs.values())
+            carry.sessions_opened.set()
         await rebuild(node, carry, lost=marker is None or remarked, remarked=remarked)
     if marker is None:
         mark = wire.MeshRecord(secrets.token_hex(8), int(time.time() * 1000))

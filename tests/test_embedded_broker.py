@@ -64,6 +64,13 @@ async def _next(got: asyncio.Queue[Message]) -> tuple[bytes, bool, bool, int]:
     return bytes(message.payload), message.dup, message.retain, message.mid
 
 
+async def _away(broker: EmbeddedBroker, client_id: str) -> None:
+    """Until the broker has seen the client's DISCONNECT (a client closes without waiting)."""
+    async with asyncio.timeout(10):
+        while broker.session_state(client_id) != "disconnected":
+            await asyncio.sleep(0.01)
+
+
 def test_a_resumed_session_gets_what_was_in_flight_then_what_was_queued_then_the_rest() -> None:
     """MQTT 3.1.1 section 4.4, for a client without credentials (as every mesh session is on
     the embedded broker): QoS 1 messages sent but not acknowledged come again with DUP and the
@@ -78,13 +85,14 @@ def test_a_resumed_session_gets_what_was_in_flight_then_what_was_queued_then_the
             return Connection(address, "an-app", on_message=got.put_nowait,
                               clean_session=False, manual_ack=True)
 
-        async with EmbeddedBroker(address.host, address.port), \
+        async with EmbeddedBroker(address.host, address.port) as broker, \
                 Connection(address, "a-sensor") as sensor:
             async with session() as app:
                 await app.subscribe("in")
                 for payload in (b"1", b"2"):
                     await sensor.publish("in", payload)
                 first = [await _next(got) for _ in range(2)]  # not acknowledged
+            await _away(broker, "an-app")
             for payload in (b"3", b"4"):
                 await sensor.publish("in", payload)  # while the app is away
             async with session():
@@ -137,6 +145,28 @@ def test_a_client_that_acknowledges_nothing_holds_a_bounded_flight(
     first, rest = asyncio.run(scenario())
     assert first == [str(i).encode() for i in range(10)]
     assert rest == [str(i).encode() for i in range(10, 15)]
+
+
+def test_a_client_that_acknowledges_late_is_not_held_up() -> None:
+    """A node acknowledges an app's inputs only once a checkpoint holds them. amqtt waited for
+    the PUBACK of the retained messages it sent on a subscribe before it served the client any
+    further: a late acknowledger's next subscribe and its publications waited on itself."""
+
+    async def scenario() -> bytes:
+        address = BrokerAddress("127.0.0.1", free_port())
+        got: asyncio.Queue[Message] = asyncio.Queue()
+        async with EmbeddedBroker(address.host, address.port), \
+                Connection(address, "a-sensor") as sensor, \
+                Connection(address, "a-watcher", on_message=got.put_nowait) as watcher, \
+                Connection(address, "an-app", clean_session=False, manual_ack=True) as app:
+            await sensor.publish("weather", b"sunny", retain=True)
+            await watcher.subscribe("out")
+            await app.subscribe("weather")  # its retained message is never acknowledged
+            await asyncio.wait_for(app.subscribe("in"), 10)
+            await asyncio.wait_for(app.publish("out", b"still served"), 10)
+            return bytes((await asyncio.wait_for(got.get(), 10)).payload)
+
+    assert asyncio.run(scenario()) == b"still served"
 
 
 def test_a_session_taken_over_goes_on_receiving_on_the_new_connection() -> None:

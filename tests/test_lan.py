@@ -447,6 +447,7 @@ def test_mixed_devices_an_app_survives_its_device_then_the_broker_s_device_that_
         assert "hosting Mosquitto" in (tmp_path / f"{hosts[0]}.log").read_text()
         # Sent before the app runs again (its owner is given a grace to come back first):
         # held by the app's session, which the new broker had before anyone could find it.
+        assert obs.running(app) is None
         feed(obs, app, [b"after"])
         assert reach(obs, app, len(payloads) + 1, tmp_path) == \
             f"{len(payloads) + 1} {counter_hash([*payloads, b'after'])}".encode()
