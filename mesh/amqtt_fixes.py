@@ -8,7 +8,8 @@ upstream as it is; broker-config/amqtt-fixes.md says what each one changes and w
 3. a client without credentials keeps a persistent session (`OpenAuth`);
 4. a QoS 1 message stays in its session's flight until the client acknowledges it, and is
    sent again, with DUP set and the same packet id, when the session resumes; a session has at
-   most MAX_IN_FLIGHT messages in flight and MAX_QUEUED waiting (as Mosquitto's limits);
+   most MAX_IN_FLIGHT messages in flight and MAX_QUEUED (MAX_QUEUED_BYTES) waiting, as
+   Mosquitto's limits;
 5. a resumed session gets, in order: what was in flight, what was queued while it was away
    (as ordinary messages, not retained ones), then what comes after;
 6. when a new connection takes over a session, the old one's close leaves the session alone;
@@ -104,9 +105,12 @@ _initialize_client_session = Broker._initialize_client_session
 _retain_broadcast = Broker._retain_broadcast_message
 
 # A session's QoS 1 messages sent and not yet acknowledged, at most (as Mosquitto's
-# `max_inflight_messages`); and the messages waiting for it, at most (`max_queued_messages`).
+# `max_inflight_messages`); and the messages waiting for it, at most (`max_queued_messages`,
+# `max_queued_bytes`, as the mesh configures Mosquitto).
 MAX_IN_FLIGHT = 1000
 MAX_QUEUED = 100_000
+MAX_QUEUED_BYTES = 256 << 20
+_QUEUED_BYTES = "_mesh_queued_bytes"  # on a Session: the payload bytes waiting in its queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,18 +168,24 @@ def _enter_flight(session: Session, topic: str, data: bytes | bytearray,
 
 
 def _queue(session: Session, message: _Waiting) -> None:
-    if _room(session, message.topic):
+    if _room(session, message.topic, len(message.data)):
         session.retained_messages.put_nowait(message)
+        _count(session, len(message.data))
 
 
-def _room(session: Session, topic: str) -> bool:
-    """Whether a message may still queue for the session: past MAX_QUEUED it is dropped, as
-    Mosquitto drops past its `max_queued_messages`."""
-    if session.retained_messages.qsize() < MAX_QUEUED:
+def _room(session: Session, topic: str, size: int) -> bool:
+    """Whether a message may still queue for the session: past MAX_QUEUED messages or
+    MAX_QUEUED_BYTES it is dropped, as Mosquitto drops past its limits."""
+    queued = getattr(session, _QUEUED_BYTES, 0)
+    if session.retained_messages.qsize() < MAX_QUEUED and queued + size <= MAX_QUEUED_BYTES:
         return True
-    log.warning("embedded broker: %d messages wait for %s already; dropping one on %s",
-                MAX_QUEUED, session.client_id, topic)
+    log.warning("embedded broker: %d messages (%d bytes) wait for %s already; dropping one on "
+                "%s", session.retained_messages.qsize(), queued, session.client_id, topic)
     return False
+
+
+def _count(session: Session, size: int) -> None:
+    setattr(session, _QUEUED_BYTES, getattr(session, _QUEUED_BYTES, 0) + size)
 
 
 def _send_queued(handler: BrokerProtocolHandler) -> None:
@@ -188,6 +198,7 @@ def _send_queued(handler: BrokerProtocolHandler) -> None:
     while (not getattr(session, _HOLD, False) and len(session.inflight_out) < MAX_IN_FLIGHT
            and not queue.empty()):
         queued = queue.get_nowait()
+        _count(session, -len(queued.data))
         # amqtt's own kind, queued while the session was away, says retained: it is not
         retain = queued.retain if isinstance(queued, _Waiting) else False
         if queued.qos == QOS_1:
@@ -267,9 +278,11 @@ async def _initialize(self: Broker, *args: Any) -> tuple[BrokerProtocolHandler, 
 
 async def _queue_for_away(self: Broker, broadcast: dict[str, Any], qos: int,
                           session: Session) -> None:
-    """A message for a session that is away: queued, at most MAX_QUEUED (amqtt queued all)."""
-    if _room(session, str(broadcast.get("topic"))):
+    """A message for a session that is away: queued, within the limits (amqtt queued all)."""
+    size = len(broadcast.get("data") or b"")
+    if _room(session, str(broadcast.get("topic")), size):
         await _retain_broadcast(self, broadcast, qos, session)
+        _count(session, size)
 
 
 # --- 6. a session taken over ---------------------------------------------------------------------

@@ -147,6 +147,37 @@ def test_a_client_that_acknowledges_nothing_holds_a_bounded_flight(
     assert rest == [str(i).encode() for i in range(10, 15)]
 
 
+def test_what_waits_for_a_session_away_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages queued for a session that is away are kept within MAX_QUEUED_BYTES (as
+    Mosquitto's `max_queued_bytes`): past it they are dropped, so the inputs of an app that
+    never comes back cannot fill the device's memory. amqtt kept them all."""
+    monkeypatch.setattr(amqtt_fixes, "MAX_QUEUED_BYTES", 10)
+
+    async def scenario() -> list[bytes]:
+        address = BrokerAddress("127.0.0.1", free_port())
+        got: asyncio.Queue[Message] = asyncio.Queue()
+
+        def session() -> Connection:
+            return Connection(address, "an-app", on_message=got.put_nowait,
+                              clean_session=False)
+
+        async with EmbeddedBroker(address.host, address.port) as broker, \
+                Connection(address, "a-sensor") as sensor:
+            async with session() as app:
+                await app.subscribe("in")
+            await _away(broker, "an-app")
+            for payload in (b"1111", b"2222", b"3333", b"4"):
+                await sensor.publish("in", payload)
+            async with session():
+                await sensor.publish("in", b"live")  # behind whatever was queued
+                received: list[bytes] = []
+                while not received or received[-1] != b"live":
+                    received.append(bytes((await asyncio.wait_for(got.get(), 10)).payload))
+                return received
+
+    assert asyncio.run(scenario()) == [b"1111", b"2222", b"4", b"live"]
+
+
 def test_a_client_that_acknowledges_late_is_not_held_up() -> None:
     """A node acknowledges an app's inputs only once a checkpoint holds them. amqtt waited for
     the PUBACK of the retained messages it sent on a subscribe before it served the client any
