@@ -168,8 +168,8 @@ async def demo(workdir: Path) -> int:
              f"(epoch {moved.detail.get('epoch')}). Three more messages:")
         await _send(mesh, watch, ["f", "g", "h"])
         await watch.until(lambda: watch.checkpointed == 8, "the checkpoint of message 8")
-        _say(f"    {target} checkpointed all eight (the embedded broker does not redeliver "
-             "inputs a crash interrupts; Mosquitto does).")
+        _say(f"    {target} checkpointed all eight (an input is acknowledged to the broker "
+             "only once a checkpoint holds it: the broker gives a survivor any it has not).")
         _say()
         _say(f"[5] Pulling the plug on {target}:  kill -9")
         procs[target].send_signal(signal.SIGKILL)
