@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from amqtt.broker import Broker
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import Session
 
 from mesh import amqtt_fixes
+from mesh.accounts import Accounts
 from mesh.mqtt import BrokerAddress
 
 log = logging.getLogger(__name__)
@@ -32,17 +36,58 @@ LIMITS_WARNING = (
     "keeps them on disk")
 
 
+@dataclass
+class _AccountsConfig:
+    root: str = "mesh"
+    password: str = ""
+
+
+_ROLE = "_mesh_role"  # on a Session: what its client may do (`mesh.accounts`)
+
+
+class AccountsAuth(BaseAuthPlugin):  # type: ignore[misc]  # amqtt is untyped
+    """The mesh's accounts (`mesh.accounts`): a client with the mesh's password, or one without
+    credentials (a device waiting to be admitted, kept to its topics by `AccountsTopics`).
+    Neither is marked anonymous: its persistent session is kept (see `OpenAuth`)."""
+
+    Config = _AccountsConfig
+
+    async def authenticate(self, *, session: Session) -> bool:
+        config = self.context.config
+        role = Accounts(config.root, config.password).role(session.username, session.password)
+        setattr(session, _ROLE, role)
+        return role is not None
+
+
+class AccountsTopics(BaseTopicPlugin):  # type: ignore[misc]  # amqtt is untyped
+    """What each of the mesh's accounts may publish, receive and subscribe to."""
+
+    Config = _AccountsConfig
+
+    async def topic_filtering(self, *, session: Session | None = None,
+                              topic: str | None = None, action: Any = None) -> bool:
+        config = self.context.config
+        return session is not None and topic is not None and Accounts(
+            config.root, config.password).permits(getattr(session, _ROLE, None), topic)
+
+
 class EmbeddedBroker:
-    """`async with EmbeddedBroker(host, port) as broker:` serves MQTT until the block ends."""
+    """`async with EmbeddedBroker(host, port) as broker:` serves MQTT until the block ends;
+    with `accounts`, only to the mesh's (`mesh.accounts`)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 1883,
-                 keepalive: int = DEFAULT_KEEPALIVE_S) -> None:
+                 keepalive: int = DEFAULT_KEEPALIVE_S, accounts: Accounts | None = None) -> None:
         self.address = BrokerAddress(host, port)
+        plugins: dict[str, Any] = {f"{amqtt_fixes.__name__}.{amqtt_fixes.OpenAuth.__name__}": {}}
+        if accounts is not None:
+            settings = {"root": accounts.root, "password": accounts.password}
+            plugins = {f"{__name__}.{AccountsAuth.__name__}": settings,
+                       f"{__name__}.{AccountsTopics.__name__}": settings}
         config: dict[str, Any] = {
             "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
             "timeout_disconnect_delay": math.ceil(keepalive / 2),
             "session_expiry_interval": SESSION_EXPIRY_S,
-            "plugins": {f"{amqtt_fixes.__name__}.{amqtt_fixes.OpenAuth.__name__}": {}},
+            "plugins": plugins,
         }
         self._broker = Broker(config)
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mesh import keys, pairing, profile, wire
+from mesh.accounts import Accounts, signed_in
 from mesh.authority import OPEN_MESH_WARNING, Authority, admitted, keep
 from mesh.cli import read_module
 from mesh.client import MeshClient, broker_from, find_broker
@@ -126,8 +127,9 @@ async def run_device(device: Device, *, embedded: bool) -> int:
     async with contextlib.AsyncExitStack() as stack:
         if embedded:
             address = device.config.broker
+            accounts = Accounts.of_device(device.config.state_dir, device.config.root)
             await stack.enter_async_context(EmbeddedBroker(address.host, address.port,
-                                                           device.config.keepalive))
+                                                           device.config.keepalive, accounts))
             log.warning("%s", LIMITS_WARNING)
         await device.run(stopping)
     return 0
@@ -174,7 +176,7 @@ def cmd_admit(args: argparse.Namespace) -> int:
                         "token (`mesh admit --token`)")
     if not args.device and not args.token:
         async def waiting() -> list[pairing.Pending]:
-            return await pairing.waiting(await find_broker(args.broker, args.root), args.root)
+            return await pairing.waiting(await _broker(args), args.root)
 
         found = asyncio.run(waiting())
         for request in found:
@@ -191,8 +193,8 @@ def cmd_admit(args: argparse.Namespace) -> int:
         return 0
 
     async def admit() -> str:
-        broker = await find_broker(args.broker, args.root)
-        return await pairing.admit(broker, home, args.device, rights, root=args.root)
+        return await pairing.admit(await _broker(args), home, args.device, rights,
+                                   root=args.root)
 
     print(f"admitted {args.device} (key {asyncio.run(admit())}: the device logged the same "
           "when it started)")
@@ -201,8 +203,8 @@ def cmd_admit(args: argparse.Namespace) -> int:
 
 def cmd_grant(args: argparse.Namespace) -> int:
     async def grant() -> list[str]:
-        broker = await find_broker(args.broker, args.root)
-        return await pairing.grant_all(broker, OperatorHome(args.home), root=args.root)
+        return await pairing.grant_all(await _broker(args), OperatorHome(args.home),
+                                       root=args.root)
 
     granted = asyncio.run(grant())
     print(f"granted the mesh's data keys to {', '.join(granted) or 'no device'}")
@@ -211,8 +213,7 @@ def cmd_grant(args: argparse.Namespace) -> int:
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     async def revoke() -> tuple[int, list[str]]:
-        broker = await find_broker(args.broker, args.root)
-        return await pairing.revoke(broker, OperatorHome(args.home), args.device,
+        return await pairing.revoke(await _broker(args), OperatorHome(args.home), args.device,
                                     root=args.root)
 
     generation, granted = asyncio.run(revoke())
@@ -220,6 +221,14 @@ def cmd_revoke(args: argparse.Namespace) -> int:
           f"sealed with data key {generation} from now on, granted to "
           f"{', '.join(granted) or 'no device'}")
     return 0
+
+
+async def _broker(args: argparse.Namespace) -> BrokerAddress:
+    """The mesh's broker, with the mesh's account (`mesh.accounts`) if this machine holds the
+    mesh (the broker a device hosts in a secure mesh serves no one else)."""
+    broker = await find_broker(args.broker, args.root)
+    home = OperatorHome(args.home)
+    return signed_in(broker, home.keyring()) if home.exists() else broker
 
 
 def _operator_key(args: argparse.Namespace) -> Ed25519PrivateKey | None:
@@ -233,8 +242,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 async def _client(args: argparse.Namespace) -> int:
-    async with MeshClient(await find_broker(args.broker, args.root), args.root,
-                          _operator_key(args)) as mesh:
+    async with MeshClient(await _broker(args), args.root, _operator_key(args)) as mesh:
         if args.command == "events":
             async for event in mesh.events():
                 print(_event_line(event, as_json=args.json), flush=True)

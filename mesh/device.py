@@ -20,6 +20,8 @@ from dataclasses import replace
 from typing import Any
 
 from mesh import election, mosquitto
+from mesh.accounts import Accounts, signed_in
+from mesh.authority import KEYS_FILE
 from mesh.broker import LIMITS_WARNING, EmbeddedBroker
 from mesh.discovery import (
     BROKER_SERVICE,
@@ -34,6 +36,7 @@ from mesh.errors import BrokerError, ConfigError, TrustError
 from mesh.mosquitto import HostedMosquitto
 from mesh.mqtt import BrokerAddress
 from mesh.node import Node, NodeConfig
+from mesh.privacy import Keyring
 from mesh.profile import HOSTED_BROKERS
 from mesh.recovery import CARRY_RETRY_S, Carry
 from mesh.store import StateStore
@@ -93,7 +96,7 @@ class Device:
                         self._sessions_opened.set()
                     else:
                         carry = replace(carry, sessions_opened=self._sessions_opened)
-                node = Node(replace(self.config, broker=address), carry)
+                node = Node(replace(self.config, broker=self._signed_in(address)), carry)
                 try:
                     async with node:
                         self.node = node
@@ -165,11 +168,12 @@ class Device:
         assert self.lan is not None
         port = free_port(preferred=self.broker_port)
         broker: EmbeddedBroker | HostedMosquitto
+        accounts = Accounts.of_device(self.config.state_dir, self.config.root)
         if self.hosted != "amqtt" and mosquitto.available() is not None:
-            broker = HostedMosquitto("0.0.0.0", port, self.config.state_dir)
+            broker = HostedMosquitto("0.0.0.0", port, self.config.state_dir, accounts)
             log.warning("no broker on the LAN: hosting Mosquitto on port %d", port)
         else:
-            broker = EmbeddedBroker("0.0.0.0", port, self.config.keepalive)
+            broker = EmbeddedBroker("0.0.0.0", port, self.config.keepalive, accounts)
             log.warning("no broker on the LAN: hosting one on port %d; %s", port,
                         LIMITS_WARNING)
         await broker.__aenter__()
@@ -182,6 +186,11 @@ class Device:
         self._watching = asyncio.create_task(self._announce_and_watch(port, started),
                                              name="hosted-broker")
         return BrokerAddress("127.0.0.1", port), self._hosted_ad
+
+    def _signed_in(self, address: BrokerAddress) -> BrokerAddress:
+        """With the mesh's account (`mesh.accounts`), if this device holds the mesh's keys."""
+        path = self.config.state_dir / KEYS_FILE
+        return signed_in(address, Keyring.load(path)) if path.exists() else address
 
     async def _announce_and_watch(self, port: int, started: int) -> None:
         """While hosting: announce our broker (our node joins it meanwhile), and yield to a

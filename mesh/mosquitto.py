@@ -18,6 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
+from mesh.accounts import Accounts
 from mesh.errors import BrokerError
 from mesh.mqtt import BrokerAddress
 
@@ -52,19 +53,23 @@ def available() -> str | None:
     return shutil.which("mosquitto") or (str(sbin) if sbin.exists() else None)
 
 
-def config(host: str, port: int, store: Path) -> str:
-    """Mosquitto's configuration, its store in `store`. A node run as root keeps Mosquitto
-    root too (it would drop to the `mosquitto` user, who cannot reach the node's state)."""
+def config(host: str, port: int, store: Path, accounts: Accounts | None = None) -> str:
+    """Mosquitto's configuration, its store in `store`; in a secure mesh, with the mesh's
+    `accounts` (their files written into `store`). A node run as root keeps Mosquitto root too
+    (it would drop to the `mosquitto` user, who cannot reach the node's state)."""
     user = "user root\n" if os.geteuid() == 0 else ""
-    return CONFIG.format(host=host, port=port, store=store, user=user)
+    text = CONFIG.format(host=host, port=port, store=store, user=user)
+    return text + accounts.mosquitto(store) if accounts is not None else text
 
 
 class HostedMosquitto:
     """`async with HostedMosquitto(host, port, state_dir):` serves MQTT until the block ends,
-    started again whenever it exits on its own."""
+    started again whenever it exits on its own; with `accounts`, only to the mesh's."""
 
-    def __init__(self, host: str, port: int, state_dir: Path) -> None:
+    def __init__(self, host: str, port: int, state_dir: Path,
+                 accounts: Accounts | None = None) -> None:
         self.address = BrokerAddress(host, port)
+        self.accounts = accounts
         self.store = state_dir / "broker"
         self._binary = available()
         self._proc: asyncio.subprocess.Process | None = None
@@ -79,7 +84,7 @@ class HostedMosquitto:
             raise BrokerError("mosquitto is not installed (apt-get install mosquitto)")
         self.store.mkdir(parents=True, exist_ok=True)
         conf = self.store / "mosquitto.conf"
-        conf.write_text(config(self.address.host, self.address.port, self.store))
+        conf.write_text(config(self.address.host, self.address.port, self.store, self.accounts))
         await self._start()
         self._watch = asyncio.create_task(self._supervise(), name="hosted-mosquitto")
         log.info("Mosquitto listening on %s (its store in %s)", self.address, self.store)

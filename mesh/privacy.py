@@ -204,6 +204,14 @@ def session_secret(keyring: Keyring, app: str) -> str:
     return _derive(first, None, f"liquid-mesh/1 app session\0{app}".encode())[:8].hex()
 
 
+def broker_password(keyring: Keyring) -> str:
+    """The password of the mesh's account on the broker a device hosts (`mesh.accounts`): 32
+    hex digits of HKDF-SHA256 of the mesh's first data key, like the session secret, so that a
+    device that missed a revoke can still reach the broker, to be granted the newest key."""
+    first = keyring.key(min(keyring.keys, default=1))
+    return _derive(first, None, b"liquid-mesh/1 broker password")[:16].hex()
+
+
 # --- handing the keys to a device ------------------------------------------------------------
 
 

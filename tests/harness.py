@@ -28,6 +28,7 @@ from mesh import privacy, trust, wire
 from mesh.errors import WireError
 from mesh.home import OperatorHome
 from mesh.mosquitto import config as mosquitto_config
+from mesh.mqtt import BrokerAddress
 from mesh.trust import Rights
 
 MOSQUITTO_CONF = """\
@@ -176,13 +177,20 @@ def read_checkpoint(topic: str, payload: bytes) -> wire.Snapshot:
     return wire.decode(wire.Snapshot, body)
 
 
+def connect(client: paho.Client, broker: str, keepalive: int = 60) -> None:
+    """Connect a plain paho client to `mqtt://[user:password@]host:port`."""
+    address = BrokerAddress.parse(broker)
+    if address.username is not None:
+        client.username_pw_set(address.username, address.password)
+    client.connect(address.host, address.port, keepalive)
+
+
 def retained(broker: str, topic: str, timeout: float = 10) -> bytes:
     """The retained message at `topic`, read by a new plain client."""
     got: list[bytes] = []
-    host, port = broker.removeprefix("mqtt://").split(":")
     client = paho.Client(CallbackAPIVersion.VERSION2)
     client.on_message = lambda _c, _u, message: got.append(bytes(message.payload))
-    client.connect(host, int(port))
+    connect(client, broker)
     client.subscribe(topic, 1)
     client.loop_start()
     try:
@@ -241,13 +249,13 @@ class Observer:
     _subscribed: threading.Event = field(default_factory=threading.Event)
 
     def __enter__(self) -> Observer:
-        host, port = self.broker.removeprefix("mqtt://").split(":")
+        port = BrokerAddress.parse(self.broker).port
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"observer-{port}")
         self.client.on_message = self._on_message
         self.client.on_connect = self._subscribe  # again after a broker restart, too
         self.client.on_disconnect = self._forget
         self.client.reconnect_delay_set(1, 1)
-        self.client.connect(host, int(port))
+        connect(self.client, self.broker)
         self.client.loop_start()
         wait_until(self._subscribed.is_set, 10, "the observer to subscribe")
         return self

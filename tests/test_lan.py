@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -19,9 +20,12 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from zeroconf import IPVersion, Zeroconf
 
+from mesh.accounts import signed_in
 from mesh.client import find_broker
 from mesh.discovery import PENDING_SERVICE, answers
+from mesh.errors import BrokerError
 from mesh.home import OperatorHome
+from mesh.mqtt import BrokerAddress, Connection
 from mesh.placement import assign
 from mesh.wire import AppSpec, NodeRecord
 from tests.conftest import COUNTER_WAT, require_tool
@@ -29,6 +33,7 @@ from tests.harness import (
     Observer,
     assert_exactly_once,
     checkpointed,
+    connect,
     count_of,
     counter_hash,
     joining,
@@ -81,10 +86,15 @@ def pending_on_the_lan(name: str) -> dict[str, str]:
 
 
 def discovered_broker(viewer: Device) -> str:
-    """The broker the mesh elected, found from `viewer` with mDNS as `mesh apps` finds it."""
+    """The broker the mesh elected, found from `viewer` with mDNS as `mesh apps` finds it;
+    with the mesh's account (`mesh.accounts`): the test holds the mesh."""
     with viewer.inside():
         address = asyncio.run(find_broker(None))
-    return str(address)
+    home = OperatorHome()
+    if not home.exists():
+        return str(address)
+    signed = signed_in(address, home.keyring())
+    return f"mqtt://{signed.username}:{signed.password}@{signed.host}:{signed.port}"
 
 
 @contextlib.contextmanager
@@ -321,6 +331,11 @@ def test_a_device_rebooted_alone_is_the_same_device_with_its_apps(lan: Lan,
             f"2 {counter_hash([b'before', b'after'])}".encode()
 
 
+async def connected(broker: BrokerAddress) -> None:
+    async with Connection(broker, "a-stranger"):
+        pass
+
+
 def test_devices_paired_with_join_tokens_form_a_secure_mesh(lan: Lan, tmp_path: Path) -> None:
     """The headless way in: `mesh init` and `mesh admit --token` on the laptop, each device
     booted with its token and nothing else; only the operator's key steers the mesh."""
@@ -335,10 +350,14 @@ def test_devices_paired_with_join_tokens_form_a_secure_mesh(lan: Lan, tmp_path: 
         wait_until(lambda: obs.running("counter"), 30, f"counter running\n{logs(tmp_path)}")
         feed(obs, "counter", [b"hello"])
         assert reach(obs, "counter", 1, tmp_path) == f"1 {counter_hash([b'hello'])}".encode()
+        # Without the mesh: the broker kitchen hosts takes nothing from it (`mesh.accounts`)
         anonymous = viewer.run(sys.executable, "-m", "mesh", "-q", "stop", "counter",
                                "--home", str(tmp_path / "nowhere"))
         assert anonymous.returncode == 1
-        assert "must be signed by the operator" in anonymous.stderr
+        assert "no node answered" in anonymous.stderr
+        guessed = replace(BrokerAddress.parse(discovered_broker(viewer)), password="guessed")
+        with viewer.inside(), pytest.raises(BrokerError, match="refused"):
+            asyncio.run(connected(guessed))
         feed(obs, "counter", [b"again"])
         assert count_of(reach(obs, "counter", 2, tmp_path)) == 2
 
@@ -471,11 +490,10 @@ class Sensor(threading.Thread):
     def _connect(self) -> paho.Client:
         while True:
             broker = discovered_broker(self.viewer)
-            host, port = broker.removeprefix("mqtt://").split(":")
             client = paho.Client(CallbackAPIVersion.VERSION2, reconnect_on_failure=False)
             try:
                 with self.viewer.inside():
-                    client.connect(host, int(port), keepalive=2)
+                    connect(client, broker, keepalive=2)
             except OSError:
                 continue  # the dead broker's record, still cached
             client.loop_start()

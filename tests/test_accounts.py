@@ -1,0 +1,93 @@
+"""The broker a device hosts in a secure mesh serves only the mesh (`mesh.accounts`): on
+Mosquitto (the configuration a device writes) and on the embedded broker alike."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from mesh import privacy
+from mesh.accounts import Accounts, signed_in
+from mesh.broker import EmbeddedBroker
+from mesh.errors import BrokerError
+from mesh.mosquitto import HostedMosquitto
+from mesh.mqtt import BrokerAddress, Connection, Message
+from mesh.privacy import Keyring
+from tests.conftest import require_tool
+from tests.harness import free_port
+
+KEYRING = Keyring({1: bytes(range(32))})
+ACCOUNTS = Accounts.of(KEYRING, "mesh")
+
+
+@asynccontextmanager
+async def hosted(kind: str, tmp_path: Path) -> AsyncIterator[BrokerAddress]:
+    port = free_port()
+    broker: AbstractAsyncContextManager[object] = (
+        HostedMosquitto("127.0.0.1", port, tmp_path, ACCOUNTS) if kind == "mosquitto"
+        else EmbeddedBroker("127.0.0.1", port, accounts=ACCOUNTS))
+    async with broker:
+        yield BrokerAddress("127.0.0.1", port)
+
+
+@pytest.fixture(params=["mosquitto", "embedded"])
+def kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "mosquitto":
+        require_tool("mosquitto")
+    return str(request.param)
+
+
+def test_a_stranger_reads_and_writes_nothing_but_a_pending_record(kind: str,
+                                                                   tmp_path: Path) -> None:
+    """Without credentials a client may only announce a device waiting to be admitted: it gets
+    no app's outputs or the mesh's records, and its inputs reach no app."""
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        stranger_got: asyncio.Queue[Message] = asyncio.Queue()
+        mesh_got: asyncio.Queue[Message] = asyncio.Queue()
+        async with hosted(kind, tmp_path) as address, \
+                Connection(signed_in(address, KEYRING), "a-node",
+                           on_message=mesh_got.put_nowait) as node, \
+                Connection(address, "a-stranger", on_message=stranger_got.put_nowait) as stranger:
+            await node.publish("mesh/nodes/kitchen", b"a node record", retain=True)
+            await node.subscribe("mesh/apps/+/in", "mesh/pending/#")
+            with contextlib.suppress(BrokerError):  # amqtt refuses it; Mosquitto sends nothing
+                await stranger.subscribe("mesh/apps/+/out/#", "mesh/nodes/+")
+            await stranger.subscribe("mesh/pending/#")
+            await node.publish("mesh/apps/ledger/out/total", b"42")
+            await stranger.publish("mesh/apps/ledger/in", b"forged input")
+            await stranger.publish("mesh/pending/stranger", b"let me in")  # last, to both
+            await node.publish("mesh/pending/stranger/welcome", b"not yet")
+            stranger_topics = [(await asyncio.wait_for(stranger_got.get(), 10)).topic
+                               for _ in range(2)]
+            mesh_topics = [(await asyncio.wait_for(mesh_got.get(), 10)).topic
+                           for _ in range(2)]
+            return stranger_topics, mesh_topics
+
+    stranger_topics, mesh_topics = asyncio.run(scenario())
+    assert stranger_topics == ["mesh/pending/stranger", "mesh/pending/stranger/welcome"]
+    assert mesh_topics == ["mesh/pending/stranger", "mesh/pending/stranger/welcome"]
+
+
+def test_a_wrong_password_is_refused(kind: str, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with hosted(kind, tmp_path) as address:
+            other = Keyring({1: bytes(32)})
+            with pytest.raises(BrokerError, match="refused"):
+                async with Connection(signed_in(address, other), "an-impostor"):
+                    pass
+            async with Connection(signed_in(address, KEYRING), "a-node"):
+                pass
+
+    asyncio.run(scenario())
+
+
+def test_the_password_is_the_mesh_s_and_only_its() -> None:
+    assert privacy.broker_password(KEYRING) == privacy.broker_password(
+        Keyring({1: bytes(range(32)), 2: bytes(32)}))  # a revoke keeps it (see the module)
+    assert privacy.broker_password(KEYRING) != privacy.broker_password(Keyring({1: bytes(32)}))
