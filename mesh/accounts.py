@@ -45,6 +45,12 @@ class Accounts:
         path = state_dir / KEYS_FILE
         return cls.of(Keyring.load(path), root) if path.exists() else None
 
+    def sign_in(self, broker: BrokerAddress) -> BrokerAddress:
+        """The address with the mesh's account on it, unless it names an account of its own."""
+        if broker.username is not None:
+            return broker
+        return replace(broker, username=USER, password=self.password)
+
     def role(self, username: str | None, password: str | None) -> str | None:
         """MESH, PENDING (no credentials), or None: refused."""
         if username is None:
@@ -71,13 +77,6 @@ class Accounts:
         _write_private(acl, f"topic readwrite {self.root}/pending/#\n\n"
                        f"user {USER}\ntopic readwrite {self.root}/#\n")
         return f"password_file {passwords}\nacl_file {acl}\n"
-
-
-def signed_in(broker: BrokerAddress, keyring: Keyring) -> BrokerAddress:
-    """The address with the mesh's account on it, unless it names an account of its own."""
-    if broker.username is not None:
-        return broker
-    return replace(broker, username=USER, password=privacy.broker_password(keyring))
 
 
 def _write_private(path: Path, text: str) -> None:

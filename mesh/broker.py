@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from amqtt.broker import Broker
@@ -36,12 +35,6 @@ LIMITS_WARNING = (
     "keeps them on disk")
 
 
-@dataclass
-class _AccountsConfig:
-    root: str = "mesh"
-    password: str = ""
-
-
 _ROLE = "_mesh_role"  # on a Session: what its client may do (`mesh.accounts`)
 
 
@@ -50,11 +43,10 @@ class AccountsAuth(BaseAuthPlugin):  # type: ignore[misc]  # amqtt is untyped
     credentials (a device waiting to be admitted, kept to its topics by `AccountsTopics`).
     Neither is marked anonymous: its persistent session is kept (see `OpenAuth`)."""
 
-    Config = _AccountsConfig
+    Config = Accounts  # amqtt makes the plugin's configuration one
 
     async def authenticate(self, *, session: Session) -> bool:
-        config = self.context.config
-        role = Accounts(config.root, config.password).role(session.username, session.password)
+        role = self.context.config.role(session.username, session.password)
         setattr(session, _ROLE, role)
         return role is not None
 
@@ -62,13 +54,12 @@ class AccountsAuth(BaseAuthPlugin):  # type: ignore[misc]  # amqtt is untyped
 class AccountsTopics(BaseTopicPlugin):  # type: ignore[misc]  # amqtt is untyped
     """What each of the mesh's accounts may publish, receive and subscribe to."""
 
-    Config = _AccountsConfig
+    Config = Accounts
 
     async def topic_filtering(self, *, session: Session | None = None,
                               topic: str | None = None, action: Any = None) -> bool:
-        config = self.context.config
-        return session is not None and topic is not None and Accounts(
-            config.root, config.password).permits(getattr(session, _ROLE, None), topic)
+        return session is not None and topic is not None and self.context.config.permits(
+            getattr(session, _ROLE, None), topic)
 
 
 class EmbeddedBroker:

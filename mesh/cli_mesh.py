@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mesh import keys, pairing, profile, wire
-from mesh.accounts import Accounts, signed_in
+from mesh.accounts import Accounts
 from mesh.authority import OPEN_MESH_WARNING, Authority, admitted, keep
 from mesh.cli import read_module
 from mesh.client import MeshClient, broker_from, find_broker
@@ -228,7 +228,7 @@ async def _broker(args: argparse.Namespace) -> BrokerAddress:
     mesh (the broker a device hosts in a secure mesh serves no one else)."""
     broker = await find_broker(args.broker, args.root)
     home = OperatorHome(args.home)
-    return signed_in(broker, home.keyring()) if home.exists() else broker
+    return Accounts.of(home.keyring(), args.root).sign_in(broker) if home.exists() else broker
 
 
 def _operator_key(args: argparse.Namespace) -> Ed25519PrivateKey | None:

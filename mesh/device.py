@@ -20,8 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 from mesh import election, mosquitto
-from mesh.accounts import Accounts, signed_in
-from mesh.authority import KEYS_FILE
+from mesh.accounts import Accounts
 from mesh.broker import LIMITS_WARNING, EmbeddedBroker
 from mesh.discovery import (
     BROKER_SERVICE,
@@ -36,7 +35,6 @@ from mesh.errors import BrokerError, ConfigError, TrustError
 from mesh.mosquitto import HostedMosquitto
 from mesh.mqtt import BrokerAddress
 from mesh.node import Node, NodeConfig
-from mesh.privacy import Keyring
 from mesh.profile import HOSTED_BROKERS
 from mesh.recovery import CARRY_RETRY_S, Carry
 from mesh.store import StateStore
@@ -189,8 +187,8 @@ class Device:
 
     def _signed_in(self, address: BrokerAddress) -> BrokerAddress:
         """With the mesh's account (`mesh.accounts`), if this device holds the mesh's keys."""
-        path = self.config.state_dir / KEYS_FILE
-        return signed_in(address, Keyring.load(path)) if path.exists() else address
+        accounts = Accounts.of_device(self.config.state_dir, self.config.root)
+        return accounts.sign_in(address) if accounts is not None else address
 
     async def _announce_and_watch(self, port: int, started: int) -> None:
         """While hosting: announce our broker (our node joins it meanwhile), and yield to a

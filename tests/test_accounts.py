@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mesh import privacy
-from mesh.accounts import Accounts, signed_in
+from mesh.accounts import Accounts
 from mesh.broker import EmbeddedBroker
 from mesh.errors import BrokerError
 from mesh.mosquitto import HostedMosquitto
@@ -51,7 +51,7 @@ def test_a_stranger_reads_and_writes_nothing_but_a_pending_record(kind: str,
         stranger_got: asyncio.Queue[Message] = asyncio.Queue()
         mesh_got: asyncio.Queue[Message] = asyncio.Queue()
         async with hosted(kind, tmp_path) as address, \
-                Connection(signed_in(address, KEYRING), "a-node",
+                Connection(ACCOUNTS.sign_in(address), "a-node",
                            on_message=mesh_got.put_nowait) as node, \
                 Connection(address, "a-stranger", on_message=stranger_got.put_nowait) as stranger:
             await node.publish("mesh/nodes/kitchen", b"a node record", retain=True)
@@ -79,9 +79,9 @@ def test_a_wrong_password_is_refused(kind: str, tmp_path: Path) -> None:
         async with hosted(kind, tmp_path) as address:
             other = Keyring({1: bytes(32)})
             with pytest.raises(BrokerError, match="refused"):
-                async with Connection(signed_in(address, other), "an-impostor"):
+                async with Connection(Accounts.of(other, "mesh").sign_in(address), "an-impostor"):
                     pass
-            async with Connection(signed_in(address, KEYRING), "a-node"):
+            async with Connection(ACCOUNTS.sign_in(address), "a-node"):
                 pass
 
     asyncio.run(scenario())

@@ -20,7 +20,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from zeroconf import IPVersion, Zeroconf
 
-from mesh.accounts import signed_in
+from mesh.accounts import Accounts
 from mesh.client import find_broker
 from mesh.discovery import PENDING_SERVICE, answers
 from mesh.errors import BrokerError
@@ -93,7 +93,7 @@ def discovered_broker(viewer: Device) -> str:
     home = OperatorHome()
     if not home.exists():
         return str(address)
-    signed = signed_in(address, home.keyring())
+    signed = Accounts.of(home.keyring(), "mesh").sign_in(address)
     return f"mqtt://{signed.username}:{signed.password}@{signed.host}:{signed.port}"
 
 
