@@ -7,7 +7,8 @@
   inputs or outputs, and publishes none.
 
 Mosquitto gets a password file (its own PBKDF2-SHA512 format) and an ACL file; the embedded
-broker checks the same with two plugins (`mesh.broker`).
+broker checks the same with two plugins (`mesh.broker`). The password goes only over TLS to a
+broker that offers it (every broker a device hosts does: `mesh.tls`), or to one on this machine.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mesh import privacy
 from mesh.authority import KEYS_FILE
 from mesh.mqtt import BrokerAddress
 from mesh.privacy import Keyring
+from mesh.tls import MeshCA
 
 USER = "mesh"
 MESH, PENDING = "mesh", "pending"  # what a client may do, by who it is
@@ -34,10 +36,12 @@ _MOSQUITTO_ITERATIONS = 101  # what `mosquitto_passwd` writes ($7$: PBKDF2-SHA51
 class Accounts:
     root: str
     password: str
+    # The mesh's broker CA, which the TLS of a broker the mesh hosts is checked against.
+    authority: MeshCA | None = None
 
     @classmethod
     def of(cls, keyring: Keyring, root: str) -> Accounts:
-        return cls(root, privacy.broker_password(keyring))
+        return cls(root, privacy.broker_password(keyring), MeshCA.of(keyring))
 
     @classmethod
     def of_device(cls, state_dir: Path, root: str) -> Accounts | None:
@@ -46,10 +50,14 @@ class Accounts:
         return cls.of(Keyring.load(path), root) if path.exists() else None
 
     def sign_in(self, broker: BrokerAddress) -> BrokerAddress:
-        """The address with the mesh's account on it, unless it names an account of its own."""
+        """The address with the mesh's account on it, unless it names an account of its own;
+        over TLS, checked against the mesh's CA, if the broker offers it."""
         if broker.username is not None:
             return broker
-        return replace(broker, username=USER, password=self.password)
+        signed = replace(broker, username=USER, password=self.password)
+        if broker.tls_port is not None and not broker.tls and self.authority is not None:
+            signed = replace(signed, port=broker.tls_port, tls=True, ca=self.authority.pem)
+        return signed
 
     def role(self, username: str | None, password: str | None) -> str | None:
         """MESH, PENDING (no credentials), or None: refused."""

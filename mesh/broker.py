@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from amqtt.broker import Broker
@@ -20,6 +22,7 @@ from amqtt.session import Session
 from mesh import amqtt_fixes
 from mesh.accounts import Accounts
 from mesh.mqtt import BrokerAddress
+from mesh.tls import ServerCert
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +67,27 @@ class AccountsTopics(BaseTopicPlugin):  # type: ignore[misc]  # amqtt is untyped
 
 class EmbeddedBroker:
     """`async with EmbeddedBroker(host, port) as broker:` serves MQTT until the block ends;
-    with `accounts`, only to the mesh's (`mesh.accounts`)."""
+    with `accounts`, only to the mesh's (`mesh.accounts`); with `tls` (a port and a
+    certificate), over TLS there too."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 1883,
-                 keepalive: int = DEFAULT_KEEPALIVE_S, accounts: Accounts | None = None) -> None:
-        self.address = BrokerAddress(host, port)
+                 keepalive: int = DEFAULT_KEEPALIVE_S, accounts: Accounts | None = None,
+                 tls: tuple[int, ServerCert] | None = None) -> None:
+        self.address = BrokerAddress(host, port, tls_port=tls[0] if tls else None)
         plugins: dict[str, Any] = {f"{amqtt_fixes.__name__}.{amqtt_fixes.OpenAuth.__name__}": {}}
         if accounts is not None:
             settings = {"root": accounts.root, "password": accounts.password}
             plugins = {f"{__name__}.{AccountsAuth.__name__}": settings,
                        f"{__name__}.{AccountsTopics.__name__}": settings}
+        listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": f"{host}:{port}"}}
+        # amqtt reads the certificate from files, when it starts: they are gone once it has.
+        self._files = tempfile.TemporaryDirectory(prefix="mesh-broker-") if tls else None
+        if tls is not None and self._files is not None:
+            certificate, key = tls[1].write(Path(self._files.name))
+            listeners["tls"] = {"type": "tcp", "bind": f"{host}:{tls[0]}", "ssl": True,
+                                "certfile": str(certificate), "keyfile": str(key)}
         config: dict[str, Any] = {
-            "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+            "listeners": listeners,
             "timeout_disconnect_delay": math.ceil(keepalive / 2),
             "session_expiry_interval": SESSION_EXPIRY_S,
             "plugins": plugins,
@@ -83,7 +95,11 @@ class EmbeddedBroker:
         self._broker = Broker(config)
 
     async def __aenter__(self) -> EmbeddedBroker:
-        await self._broker.start()
+        try:
+            await self._broker.start()
+        finally:
+            if self._files is not None:
+                self._files.cleanup()
         log.info("embedded broker listening on %s", self.address)
         return self
 

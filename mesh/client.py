@@ -45,7 +45,8 @@ async def find_broker(url: str | None, root: str = "mesh",
         while (left := deadline - asyncio.get_running_loop().time()) > 0:
             found = await lan.answering_broker()
             if found is not None:
-                return BrokerAddress(found[1], found[0].port)
+                ad, host = found
+                return BrokerAddress(host, ad.port, tls_port=ad.tls_port)
             await lan.wait_for_change(left)
     return BrokerAddress.parse(DEFAULT_BROKER)
 

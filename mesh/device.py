@@ -38,6 +38,7 @@ from mesh.node import Node, NodeConfig
 from mesh.profile import HOSTED_BROKERS
 from mesh.recovery import CARRY_RETRY_S, Carry
 from mesh.store import StateStore
+from mesh.tls import PORT as TLS_PORT
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class Device:
             if found is not None:
                 ad, host = found
                 log.info("using the broker %s at %s:%d", ad.name, host, ad.port)
-                return BrokerAddress(host, ad.port), ad
+                return BrokerAddress(host, ad.port, tls_port=ad.tls_port), ad
             if time.monotonic() >= deadline:
                 return await self._host()
             await lan.wait_for_change(min(LOOK_EVERY_S, deadline - time.monotonic()))
@@ -167,21 +168,26 @@ class Device:
         port = free_port(preferred=self.broker_port)
         broker: EmbeddedBroker | HostedMosquitto
         accounts = Accounts.of_device(self.config.state_dir, self.config.root)
+        tls = None
+        if accounts is not None and accounts.authority is not None:
+            tls = (free_port(preferred=TLS_PORT),
+                   accounts.authority.issue(self.config.node_id, local_addresses()))
         if self.hosted != "amqtt" and mosquitto.available() is not None:
-            broker = HostedMosquitto("0.0.0.0", port, self.config.state_dir, accounts)
-            log.warning("no broker on the LAN: hosting Mosquitto on port %d", port)
+            broker = HostedMosquitto("0.0.0.0", port, self.config.state_dir, accounts, tls)
+            log.warning("no broker on the LAN: hosting Mosquitto on port %d%s", port,
+                        f" (TLS on {tls[0]})" if tls else "")
         else:
-            broker = EmbeddedBroker("0.0.0.0", port, self.config.keepalive, accounts)
-            log.warning("no broker on the LAN: hosting one on port %d; %s", port,
-                        LIMITS_WARNING)
+            broker = EmbeddedBroker("0.0.0.0", port, self.config.keepalive, accounts, tls)
+            log.warning("no broker on the LAN: hosting one on port %d%s; %s", port,
+                        f" (TLS on {tls[0]})" if tls else "", LIMITS_WARNING)
         await broker.__aenter__()
         self._hosted, self._announced = broker, False
         self._sessions_opened = asyncio.Event()
         started = int(time.time() * 1000)
         self._hosted_ad = BrokerAd(f"{self.config.node_id}.{BROKER_SERVICE}",
                                    tuple(local_addresses()), port, self.config.node_id, started,
-                                   self.config.root)
-        self._watching = asyncio.create_task(self._announce_and_watch(port, started),
+                                   self.config.root, tls[0] if tls else None)
+        self._watching = asyncio.create_task(self._announce_and_watch(),
                                              name="hosted-broker")
         return BrokerAddress("127.0.0.1", port), self._hosted_ad
 
@@ -190,7 +196,7 @@ class Device:
         accounts = Accounts.of_device(self.config.state_dir, self.config.root)
         return accounts.sign_in(address) if accounts is not None else address
 
-    async def _announce_and_watch(self, port: int, started: int) -> None:
+    async def _announce_and_watch(self) -> None:
         """While hosting: announce our broker (our node joins it meanwhile), and yield to a
         broker that wins over ours (see `mesh.election`)."""
         lan, mine = self.lan, self._hosted_ad
@@ -201,7 +207,7 @@ class Device:
         # publishes. (At the latest after ANNOUNCE_WAIT_S: our node may fail to join.)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._sessions_opened.wait(), ANNOUNCE_WAIT_S)
-        await lan.advertise_broker(port, started)
+        await lan.advertise_broker(mine.port, mine.started_ms, mine.tls_port)
         self._announced = True
         while True:
             found = await first_answering(election.better_than(mine, lan.brokers.values()))

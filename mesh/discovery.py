@@ -2,8 +2,9 @@
 
 Every node advertises `<id>._liquid-mesh._tcp.local.` with its id, capabilities and broker in
 TXT records; brokers are `_mqtt._tcp.local.` services, as Mosquitto/Avahi setups announce them.
-A node hosting the embedded broker announces it there with TXT `mesh=<root>`, `node=<id>` and
-`started=<ms>` (see `mesh.election`). Leaving sends mDNS goodbyes, which peers see at once.
+A node hosting a broker announces it there with TXT `mesh=<root>`, `node=<id>`,
+`started=<ms>` (see `mesh.election`) and, in a secure mesh, `tls=<port>` (`mesh.tls`).
+Leaving sends mDNS goodbyes, which peers see at once.
 
 What others announce is untrusted: records that do not parse (garbage TXT, a bad port, an id that
 is not an id) are logged once and ignored; a broker that is announced but does not answer is
@@ -72,7 +73,11 @@ def parse_broker(name: str, addresses: list[str], port: int | None,
     started = fields.get("started", "0")
     if not started.isascii() or not started.isdigit() or len(started) > 16:
         raise WireError(f"bad start time {started[:40]!r}")
-    return BrokerAd(name, tuple(addresses), port, node, int(started), fields.get("mesh"))
+    tls = fields.get("tls")
+    if tls is not None and not (tls.isascii() and tls.isdigit() and 0 < int(tls[:6]) < 65536):
+        raise WireError(f"bad TLS port {tls[:40]!r}")
+    return BrokerAd(name, tuple(addresses), port, node, int(started), fields.get("mesh"),
+                    int(tls) if tls is not None else None)
 
 
 def parse_peer(name: str, txt: Mapping[bytes, bytes | None]) -> PeerAd:
@@ -153,10 +158,12 @@ class Discovery:
         await self._advertise(PENDING_SERVICE, 1883, {"id": self.node_id, "key": fingerprint,
                                                       "mesh": self.root})
 
-    async def advertise_broker(self, port: int, started_ms: int) -> None:
-        """Announce the embedded broker this node hosts."""
-        await self._advertise(BROKER_SERVICE, port, {
-            "mesh": self.root, "node": self.node_id, "started": str(started_ms)})
+    async def advertise_broker(self, port: int, started_ms: int,
+                               tls_port: int | None = None) -> None:
+        """Announce the broker this node hosts (and the port of its TLS listener)."""
+        txt = {"mesh": self.root, "node": self.node_id, "started": str(started_ms)}
+        await self._advertise(BROKER_SERVICE, port,
+                              txt if tls_port is None else {**txt, "tls": str(tls_port)})
 
     async def withdraw(self, service: str) -> None:
         """Stop announcing one of our services (peers get a goodbye)."""

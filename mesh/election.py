@@ -28,6 +28,7 @@ class BrokerAd:
     node: str | None = None  # the mesh node whose embedded broker this is, if one is
     started_ms: int = 0  # when that node started it
     root: str | None = None  # the topic root of the mesh it serves, if it says
+    tls_port: int | None = None  # the port of its TLS listener, if it has one
 
     def key(self) -> tuple[int, int, str, str]:
         """Smaller wins."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from mesh.accounts import Accounts
 from mesh.errors import BrokerError
 from mesh.mqtt import BrokerAddress
+from mesh.tls import ServerCert
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,11 @@ log_type error
 log_type warning
 log_type notice
 {user}"""
+TLS_LISTENER = """\
+listener {port} {host}
+certfile {certificate}
+keyfile {key}
+"""
 
 
 def available() -> str | None:
@@ -53,23 +59,33 @@ def available() -> str | None:
     return shutil.which("mosquitto") or (str(sbin) if sbin.exists() else None)
 
 
-def config(host: str, port: int, store: Path, accounts: Accounts | None = None) -> str:
+def config(host: str, port: int, store: Path, accounts: Accounts | None = None,
+           tls: tuple[int, ServerCert] | None = None) -> str:
     """Mosquitto's configuration, its store in `store`; in a secure mesh, with the mesh's
-    `accounts` (their files written into `store`). A node run as root keeps Mosquitto root too
-    (it would drop to the `mosquitto` user, who cannot reach the node's state)."""
+    `accounts` (their files written into `store`) and a TLS listener (`tls`: its port and
+    certificate, written there too). A node run as root keeps Mosquitto root too (it would drop
+    to the `mosquitto` user, who cannot reach the node's state)."""
     user = "user root\n" if os.geteuid() == 0 else ""
     text = CONFIG.format(host=host, port=port, store=store, user=user)
-    return text + accounts.mosquitto(store) if accounts is not None else text
+    if accounts is not None:
+        text += accounts.mosquitto(store)
+    if tls is not None:
+        certificate, key = tls[1].write(store / "tls")
+        text += TLS_LISTENER.format(port=tls[0], host=host, certificate=certificate, key=key)
+    return text
 
 
 class HostedMosquitto:
     """`async with HostedMosquitto(host, port, state_dir):` serves MQTT until the block ends,
-    started again whenever it exits on its own; with `accounts`, only to the mesh's."""
+    started again whenever it exits on its own; with `accounts`, only to the mesh's; with
+    `tls` (a port and a certificate), over TLS there too."""
 
     def __init__(self, host: str, port: int, state_dir: Path,
-                 accounts: Accounts | None = None) -> None:
-        self.address = BrokerAddress(host, port)
+                 accounts: Accounts | None = None,
+                 tls: tuple[int, ServerCert] | None = None) -> None:
+        self.address = BrokerAddress(host, port, tls_port=tls[0] if tls else None)
         self.accounts = accounts
+        self.tls = tls
         self.store = state_dir / "broker"
         self._binary = available()
         self._proc: asyncio.subprocess.Process | None = None
@@ -84,7 +100,8 @@ class HostedMosquitto:
             raise BrokerError("mosquitto is not installed (apt-get install mosquitto)")
         self.store.mkdir(parents=True, exist_ok=True)
         conf = self.store / "mosquitto.conf"
-        conf.write_text(config(self.address.host, self.address.port, self.store, self.accounts))
+        conf.write_text(config(self.address.host, self.address.port, self.store, self.accounts,
+                               self.tls))
         await self._start()
         self._watch = asyncio.create_task(self._supervise(), name="hosted-mosquitto")
         log.info("Mosquitto listening on %s (its store in %s)", self.address, self.store)
@@ -107,7 +124,8 @@ class HostedMosquitto:
             stderr=asyncio.subprocess.PIPE)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + START_WAIT_S
-        while not await _accepts(self.address.port):
+        ports = [self.address.port] + ([self.tls[0]] if self.tls else [])
+        while not all([await _accepts(port) for port in ports]):
             if proc.returncode is not None or loop.time() > deadline:
                 await _stop(proc)
                 raise BrokerError(f"Mosquitto did not start on port {self.address.port}: "

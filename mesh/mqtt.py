@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
+import ssl
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +24,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from mesh import tls
 from mesh.errors import BrokerError
 
 log = logging.getLogger(__name__)
@@ -34,21 +38,40 @@ class BrokerAddress:
     port: int
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    # With `tls`: the one CA (PEM) to trust, whose chain alone is checked (`mesh.tls`); None:
+    # the system's CAs, and the server's name too.
+    ca: str | None = field(default=None, repr=False)
+    # The port of the same broker's TLS listener, when it announces one (`mesh.discovery`).
+    tls_port: int | None = None
 
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
-        """`mqtt://[user:password@]host:port`, `host:port` or `host` (port 1883)."""
+        """`mqtt[s]://[user:password@]host:port`, `host:port` or `host` (port 1883; 8883 for
+        `mqtts`, TLS checked against the system's CAs)."""
         parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
+        if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not parts.hostname:
             raise BrokerError(f"not a broker address: {url!r} (expected mqtt://host:port)")
+        secure = parts.scheme in ("mqtts", "ssl")
         try:
-            port = parts.port or 1883
+            port = parts.port or (8883 if secure else 1883)
         except ValueError:
             raise BrokerError(f"not a broker address: {url!r} (bad port)") from None
-        return cls(parts.hostname, port, parts.username, parts.password)
+        return cls(parts.hostname, port, parts.username, parts.password, secure)
 
     def __str__(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+class _ClosedIfRefused(ssl.SSLSocket):
+    """A TLS socket closed when its handshake fails (paho leaves it to the collector)."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
 
 
 class Connection:
@@ -72,6 +95,13 @@ class Connection:
                                    reconnect_on_failure=False)
         if broker.username:
             self._client.username_pw_set(broker.username, broker.password)
+        if broker.tls:
+            context = ssl.create_default_context() if broker.ca is None else \
+                tls.client_context(broker.ca)
+            context.sslsocket_class = _ClosedIfRefused
+            self._client.tls_set_context(context)
+            if broker.ca is not None:
+                self._client.tls_insecure_set(True)  # no name check, by paho either
         self._client.max_inflight_messages_set(1000)
         self._client.max_queued_messages_set(0)
         if will:
@@ -88,9 +118,10 @@ class Connection:
         c.on_subscribe = self._on_subscribe
         c.on_socket_open = self._socket_opened
         c.on_socket_close = self._socket_closed
-        c.on_socket_register_write = lambda _c, _u, sock: self._loop.add_writer(sock,
-                                                                                self._write)
+        c.on_socket_register_write = lambda _c, _u, sock: self._on_loop(
+            self._loop.add_writer, sock, self._write)
         c.on_socket_unregister_write = self._socket_unwritable
+        self._loop_thread = threading.get_ident()
 
     async def __aenter__(self) -> Connection:
         await self.connect()
@@ -101,8 +132,12 @@ class Connection:
 
     async def connect(self, timeout: float = 10) -> None:
         self.lost = self._loop.create_future()
+        connect = functools.partial(self._client.connect, self.broker.host, self.broker.port,
+                                    keepalive=self.keepalive)
         try:
-            self._client.connect(self.broker.host, self.broker.port, keepalive=self.keepalive)
+            # paho's TLS handshake blocks: on a worker thread, not to stall the loop (or a
+            # broker served on it). paho is thread-safe; its callbacks come back to the loop.
+            await asyncio.to_thread(connect) if self.broker.tls else connect()
         except (OSError, ValueError) as exc:
             raise BrokerError(f"cannot reach the broker at {self.broker}: {exc}") from None
         self._misc = asyncio.create_task(self._housekeeping(), name=f"mqtt-{self.client_id}")
@@ -196,6 +231,10 @@ class Connection:
 
     def _read(self) -> None:
         rc = self._client.loop_read(1000)
+        sock = self._client.socket()
+        # What TLS has decrypted but paho not read yet wakes no reader: read it now.
+        while rc == paho.MQTT_ERR_SUCCESS and isinstance(sock, ssl.SSLSocket) and sock.pending():
+            rc = self._client.loop_read(1000)
         if rc != paho.MQTT_ERR_SUCCESS:
             self._set_lost(paho.error_string(rc))
 
@@ -206,17 +245,24 @@ class Connection:
 
     # --- paho callbacks (on the loop thread) -------------------------------------------------
 
+    def _on_loop(self, call: Callable[..., object], *args: Any) -> None:
+        """`call(*args)` on the loop's thread (paho calls back on the one that connects)."""
+        if threading.get_ident() == self._loop_thread:
+            call(*args)
+        else:
+            self._loop.call_soon_threadsafe(call, *args)
+
     def _socket_opened(self, _c: Any, _u: Any, sock: Any) -> None:
         # Small control packets (acks, owner records) must not wait for Nagle's algorithm.
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._loop.add_reader(sock, self._read)
+        self._on_loop(self._loop.add_reader, sock, self._read)
 
     def _socket_closed(self, _c: Any, _u: Any, sock: Any) -> None:
-        self._loop.remove_reader(sock)
+        self._on_loop(self._loop.remove_reader, sock)
 
     def _socket_unwritable(self, _c: Any, _u: Any, sock: Any) -> None:
-        self._loop.remove_writer(sock)
+        self._on_loop(self._loop.remove_writer, sock)
 
     def _on_connect(self, _c: Any, _u: Any, flags: Any, reason: ReasonCode,
                     _props: Any) -> None:
