@@ -299,7 +299,18 @@ def _add_trust(sub: Subparsers) -> None:
                            "newest)")
     grant.set_defaults(func=_lazy("cmd_grant"))
     _add_broker_options(grant)
-    for command in (init, admit, revoke, grant):
+    access = sub.add_parser("access", help="what a plain MQTT tool needs to use the mesh's "
+                            "broker", description="Write the mesh's broker CA to a file and "
+                            "print the broker's address and the mesh's account, with a "
+                            "mosquitto_sub line that uses them: the broker a device hosts in a "
+                            "secure mesh serves no one else, over TLS. The password reads and "
+                            "writes every app's inputs and outputs: give it to tools you trust.")
+    access.add_argument("--ca-file", type=Path, default=Path("mesh-ca.crt"), metavar="FILE",
+                        help="where to write the CA (default: mesh-ca.crt)")
+    access.add_argument("--json", action="store_true", help="JSON output for scripts")
+    access.set_defaults(func=_lazy("cmd_access"))
+    _add_broker_options(access)
+    for command in (init, admit, revoke, grant, access):
         _add_home(command)
 
 

@@ -223,6 +223,28 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_access(args: argparse.Namespace) -> int:
+    home = OperatorHome(args.home)
+    if not home.exists():
+        raise MeshError(f"no mesh in {home.path}: run `mesh access` where `mesh init` made it")
+    broker = asyncio.run(_broker(args))
+    accounts = Accounts.of(home.keyring(), args.root)
+    assert accounts.authority is not None
+    args.ca_file.write_text(accounts.authority.pem)
+    cafile = str(args.ca_file.resolve()) if broker.tls else None
+    if args.json:
+        print(json.dumps({"broker": str(broker), "host": broker.host, "port": broker.port,
+                          "tls": broker.tls, "cafile": cafile, "username": broker.username,
+                          "password": broker.password}))
+        return 0
+    print(f"broker    {broker}" + (f" (TLS: trust {cafile})" if cafile else " (no TLS)"))
+    print(f"username  {broker.username}\npassword  {broker.password}")
+    print(f"mosquitto_sub -h {broker.host} -p {broker.port}"
+          + (f" --cafile {cafile}" if cafile else "")
+          + f" -u {broker.username} -P {broker.password} -t '{args.root}/apps/+/out/#'")
+    return 0
+
+
 async def _broker(args: argparse.Namespace) -> BrokerAddress:
     """The mesh's broker, with the mesh's account (`mesh.accounts`) if this machine holds the
     mesh (the broker a device hosts in a secure mesh serves no one else)."""

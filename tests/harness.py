@@ -24,11 +24,12 @@ import paho.mqtt.client as paho
 import wasmtime
 from paho.mqtt.enums import CallbackAPIVersion
 
-from mesh import privacy, trust, wire
+from mesh import privacy, tls, trust, wire
 from mesh.errors import WireError
 from mesh.home import OperatorHome
 from mesh.mosquitto import config as mosquitto_config
 from mesh.mqtt import BrokerAddress
+from mesh.tls import MeshCA
 from mesh.trust import Rights
 
 MOSQUITTO_CONF = """\
@@ -178,10 +179,14 @@ def read_checkpoint(topic: str, payload: bytes) -> wire.Snapshot:
 
 
 def connect(client: paho.Client, broker: str, keepalive: int = 60) -> None:
-    """Connect a plain paho client to `mqtt://[user:password@]host:port`."""
+    """Connect a plain paho client to `mqtt[s]://[user:password@]host:port`; over TLS, the
+    broker is one a device of the test's mesh hosts, checked against the mesh's CA."""
     address = BrokerAddress.parse(broker)
     if address.username is not None:
         client.username_pw_set(address.username, address.password)
+    if address.tls:
+        client.tls_set_context(tls.client_context(MeshCA.of(OperatorHome().keyring()).pem))
+        client.tls_insecure_set(True)
     client.connect(address.host, address.port, keepalive)
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -27,6 +29,7 @@ from mesh.errors import BrokerError
 from mesh.home import OperatorHome
 from mesh.mqtt import BrokerAddress, Connection
 from mesh.placement import assign
+from mesh.tls import MeshCA
 from mesh.wire import AppSpec, NodeRecord
 from tests.conftest import COUNTER_WAT, require_tool
 from tests.harness import (
@@ -94,7 +97,8 @@ def discovered_broker(viewer: Device) -> str:
     if not home.exists():
         return str(address)
     signed = Accounts.of(home.keyring(), "mesh").sign_in(address)
-    return f"mqtt://{signed.username}:{signed.password}@{signed.host}:{signed.port}"
+    scheme = "mqtts" if signed.tls else "mqtt"
+    return f"{scheme}://{signed.username}:{signed.password}@{signed.host}:{signed.port}"
 
 
 @contextlib.contextmanager
@@ -355,11 +359,37 @@ def test_devices_paired_with_join_tokens_form_a_secure_mesh(lan: Lan, tmp_path: 
                                "--home", str(tmp_path / "nowhere"))
         assert anonymous.returncode == 1
         assert "no node answered" in anonymous.stderr
-        guessed = replace(BrokerAddress.parse(discovered_broker(viewer)), password="guessed")
+        guessed = replace(BrokerAddress.parse(discovered_broker(viewer)), password="guessed",
+                          ca=MeshCA.of(OperatorHome().keyring()).pem)
         with viewer.inside(), pytest.raises(BrokerError, match="refused"):
             asyncio.run(connected(guessed))
         feed(obs, "counter", [b"again"])
         assert count_of(reach(obs, "counter", 2, tmp_path)) == 2
+        # Over TLS, checked against the mesh's CA: every client of the broker but the node of
+        # its own device (over loopback), and a plain tool given what `mesh access` prints.
+        access = json.loads(cli(viewer, "access", "--json", "--home", home,
+                                "--ca-file", str(tmp_path / "ca.crt")))
+        assert access["tls"] is True, access
+        host = next(d for d in lan.devices.values() if d.address == access["host"])
+        plain = host.run("ss", "-Htn", "state", "established", "( sport = :1883 )").stdout
+        assert {line.split()[-1].rsplit(":", 1)[0] for line in plain.splitlines()} <= \
+            {"127.0.0.1"}, plain
+        encrypted = host.run("ss", "-Htn", "state", "established",
+                             f"( sport = :{access['port']} )").stdout
+        peers = {line.split()[-1].rsplit(":", 1)[0] for line in encrypted.splitlines()}
+        assert {d.address for d in lan.devices.values()} - {host.address} <= peers, encrypted
+        tool = viewer.start("mosquitto_sub", "-h", access["host"], "-p", str(access["port"]),
+                            "--cafile", access["cafile"], "-u", access["username"], "-P",
+                            access["password"], "-t", "mesh/apps/counter/out/#", "-C", "1",
+                            log=tmp_path / "mosquitto_sub.out")
+        sent = [b"again"]
+        while tool.poll() is None and len(sent) < 60:  # until it has subscribed, and read one
+            sent.append(b"once more")
+            feed(obs, "counter", sent[-1:])
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                tool.wait(0.5)
+        assert tool.returncode == 0, (tmp_path / "mosquitto_sub.out").read_text()
+        assert count_of((tmp_path / "mosquitto_sub.out").read_bytes().strip()) > 2
 
 
 def test_a_device_paired_by_the_operator_joins_the_secure_mesh(lan: Lan, tmp_path: Path) -> None:
