@@ -470,7 +470,8 @@ def test_mixed_devices_an_app_survives_its_device_then_the_broker_s_device_that_
     kitchen = boot(lan, tmp_path, "kitchen", "--id", "kitchen", "--hosted-broker", "amqtt")
     with observing(viewer, {"kitchen"}, tmp_path):
         pass
-    assert "hosting one on port 1883; embedded broker" in (tmp_path / "kitchen.log").read_text()
+    assert "hosting one on port 1883 (TLS on 8883); embedded broker" in \
+        (tmp_path / "kitchen.log").read_text()
     hall, garage, attic = (boot(lan, tmp_path, name, "--id", name)
                            for name in ("hall", "garage", "attic"))
     app = next_after("hall", ["kitchen", "garage", "attic"], "kitchen")
