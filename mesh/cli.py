@@ -257,7 +257,14 @@ def _add_clients(sub: Subparsers) -> None:
     apps = sub.add_parser("apps", help="list apps: where they run, their state and epoch")
     nodes = sub.add_parser("nodes", help="list the nodes of the mesh")
     events = sub.add_parser("events", help="follow the event stream")
-    for client in (deploy, stop, restart, migrate, send, apps, nodes, events):
+    watch = sub.add_parser("watch", help="follow what an app publishes",
+                           description="Print each message the app publishes (at "
+                           "<root>/apps/APP/out/...), as it comes: the time, the topic under "
+                           "out/, and the payload (text, else hex).")
+    watch.add_argument("app")
+    watch.add_argument("--count", type=int, default=0, metavar="N",
+                       help="stop after N messages (default: follow until interrupted)")
+    for client in (deploy, stop, restart, migrate, send, apps, nodes, events, watch):
         client.add_argument("--json", action="store_true", help="JSON output for scripts")
         client.set_defaults(func=_lazy("cmd_client"))
         _add_broker_options(client)

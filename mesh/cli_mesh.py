@@ -29,7 +29,7 @@ from mesh.client import MeshClient, broker_from, find_broker
 from mesh.discovery import Discovery
 from mesh.errors import MeshError
 from mesh.home import OperatorHome
-from mesh.mqtt import BrokerAddress
+from mesh.mqtt import BrokerAddress, Message
 from mesh.trust import Rights
 
 if TYPE_CHECKING:
@@ -268,6 +268,14 @@ async def _client(args: argparse.Namespace) -> int:
         if args.command == "events":
             async for event in mesh.events():
                 print(_event_line(event, as_json=args.json), flush=True)
+        if args.command == "watch":
+            seen = 0
+            async for message in mesh.outputs(args.app):
+                print(_output_line(message, args.app, args.root, as_json=args.json),
+                      flush=True)
+                seen += 1
+                if seen == args.count:
+                    return 0
         if args.command == "send":
             await mesh.send(args.app, args.payload.encode(), args.topic)
             return 0
@@ -304,6 +312,23 @@ def _cell(value: Any) -> str:
     if isinstance(value, str) and len(value) == 64:
         return value[:12]
     return "-" if value is None else str(value)
+
+
+def _output_line(message: Message, app: str, root: str, *, as_json: bool) -> str:
+    """One message an app published: when it came, its topic under `out/`, its payload (as
+    text if it is UTF-8, else hex)."""
+    now = time.time()
+    sub = message.topic.removeprefix(f"{root}/apps/{app}/out").lstrip("/")
+    payload = bytes(message.payload)
+    try:
+        text, is_text = payload.decode(), True
+    except UnicodeDecodeError:
+        text, is_text = payload.hex(), False
+    if as_json:
+        return json.dumps({"ts_ms": int(now * 1000), "app": app, "topic": sub,
+                           "payload" if is_text else "payload_hex": text})
+    when = time.strftime("%H:%M:%S", time.localtime(now))
+    return f"{when}.{int(now * 1000) % 1000:03d} {sub or '-'} {text}"
 
 
 def _event_line(event: wire.Event, *, as_json: bool) -> str:

@@ -116,6 +116,15 @@ class MeshClient:
         await self.conn.publish(self.topics.app(app, "in" + (f"/{sub}" if sub else "")),
                                 payload, qos=1)
 
+    async def outputs(self, app: str) -> AsyncIterator[Message]:
+        """What `app` publishes, from now on (its topic, payload and all)."""
+        prefix = self.topics.app(app, "out/")
+        await self.conn.subscribe(f"{prefix}#", qos=0)
+        while True:
+            message = await self._inbox.get()
+            if message.topic.startswith(prefix) and not message.retain:
+                yield message
+
     async def events(self) -> AsyncIterator[wire.Event]:
         """The event stream, from now on; malformed events are skipped."""
         await self.conn.subscribe(self.topics.events, qos=0)

@@ -74,7 +74,8 @@ def parse_broker(name: str, addresses: list[str], port: int | None,
     if not started.isascii() or not started.isdigit() or len(started) > 16:
         raise WireError(f"bad start time {started[:40]!r}")
     tls = fields.get("tls")
-    if tls is not None and not (tls.isascii() and tls.isdigit() and 0 < int(tls[:6]) < 65536):
+    if tls is not None and not (tls.isascii() and tls.isdigit() and len(tls) <= 5
+                                and 0 < int(tls) < 65536):
         raise WireError(f"bad TLS port {tls[:40]!r}")
     return BrokerAd(name, tuple(addresses), port, node, int(started), fields.get("mesh"),
                     int(tls) if tls is not None else None)

@@ -52,12 +52,12 @@ def test_survivors_take_turns_hosting_a_new_broker() -> None:
 
 
 def test_broker_records_parse() -> None:
-    txt = {b"mesh": b"mesh", b"node": b"kitchen", b"started": b"1700000000000"}
+    txt = {b"mesh": b"mesh", b"node": b"kitchen", b"started": b"1700000000000", b"tls": b"8884"}
     ad = parse_broker("kitchen._mqtt._tcp.local.", ["10.0.0.5"], 1884, txt)
     assert ad == BrokerAd("kitchen._mqtt._tcp.local.", ("10.0.0.5",), 1884, "kitchen",
-                          1700000000000, "mesh")
+                          1700000000000, "mesh", 8884)
     avahi = parse_broker("Mosquitto._mqtt._tcp.local.", ["10.0.0.9"], 1883, {})
-    assert (avahi.node, avahi.started_ms, avahi.root) == (None, 0, None)
+    assert (avahi.node, avahi.started_ms, avahi.root, avahi.tls_port) == (None, 0, None, None)
 
 
 @pytest.mark.parametrize(("addresses", "port", "txt", "message"), [
@@ -67,6 +67,10 @@ def test_broker_records_parse() -> None:
     (["10.0.0.1"], 1883, {b"node": b"../etc"}, "bad node id"),
     (["10.0.0.1"], 1883, {b"started": b"soon"}, "bad start time"),
     (["10.0.0.1"], 1883, {b"node": b"\xff\xfe"}, "not text"),
+    (["10.0.0.1"], 1883, {b"tls": b"0"}, "bad TLS port"),
+    (["10.0.0.1"], 1883, {b"tls": b"0000011883"}, "bad TLS port"),
+    (["10.0.0.1"], 1883, {b"tls": b"65536"}, "bad TLS port"),
+    (["10.0.0.1"], 1883, {b"tls": b"\xd9\xa3"}, "bad TLS port"),  # an Arabic-Indic 3
 ])
 def test_hostile_broker_records_are_refused(addresses: list[str], port: int | None,
                                             txt: dict[bytes, bytes], message: str) -> None:

@@ -229,6 +229,43 @@ def test_a_session_taken_over_goes_on_receiving_on_the_new_connection() -> None:
     assert asyncio.run(scenario()) == [b"1", b"2", b"3"]
 
 
+def test_a_session_taken_over_twice_redelivers_what_no_connection_acknowledged() -> None:
+    """Two takeovers in a row (a node taking over an app, then another taking it from that
+    one before it acknowledged anything): each new connection gets what was in flight again,
+    with DUP and the same packet ids, then what came meanwhile; nothing is lost on the way."""
+
+    async def scenario() -> list[list[tuple[bytes, bool, bool, int]]]:
+        address = BrokerAddress("127.0.0.1", free_port())
+        queues: list[asyncio.Queue[Message]] = [asyncio.Queue() for _ in range(3)]
+        connections = [Connection(address, "an-app", on_message=q.put_nowait,
+                                  clean_session=False, manual_ack=True) for q in queues]
+        seen: list[list[tuple[bytes, bool, bool, int]]] = []
+        async with EmbeddedBroker(address.host, address.port), \
+                Connection(address, "a-sensor") as sensor:
+            await connections[0].connect()
+            await connections[0].subscribe("in")
+            for turn, (connection, got) in enumerate(zip(connections, queues, strict=True)):
+                if turn:
+                    await connection.connect()  # takes the session over
+                await sensor.publish("in", str(turn + 1).encode())
+                seen.append([await _next(got) for _ in range(turn + 1)])
+            for *_, mid in seen[-1]:
+                connections[-1].ack(mid)
+            await sensor.publish("in", b"4")
+            seen.append([await _next(queues[-1])])
+            for connection in connections:
+                await connection.close()
+        return seen
+
+    first, second, third, after = asyncio.run(scenario())
+    assert [(p, dup) for p, dup, _, _ in first] == [(b"1", False)]
+    assert [(p, dup) for p, dup, _, _ in second] == [(b"1", True), (b"2", False)]
+    assert [(p, dup) for p, dup, _, _ in third] == [(b"1", True), (b"2", True), (b"3", False)]
+    assert [mid for *_, mid in third[:2]] == [mid for *_, mid in second]
+    assert second[0][3] == first[0][3]
+    assert [(p, dup) for p, dup, _, _ in after] == [(b"4", False)]
+
+
 def _packet(kind: int, body: bytes) -> bytes:
     length, size = b"", len(body)
     while True:

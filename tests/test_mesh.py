@@ -7,6 +7,7 @@ SIGSTOP; commands from plain `mosquitto_pub`; bad commands and inputs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import signal
@@ -280,6 +281,33 @@ def test_a_large_memory_moves_in_chunks_intact(broker: str, cluster: Cluster,
         second = obs.outputs["ballast"][1]
         assert int.from_bytes(second[:8], "little") == 2
         assert second[8:] == first[8:], "memory changed on the way"
+
+
+def test_watch_follows_what_an_app_publishes(broker: str, cluster: Cluster) -> None:
+    """`mesh watch APP` prints each message the app publishes, from the moment it listens;
+    `--count N` ends it after N (for scripts)."""
+    with Observer(broker) as obs:
+        mesh_of(obs, cluster, broker, "alpha")
+        deploy(broker, "counter")
+        wait_until(lambda: obs.running("counter"), 20, "counter running")
+        watch = subprocess.Popen([sys.executable, "-m", "mesh", "-q", "watch", "counter",
+                                  "--json", "--count", "2", "--broker", broker],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            sent = 0
+            while watch.poll() is None and sent < 100:  # until it listens, and has seen two
+                obs.publish(IN.format("counter"), b"tick")
+                sent += 1
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    watch.wait(0.3)
+            out, err = watch.communicate(timeout=10)
+        finally:
+            watch.kill()
+        assert watch.returncode == 0, err
+        lines = [json.loads(line) for line in out.splitlines()]
+        assert [(line["app"], line["topic"]) for line in lines] == [("counter", "count")] * 2
+        counts = [int(line["payload"].split()[0]) for line in lines]
+        assert counts[1] == counts[0] + 1, lines
 
 
 def test_events_stream_and_stop(broker: str, cluster: Cluster) -> None:
