@@ -7,13 +7,15 @@
   inputs or outputs, and publishes none.
 
 Mosquitto gets a password file (its own PBKDF2-SHA512 format) and an ACL file; the embedded
-broker checks the same with two plugins (`mesh.broker`). The password goes only over TLS to a
-broker that offers it (every broker a device hosts does: `mesh.tls`), or to one on this machine.
+broker checks the same with two plugins (`mesh.broker`). The password goes only over TLS
+checked against the mesh's CA (every broker a device hosts offers it: `mesh.tls`), or to a
+broker on this machine.
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,14 +52,20 @@ class Accounts:
         return cls.of(Keyring.load(path), root) if path.exists() else None
 
     def sign_in(self, broker: BrokerAddress) -> BrokerAddress:
-        """The address with the mesh's account on it, unless it names an account of its own;
-        over TLS, checked against the mesh's CA, if the broker offers it."""
-        if broker.username is not None:
+        """The address with the mesh's account on it, unless it names an account of its own.
+        The password goes only where no one else reads it: over TLS checked against the
+        mesh's CA (to a broker that announces TLS, or one given as `mqtts://`), or to this
+        machine. Anywhere else the address stays without it, and such a broker, if it is one
+        a device of the mesh hosts, refuses the client (or keeps it to `<root>/pending/`)."""
+        if broker.username is not None or self.authority is None:
             return broker
-        signed = replace(broker, username=USER, password=self.password)
-        if broker.tls_port is not None and not broker.tls and self.authority is not None:
-            signed = replace(signed, port=broker.tls_port, tls=True, ca=self.authority.pem)
-        return signed
+        if broker.tls_port is not None and not broker.tls:
+            broker = replace(broker, port=broker.tls_port, tls=True)
+        if broker.tls and broker.ca is None:
+            broker = replace(broker, ca=self.authority.pem)
+        if broker.ca == self.authority.pem or (not broker.tls and _loopback(broker.host)):
+            return replace(broker, username=USER, password=self.password)
+        return broker
 
     def role(self, username: str | None, password: str | None) -> str | None:
         """MESH, PENDING (no credentials), or None: refused."""
@@ -85,6 +93,13 @@ class Accounts:
         _write_private(acl, f"topic readwrite {self.root}/pending/#\n\n"
                        f"user {USER}\ntopic readwrite {self.root}/#\n")
         return f"password_file {passwords}\nacl_file {acl}\n"
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _write_private(path: Path, text: str) -> None:

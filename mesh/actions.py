@@ -207,7 +207,8 @@ async def checkpoint_for(node: Node, name: str, spec: wire.AppSpec,
             return usable
         waker.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(waker.wait(), deadline - time.monotonic())
+            async with asyncio.timeout(deadline - time.monotonic()):
+                await waker.wait()
             deadline = time.monotonic() + SNAPSHOT_WAIT_S  # news came: keep waiting
 
 
@@ -265,8 +266,8 @@ async def fence_if_taken(node: Node, hosted: HostedApp, reason: str) -> None:
     app over, and it stops here; if not, the node keeps its state for the next broker."""
     record = replace(node.record(), leaving=node.leaving)
     try:  # the broker still answers us: the app was taken over, so it stops here
-        await asyncio.wait_for(node.publish_record(node.topics.node(node.id), record),
-                               node.config.keepalive)
+        async with asyncio.timeout(node.config.keepalive):
+            await node.publish_record(node.topics.node(node.id), record)
     except (BrokerError, TimeoutError):
         if node.control.lost_reason:
             return  # the broker is gone: the node keeps the app's state for the next one

@@ -228,10 +228,14 @@ def cmd_access(args: argparse.Namespace) -> int:
     if not home.exists():
         raise MeshError(f"no mesh in {home.path}: run `mesh access` where `mesh init` made it")
     broker = asyncio.run(_broker(args))
-    accounts = Accounts.of(home.keyring(), args.root)
-    assert accounts.authority is not None
-    args.ca_file.write_text(accounts.authority.pem)
-    cafile = str(args.ca_file.resolve()) if broker.tls else None
+    if broker.password is None:
+        raise MeshError(f"the broker at {broker} is not one a device of this mesh hosts (it "
+                        "offers no TLS with the mesh's certificate): give tools the accounts "
+                        "it has")
+    cafile = None
+    if broker.tls and broker.ca is not None:
+        args.ca_file.write_text(broker.ca)
+        cafile = str(args.ca_file.resolve())
     if args.json:
         print(json.dumps({"broker": str(broker), "host": broker.host, "port": broker.port,
                           "tls": broker.tls, "cafile": cafile, "username": broker.username,
@@ -269,6 +273,7 @@ async def _client(args: argparse.Namespace) -> int:
             async for event in mesh.events():
                 print(_event_line(event, as_json=args.json), flush=True)
         if args.command == "watch":
+            wire.check_name("app", args.app)
             seen = 0
             async for message in mesh.outputs(args.app):
                 print(_output_line(message, args.app, args.root, as_json=args.json),

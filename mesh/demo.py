@@ -79,7 +79,8 @@ class Watch:
             if remaining <= 0:
                 raise SystemExit(f"mesh demo: gave up waiting for {what}")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self.changed.wait()
 
     def host(self) -> str | None:
         hosts = [n for n, record in self.nodes.items() if "counter" in record.apps]
@@ -109,7 +110,8 @@ async def _nodes(broker: BrokerAddress, workdir: Path,
                 proc.send_signal(signal.SIGTERM)
         for proc in procs.values():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.wait(), 20)
+                async with asyncio.timeout(20):
+                    await proc.wait()
 
 
 async def _send(mesh: MeshClient, watch: Watch, payloads: list[str]) -> None:

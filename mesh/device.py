@@ -111,7 +111,8 @@ class Device:
                 except BrokerError as exc:
                     log.warning("%s; trying again in %.0f s", exc, backoff)
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stopping.wait(), backoff)
+                        async with asyncio.timeout(backoff):
+                            await stopping.wait()
                     # Holding apps' state for the broker: try often, so that we are back
                     # before the others' grace runs out and they take our apps over.
                     backoff = min(backoff * 2, RETRY_S[1] if carry is None else CARRY_RETRY_S)
@@ -168,10 +169,11 @@ class Device:
         port = free_port(preferred=self.broker_port)
         broker: EmbeddedBroker | HostedMosquitto
         accounts = Accounts.of_device(self.config.state_dir, self.config.root)
+        addresses = tuple(local_addresses())
         tls = None
         if accounts is not None and accounts.authority is not None:
-            tls = (free_port(preferred=TLS_PORT),
-                   accounts.authority.issue(self.config.node_id, local_addresses()))
+            tls = (free_port(preferred=TLS_PORT if port != TLS_PORT else 0),
+                   accounts.authority.issue(self.config.node_id, addresses))
         if self.hosted != "amqtt" and mosquitto.available() is not None:
             broker = HostedMosquitto("0.0.0.0", port, self.config.state_dir, accounts, tls)
             log.warning("no broker on the LAN: hosting Mosquitto on port %d%s", port,
@@ -185,7 +187,7 @@ class Device:
         self._sessions_opened = asyncio.Event()
         started = int(time.time() * 1000)
         self._hosted_ad = BrokerAd(f"{self.config.node_id}.{BROKER_SERVICE}",
-                                   tuple(local_addresses()), port, self.config.node_id, started,
+                                   addresses, port, self.config.node_id, started,
                                    self.config.root, tls[0] if tls else None)
         self._watching = asyncio.create_task(self._announce_and_watch(),
                                              name="hosted-broker")
@@ -206,7 +208,8 @@ class Device:
         # (before anything runs there): a sensor that finds the broker then loses nothing it
         # publishes. (At the latest after ANNOUNCE_WAIT_S: our node may fail to join.)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._sessions_opened.wait(), ANNOUNCE_WAIT_S)
+            async with asyncio.timeout(ANNOUNCE_WAIT_S):
+                await self._sessions_opened.wait()
         await lan.advertise_broker(mine.port, mine.started_ms, mine.tls_port)
         self._announced = True
         while True:

@@ -202,7 +202,8 @@ class Discovery:
         """Until what is announced changes, or `timeout` passes."""
         self.changed.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.changed.wait(), max(0.0, timeout))
+            async with asyncio.timeout(max(0.0, timeout)):
+                await self.changed.wait()
 
     def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str,
                    state_change: ServiceStateChange) -> None:

@@ -297,10 +297,10 @@ class HostedApp:
         deadline: float | None = None
         while not self._pausing:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                first = await asyncio.wait_for(self._inbox.get(), timeout)
-            except TimeoutError:
-                first = None
+            first = None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    first = await self._inbox.get()
             batch = [first] if first is not None else []
             while len(batch) < BATCH and not self._inbox.empty():
                 item = self._inbox.get_nowait()

@@ -128,8 +128,8 @@ class HostedMosquitto:
         while not all([await _accepts(port) for port in ports]):
             if proc.returncode is not None or loop.time() > deadline:
                 await _stop(proc)
-                raise BrokerError(f"Mosquitto did not start on port {self.address.port}: "
-                                  f"{await self._why(proc)}")
+                raise BrokerError(f"Mosquitto did not start on port(s) "
+                                  f"{', '.join(map(str, ports))}: {await self._why(proc)}")
             await asyncio.sleep(0.05)
         self._proc = proc
 
@@ -166,7 +166,8 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
         return
     proc.terminate()  # Mosquitto saves its store on SIGTERM
     try:
-        await asyncio.wait_for(proc.wait(), 10)
+        async with asyncio.timeout(10):
+            await proc.wait()
     except TimeoutError:
         proc.kill()
         await proc.wait()
@@ -184,7 +185,8 @@ def _dying_with_us() -> tuple[str, ...]:
 
 async def _accepts(port: int) -> bool:
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 0.5)
+        async with asyncio.timeout(0.5):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
     except (OSError, TimeoutError):
         return False
     writer.close()

@@ -1,9 +1,11 @@
 """paho-mqtt driven by the asyncio event loop: no paho thread, awaitable connect/publish/subscribe.
 
 paho's socket callbacks hand its socket to the loop (`add_reader`/`add_writer`), as in paho's
-own asyncio example; a small task runs `loop_misc` for keepalives. Messages are handed to a
-callback on the loop thread. With `manual_ack`, QoS 1 messages are acknowledged only when the
-caller says so, which is how a node acknowledges inputs only after a checkpoint holds them.
+own asyncio example; a small task runs `loop_misc` for keepalives. Only a TLS connect runs on a
+worker thread, as paho's handshake blocks; the client is the loop's again once it returns.
+Messages are handed to a callback on the loop thread. With `manual_ack`, QoS 1 messages are
+acknowledged only when the caller says so, which is how a node acknowledges inputs only after
+a checkpoint holds them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 from mesh import tls
@@ -99,9 +101,7 @@ class Connection:
             context = ssl.create_default_context() if broker.ca is None else \
                 tls.client_context(broker.ca)
             context.sslsocket_class = _ClosedIfRefused
-            self._client.tls_set_context(context)
-            if broker.ca is not None:
-                self._client.tls_insecure_set(True)  # no name check, by paho either
+            self._client.tls_set_context(context)  # (paho checks names as the context does)
         self._client.max_inflight_messages_set(1000)
         self._client.max_queued_messages_set(0)
         if will:
@@ -110,6 +110,7 @@ class Connection:
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._connected: asyncio.Future[None] = self._loop.create_future()
         self._misc: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Future[MQTTErrorCode] | None = None  # TLS, on a thread
         c = self._client
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
@@ -135,14 +136,29 @@ class Connection:
         connect = functools.partial(self._client.connect, self.broker.host, self.broker.port,
                                     keepalive=self.keepalive)
         try:
-            # paho's TLS handshake blocks: on a worker thread, not to stall the loop (or a
-            # broker served on it). paho is thread-safe; its callbacks come back to the loop.
-            await asyncio.to_thread(connect) if self.broker.tls else connect()
+            if self.broker.tls:
+                # paho's TLS handshake blocks: on a worker thread, not to stall the loop (or a
+                # broker served on it). Nothing else touches the client until it returns; the
+                # socket callbacks it makes meanwhile come back to the loop (`_on_loop`).
+                self._connecting = connecting = asyncio.ensure_future(asyncio.to_thread(connect))
+                await asyncio.shield(connecting)
+            else:
+                connect()
+        except asyncio.CancelledError:
+            await self.close()
+            raise
+        except ssl.SSLCertVerificationError as exc:
+            whose = "the mesh's CA" if self.broker.ca is not None else "a CA this machine trusts"
+            raise BrokerError(f"the broker at {self.broker} is not to be trusted: its "
+                              f"certificate is not from {whose} ({exc.verify_message})") from None
         except (OSError, ValueError) as exc:
             raise BrokerError(f"cannot reach the broker at {self.broker}: {exc}") from None
+        if self.lost.done():  # closed meanwhile
+            raise BrokerError(f"connection to the broker at {self.broker} closed")
         self._misc = asyncio.create_task(self._housekeeping(), name=f"mqtt-{self.client_id}")
         try:
-            await asyncio.wait_for(asyncio.shield(self._connected), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._connected)
         except TimeoutError:
             await self.close()
             raise BrokerError(f"no answer from the broker at {self.broker}") from None
@@ -152,6 +168,19 @@ class Connection:
 
     async def close(self) -> None:
         """Disconnect cleanly (no Last Will). Idempotent."""
+        if self._connecting is not None and not self._connecting.done():
+            # A connect on its thread cannot be stopped: drop what it opens once it returns.
+            self._connecting.add_done_callback(lambda _: self._disconnect())
+        else:
+            self._disconnect()
+        if self._misc:
+            self._misc.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._misc
+            self._misc = None
+        self._set_lost("closed")
+
+    def _disconnect(self) -> None:
         with contextlib.suppress(Exception):
             self._client.disconnect()
             self._client.loop_write()  # sends DISCONNECT; paho then closes the socket
@@ -161,12 +190,6 @@ class Connection:
             self._loop.remove_writer(sock)
             with contextlib.suppress(OSError):
                 sock.close()
-        if self._misc:
-            self._misc.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._misc
-            self._misc = None
-        self._set_lost("closed")
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1,
                       retain: bool = False) -> None:

@@ -250,7 +250,8 @@ class Node:
     async def until_marked(self, timeout: float) -> bool:
         """Wait up to `timeout` s for the mesh's marker; whether the broker holds it."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._marked.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._marked.wait()
         return self.marked
 
     async def sync(self) -> None:
@@ -260,7 +261,8 @@ class Node:
         back = self._syncing[marker] = asyncio.Event()
         try:
             await self.control.publish(self.topics.node_sync(self.id), marker)
-            await asyncio.wait_for(back.wait(), SYNC_WAIT_S)
+            async with asyncio.timeout(SYNC_WAIT_S):
+                await back.wait()
         except TimeoutError:
             raise BrokerError(f"the broker did not answer within {SYNC_WAIT_S:.0f} s") from None
         finally:
@@ -426,7 +428,8 @@ class Node:
             # On every change, and now and then anyway: a start that failed (a module not in
             # the store yet) is tried again without waiting for an unrelated change.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), RECONCILE_EVERY_S)
+                async with asyncio.timeout(RECONCILE_EVERY_S):
+                    await self._dirty.wait()
             self._dirty.clear()
             await asyncio.sleep(0.005)  # let a burst of retained messages land first
             self._dirty.clear()

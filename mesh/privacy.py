@@ -196,20 +196,25 @@ class Opener:
                              "or sealed for another place)") from None
 
 
+def first_key(keyring: Keyring) -> bytes:
+    """The mesh's first data key: what the broker's account and CA, and apps' session ids,
+    derive from (`mesh.accounts`, `mesh.tls`), so that they stay the same through a revoke."""
+    return keyring.key(min(keyring.keys, default=1))
+
+
 def session_secret(keyring: Keyring, app: str) -> str:
     """What an app's MQTT session id carries in a secure mesh, so that only a device holding
     the mesh's first data key can take the session (and the inputs queued for it): 16 hex
     digits of HKDF-SHA256 of that key and the app's name."""
-    first = keyring.key(min(keyring.keys, default=1))
-    return _derive(first, None, f"liquid-mesh/1 app session\0{app}".encode())[:8].hex()
+    return _derive(first_key(keyring), None,
+                   f"liquid-mesh/1 app session\0{app}".encode())[:8].hex()
 
 
 def broker_password(keyring: Keyring) -> str:
     """The password of the mesh's account on the broker a device hosts (`mesh.accounts`): 32
     hex digits of HKDF-SHA256 of the mesh's first data key, like the session secret, so that a
     device that missed a revoke can still reach the broker, to be granted the newest key."""
-    first = keyring.key(min(keyring.keys, default=1))
-    return _derive(first, None, b"liquid-mesh/1 broker password")[:16].hex()
+    return _derive(first_key(keyring), None, b"liquid-mesh/1 broker password")[:16].hex()
 
 
 # --- handing the keys to a device ------------------------------------------------------------

@@ -3,8 +3,8 @@
 - The mesh's broker CA is an ECDSA P-256 key derived from the mesh's first data key (HKDF, like
   the broker password, `privacy.broker_password`), so every admitted device, and the operator,
   holds the same CA without anyone handing a certificate around, and a device admitted with a
-  join token has it too. Its certificate is made the same way everywhere (same name, key and
-  key id), so each holder's copy is a trust anchor for every other's.
+  join token has it too. Its certificate is made the same way everywhere, to the byte
+  (fixed fields, deterministic ECDSA), so each holder's copy is every other's.
 - The device that hosts a broker issues itself a server certificate at each start: a fresh
   P-256 key, its node id (`<id>.local`), `localhost` and its addresses as names, signed by the
   CA. Plain MQTT tools verify it as they would any server (`--cafile ca.pem`).
@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mesh import privacy
 from mesh.privacy import Keyring
 
 PORT = 8883  # MQTT over TLS, as IANA has it; a device takes the next free one if it is in use
@@ -67,7 +68,7 @@ class MeshCA:
 
     @classmethod
     def of(cls, keyring: Keyring) -> MeshCA:
-        return _authority(keyring.key(min(keyring.keys, default=1)))
+        return _authority(privacy.first_key(keyring))
 
     @property
     def pem(self) -> str:
@@ -136,6 +137,6 @@ def _authority(first_key: bytes) -> MeshCA:
                                      key_agreement=False, key_cert_sign=True, crl_sign=True,
                                      encipher_only=False, decipher_only=False), critical=True)
         .add_extension(key_id, critical=False)
-        .sign(key, hashes.SHA256())
+        .sign(key, hashes.SHA256(), ecdsa_deterministic=True)  # the same bytes everywhere
     )
     return MeshCA(key, certificate)

@@ -428,7 +428,8 @@ class Inbox:
             waiter = self._modules[sha256] = asyncio.get_running_loop().create_future()
             await conn.subscribe(topic, f"{topic}/+")
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter), wait)
+            async with asyncio.timeout(wait):
+                return await asyncio.shield(waiter)
         except TimeoutError:
             raise MeshError(f"module {sha256[:12]} is not in the module store ({topic})") \
                 from None

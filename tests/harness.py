@@ -186,7 +186,6 @@ def connect(client: paho.Client, broker: str, keepalive: int = 60) -> None:
         client.username_pw_set(address.username, address.password)
     if address.tls:
         client.tls_set_context(tls.client_context(MeshCA.of(OperatorHome().keyring()).pem))
-        client.tls_insecure_set(True)
     client.connect(address.host, address.port, keepalive)
 
 

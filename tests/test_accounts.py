@@ -106,14 +106,18 @@ def test_the_account_goes_over_tls_to_a_broker_with_the_mesh_s_ca_only(kind: str
     address = BrokerAddress("127.0.0.1", 1883, tls_port=8883)
     signed = ACCOUNTS.sign_in(address)
     assert (signed.port, signed.tls, signed.ca) == (8883, True, MESH_CA.pem)
-    assert ACCOUNTS.sign_in(BrokerAddress("127.0.0.1", 1883)).tls is False  # none announced
+    local = ACCOUNTS.sign_in(BrokerAddress("127.0.0.1", 1883))  # none announced, but local
+    assert (local.tls, local.password) == (False, ACCOUNTS.password)
+    assert ACCOUNTS.sign_in(BrokerAddress("10.0.0.5", 1883)).password is None  # in the clear
+    given = ACCOUNTS.sign_in(BrokerAddress.parse("mqtts://10.0.0.5"))
+    assert (given.port, given.ca, given.password) == (8883, MESH_CA.pem, ACCOUNTS.password)
 
     async def scenario() -> None:
         async with hosted(kind, tmp_path) as ours, Connection(ACCOUNTS.sign_in(ours), "a-node"):
             pass
         impostor = MeshCA.of(Keyring({1: bytes(32)}))
         async with hosted(kind, tmp_path, impostor) as theirs:
-            with pytest.raises(BrokerError, match="certificate verify failed"):
+            with pytest.raises(BrokerError, match="not from the mesh's CA"):
                 async with Connection(ACCOUNTS.sign_in(theirs), "a-node"):
                     pass
 
