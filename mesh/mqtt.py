@@ -153,8 +153,9 @@ class Connection:
                               f"certificate is not from {whose} ({exc.verify_message})") from None
         except (OSError, ValueError) as exc:
             raise BrokerError(f"cannot reach the broker at {self.broker}: {exc}") from None
-        if self.lost.done():  # closed meanwhile
-            raise BrokerError(f"connection to the broker at {self.broker} closed")
+        if self.lost.done() and not self._connected.done():  # closed meanwhile, unanswered
+            raise BrokerError(f"connection to the broker at {self.broker} lost: "
+                              f"{self.lost.result()}")
         self._misc = asyncio.create_task(self._housekeeping(), name=f"mqtt-{self.client_id}")
         try:
             async with asyncio.timeout(timeout):
