@@ -199,11 +199,13 @@ class Discovery:
             ad for ad in self.brokers.values() if ad != skip))
 
     async def wait_for_change(self, timeout: float) -> None:
-        """Until what is announced changes, or `timeout` passes."""
-        self.changed.clear()
+        """Until what is announced changes, or `timeout` passes. A change since the last wait
+        ended counts: one that came while the caller looked at what was announced is not
+        missed (it then returns at once)."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.0, timeout)):
                 await self.changed.wait()
+        self.changed.clear()
 
     def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str,
                    state_change: ServiceStateChange) -> None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh import election
-from mesh.discovery import parse_broker, parse_peer
+from mesh.discovery import Discovery, parse_broker, parse_peer
 from mesh.election import BrokerAd
 from mesh.errors import WireError
 
@@ -94,3 +96,19 @@ def test_any_record_parses_or_is_refused_cleanly(txt: dict[bytes, bytes | None],
     for parse in (lambda: parse_broker("x", addresses, port, txt), lambda: parse_peer("x", txt)):
         with contextlib.suppress(WireError):
             parse()
+
+
+def test_a_change_that_comes_while_a_device_looks_is_not_missed() -> None:
+    """A record resolved while the caller asks the brokers it knows (and finds none) wakes its
+    next wait at once: `mesh apps` found no broker in 2 s when the mesh's record came then."""
+
+    async def scenario() -> tuple[float, bool]:
+        lan = Discovery("me", "mesh")
+        lan.changed.set()  # resolved while the caller looked
+        began = time.monotonic()
+        await lan.wait_for_change(5)
+        return time.monotonic() - began, lan.changed.is_set()
+
+    waited, still_set = asyncio.run(scenario())
+    assert waited < 1
+    assert not still_set  # consumed: the next wait waits for the next change
