@@ -153,9 +153,6 @@ class Connection:
                               f"certificate is not from {whose} ({exc.verify_message})") from None
         except (OSError, ValueError) as exc:
             raise BrokerError(f"cannot reach the broker at {self.broker}: {exc}") from None
-        if self.lost.done() and not self._connected.done():  # closed meanwhile, unanswered
-            raise BrokerError(f"connection to the broker at {self.broker} lost: "
-                              f"{self.lost.result()}")
         self._misc = asyncio.create_task(self._housekeeping(), name=f"mqtt-{self.client_id}")
         try:
             async with asyncio.timeout(timeout):
@@ -307,6 +304,11 @@ class Connection:
         if self.lost is not None and not self.lost.done():
             log.debug("%s: connection lost: %s", self.client_id, reason)
             self.lost.set_result(reason)
+        if not self._connected.done():  # (a connect waiting for its CONNACK stops waiting)
+            self._connected.set_exception(BrokerError(
+                f"the connection to the broker at {self.broker} ended before it answered "
+                f"({reason})"))
+            self._connected.exception()  # seen, even if no connect waits any more
         self._fail_pending(reason)
 
     def _fail_pending(self, reason: str) -> None:
