@@ -22,7 +22,7 @@ from amqtt.session import Session
 from mesh import amqtt_fixes
 from mesh.accounts import Accounts
 from mesh.mqtt import BrokerAddress
-from mesh.tls import ServerCert
+from mesh.tls import TlsListener
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class EmbeddedBroker:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 1883,
                  keepalive: int = DEFAULT_KEEPALIVE_S, accounts: Accounts | None = None,
-                 tls: tuple[int, ServerCert] | None = None) -> None:
+                 tls: TlsListener | None = None) -> None:
         self.address = BrokerAddress(host, port, tls_port=tls[0] if tls else None)
         plugins: dict[str, Any] = {f"{amqtt_fixes.__name__}.{amqtt_fixes.OpenAuth.__name__}": {}}
         if accounts is not None:
@@ -81,8 +81,9 @@ class EmbeddedBroker:
                        f"{__name__}.{AccountsTopics.__name__}": settings}
         listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": f"{host}:{port}"}}
         # amqtt reads the certificate from files, when it starts: they are gone once it has.
-        self._files = tempfile.TemporaryDirectory(prefix="mesh-broker-") if tls else None
-        if tls is not None and self._files is not None:
+        self._files: tempfile.TemporaryDirectory[str] | None = None
+        if tls is not None:
+            self._files = tempfile.TemporaryDirectory(prefix="mesh-broker-")
             certificate, key = tls[1].write(Path(self._files.name))
             listeners["tls"] = {"type": "tcp", "bind": f"{host}:{tls[0]}", "ssl": True,
                                 "certfile": str(certificate), "keyfile": str(key)}

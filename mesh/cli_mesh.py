@@ -319,10 +319,15 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _clock(ms: int) -> str:
+    """HH:MM:SS.mmm, local time."""
+    return f"{time.strftime('%H:%M:%S', time.localtime(ms / 1000))}.{ms % 1000:03d}"
+
+
 def _output_line(message: Message, app: str, root: str, *, as_json: bool) -> str:
     """One message an app published: when it came, its topic under `out/`, its payload (as
     text if it is UTF-8, else hex)."""
-    now = time.time()
+    now_ms = int(time.time() * 1000)
     sub = message.topic.removeprefix(f"{root}/apps/{app}/out").lstrip("/")
     payload = bytes(message.payload)
     try:
@@ -330,17 +335,15 @@ def _output_line(message: Message, app: str, root: str, *, as_json: bool) -> str
     except UnicodeDecodeError:
         text, is_text = payload.hex(), False
     if as_json:
-        return json.dumps({"ts_ms": int(now * 1000), "app": app, "topic": sub,
+        return json.dumps({"ts_ms": now_ms, "app": app, "topic": sub,
                            "payload" if is_text else "payload_hex": text})
-    when = time.strftime("%H:%M:%S", time.localtime(now))
-    return f"{when}.{int(now * 1000) % 1000:03d} {sub or '-'} {text}"
+    return f"{_clock(now_ms)} {sub or '-'} {text}"
 
 
 def _event_line(event: wire.Event, *, as_json: bool) -> str:
     if as_json:
         return json.dumps(wire.to_plain(event))
-    when = time.strftime("%H:%M:%S", time.localtime(event.ts_ms / 1000))
-    parts = [f"{when}.{event.ts_ms % 1000:03d}", event.node or "-", event.event]
+    parts = [_clock(event.ts_ms), event.node or "-", event.event]
     if event.app:
         parts.append(event.app)
     if event.reason:

@@ -21,7 +21,7 @@ from pathlib import Path
 from mesh.accounts import Accounts
 from mesh.errors import BrokerError
 from mesh.mqtt import BrokerAddress
-from mesh.tls import ServerCert
+from mesh.tls import TlsListener
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def available() -> str | None:
 
 
 def config(host: str, port: int, store: Path, accounts: Accounts | None = None,
-           tls: tuple[int, ServerCert] | None = None) -> str:
+           tls: TlsListener | None = None) -> str:
     """Mosquitto's configuration, its store in `store`; in a secure mesh, with the mesh's
     `accounts` (their files written into `store`) and a TLS listener (`tls`: its port and
     certificate, written there too). A node run as root keeps Mosquitto root too (it would drop
@@ -82,7 +82,7 @@ class HostedMosquitto:
 
     def __init__(self, host: str, port: int, state_dir: Path,
                  accounts: Accounts | None = None,
-                 tls: tuple[int, ServerCert] | None = None) -> None:
+                 tls: TlsListener | None = None) -> None:
         self.address = BrokerAddress(host, port, tls_port=tls[0] if tls else None)
         self.accounts = accounts
         self.tls = tls

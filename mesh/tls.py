@@ -61,6 +61,9 @@ class ServerCert:
         return certificate, key
 
 
+TlsListener = tuple[int, ServerCert]  # a broker's TLS listener: its port, its certificate
+
+
 @dataclass(frozen=True, slots=True)
 class MeshCA:
     key: ec.EllipticCurvePrivateKey
